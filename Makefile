@@ -1,0 +1,40 @@
+# torchkeep developer targets. Every target creates .venv with pip when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-long lint format bench fuzz clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,interop,remote]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+
+format: $(STAMP)
+	$(PY) -m ruff format src tests benchmarks examples
+	$(PY) -m ruff check --fix src tests benchmarks examples
+
+test: lint
+	$(PY) -m pytest -q -m "not long" -p no:cacheprovider
+
+test-long: $(STAMP)
+	TORCHKEEP_LONG=1 $(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/run.py
+
+fuzz: $(STAMP)
+	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

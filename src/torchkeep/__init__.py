@@ -1,0 +1,40 @@
+"""torchkeep: save, load and checkpoint PyTorch models safely, verifiably and fast."""
+
+from .engine import load, open_file, save, verify
+from .errors import (
+    CheckpointNotFoundError,
+    ChecksumError,
+    ClassNotAllowedError,
+    CorruptionError,
+    FormatError,
+    LockError,
+    StateDictMismatchError,
+    StorageError,
+    TorchkeepError,
+    UnsafeFileError,
+    UnsupportedValueError,
+)
+from .state.module import load_state_dict
+from .state.report import LoadReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "ChecksumError",
+    "ClassNotAllowedError",
+    "CorruptionError",
+    "FormatError",
+    "LoadReport",
+    "LockError",
+    "StateDictMismatchError",
+    "StorageError",
+    "TorchkeepError",
+    "UnsafeFileError",
+    "UnsupportedValueError",
+    "load",
+    "load_state_dict",
+    "open_file",
+    "save",
+    "verify",
+]

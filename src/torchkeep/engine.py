@@ -1,0 +1,60 @@
+"""The one save path (prepare -> write -> commit) and the format-dispatching load."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .format.reader import FileReader, MapLocation
+from .format.writer import prepare, write_prepared
+from .readers import detect
+from .readers.torch_file import load_torch_file
+from .storage.io import ops
+from .storage.local import atomic_file
+
+PathLike = str | os.PathLike
+
+
+def save(obj: Any, path: PathLike, *, metadata: dict[str, str] | None = None) -> None:
+    """Save ``obj`` (state_dict, optimizer state, checkpoint dict...) to ``path`` atomically.
+
+    The object is validated first (an unsupported value raises before any byte is written), then
+    written to a temporary file, fsynced and renamed over ``path``: a crash leaves either the old
+    or the new file. The result opens with the stock ``safetensors`` library.
+    """
+    prepared = prepare(obj, metadata)
+    with atomic_file(os.fspath(path), prepared.total_bytes) as fd:
+        write_prepared(prepared, fd, ops())
+
+
+def load(
+    path: PathLike,
+    *,
+    map_location: MapLocation = None,
+    mmap: bool = False,
+    verify: bool = True,
+    trusted: bool = False,
+) -> Any:
+    """Load what :func:`save` wrote, or a safetensors / ``torch.save`` file, without running code.
+
+    ``verify`` checks every tensor's checksum (torchkeep files). ``mmap`` maps tensors from the
+    file instead of reading them. ``torch.save`` files go through the weights-only unpickler;
+    ``trusted=True`` is the only way to unpickle anything else.
+    """
+    path = os.fspath(path)
+    kind = detect.sniff(path)
+    if kind == detect.SAFETENSORS:
+        with FileReader(path) as reader:
+            return reader.load(map_location=map_location, mmap=mmap, verify=verify)
+    return load_torch_file(path, map_location=map_location, mmap=mmap, trusted=trusted)
+
+
+def open_file(path: PathLike) -> FileReader:
+    """Open a torchkeep/safetensors file lazily (header only); read tensors by key on demand."""
+    return FileReader(path)
+
+
+def verify(path: PathLike) -> list[str]:
+    """Keys of the corrupt tensors of a torchkeep file (empty when every checksum matches)."""
+    with FileReader(path) as reader:
+        return reader.corrupt_entries()

@@ -1,0 +1,65 @@
+"""The torchkeep exception hierarchy.
+
+Every error torchkeep raises on purpose derives from :class:`TorchkeepError`, so callers can
+catch one type. Messages say what was wrong, where (file, key) and what to do next.
+"""
+
+from __future__ import annotations
+
+
+class TorchkeepError(Exception):
+    """Base class of every error torchkeep raises on purpose."""
+
+
+class FormatError(TorchkeepError):
+    """A file is malformed, truncated, hostile, or not in a format torchkeep can read."""
+
+
+class CorruptionError(TorchkeepError):
+    """Stored content does not match its checksum (bit rot, torn write, tampering)."""
+
+
+# Alias with the name users search for.
+ChecksumError = CorruptionError
+
+
+class UnsafeFileError(TorchkeepError):
+    """A pickle-based file needs globals outside the weights-only allow-list.
+
+    ``globals`` lists the ``module.name`` references found by static analysis (nothing was run).
+    """
+
+    def __init__(self, message: str, globals: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.globals = list(globals or [])
+
+
+class UnsupportedValueError(TorchkeepError):
+    """A value cannot be stored safely; raised before any byte is written."""
+
+
+class StateDictMismatchError(TorchkeepError):
+    """Checkpoint keys, shapes or dtypes do not fit the live object.
+
+    ``report`` holds the full :class:`torchkeep.LoadReport`.
+    """
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class CheckpointNotFoundError(TorchkeepError, FileNotFoundError):
+    """A path or a requested step does not exist."""
+
+
+class LockError(TorchkeepError):
+    """Another process holds the write lock of a checkpoint directory."""
+
+
+class StorageError(TorchkeepError, OSError):
+    """An I/O operation failed (disk full, permission, I/O error); nothing was committed."""
+
+
+class ClassNotAllowedError(TorchkeepError):
+    """A saved model names a class that the caller has not allowed to be resolved."""

@@ -1,0 +1,1 @@
+"""The on-disk format: header, typed tree, layout, checksums."""

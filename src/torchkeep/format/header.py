@@ -1,0 +1,194 @@
+"""Build and parse the safetensors header, validating every number before it is used.
+
+Layout: ``u64 little-endian N`` + ``N bytes of JSON`` + data. The JSON maps tensor keys to
+``{"dtype", "shape", "data_offsets"}`` and holds a string->string ``__metadata__``. torchkeep
+stores its format version, typed tree and checksums in that metadata (see docs/format.md).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import knobs
+from ..errors import FormatError
+from . import checksum
+from .dtypes import ITEMSIZE
+
+FORMAT_VERSION = "1"
+META_FORMAT = "format"  # "pt", so Hugging Face loaders accept torchkeep files as PyTorch weights
+META_VERSION = "torchkeep.version"
+META_TREE = "torchkeep.tree"
+META_CHECKSUMS = "torchkeep.checksums"
+META_HEADER_SUM = "torchkeep.header_checksum"
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A validated tensor entry: dtype name, shape and byte range inside the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class Header:
+    """Parsed header: entries by key, string metadata, and where the data section starts."""
+
+    entries: dict[str, EntryInfo]
+    metadata: dict[str, str]
+    data_start: int
+    raw: bytes = field(repr=False, default=b"")
+
+    @property
+    def is_torchkeep(self) -> bool:
+        return META_VERSION in self.metadata
+
+
+def header_digest(entries: dict[str, Any], metadata: dict[str, str]) -> str:
+    """Checksum over everything in the header except the checksum itself (canonical JSON)."""
+    covered = {k: v for k, v in metadata.items() if k != META_HEADER_SUM}
+    canonical = json.dumps(
+        {"entries": entries, "metadata": covered}, sort_keys=True, separators=(",", ":")
+    )
+    return checksum.digest(canonical.encode("utf-8"))
+
+
+def encode_header(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
+    """Serialize a header, padded with spaces so the data section starts aligned."""
+    body = {METADATA_KEY: metadata, **entries}
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    raw = text.encode("utf-8")
+    pad = (-(8 + len(raw))) % knobs.HEADER_ALIGN
+    raw += b" " * pad
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# -------------------------------------------------------------------------------- parsing
+
+
+def reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in a header")
+
+
+def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_length(prefix: bytes, file_size: int, where: str) -> int:
+    """Validate the 8-byte length prefix against the cap and the file size; returns it.
+
+    ``prefix`` holds at least the first 8 bytes; the caller reads the header bytes after this
+    check so a hostile length cannot size an allocation.
+    """
+    if file_size < 8 or len(prefix) < 8:
+        raise FormatError(f"{where}: file is {file_size} bytes, too short for a header")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length == 0:
+        raise FormatError(f"{where}: header length is 0")
+    if length > knobs.MAX_HEADER_BYTES:
+        raise FormatError(
+            f"{where}: header length {length} exceeds the {knobs.MAX_HEADER_BYTES}-byte cap "
+            "(the file is corrupt or not a safetensors/torchkeep file)"
+        )
+    if 8 + length > file_size:
+        raise FormatError(
+            f"{where}: header length {length} runs past the end of the {file_size}-byte file "
+            "(truncated or corrupt)"
+        )
+    return length
+
+
+def decode_json(raw: bytes, where: str) -> dict:
+    """Strict JSON: UTF-8, starts with '{', no duplicates, no NaN/Infinity, bounded nesting."""
+    if not raw.startswith(b"{"):
+        raise FormatError(f"{where}: header does not start with '{{'")
+    try:
+        text = raw.decode("utf-8")
+        value = json.loads(
+            text, object_pairs_hook=no_duplicates, parse_constant=reject_constant
+        )
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{where}: header is not valid UTF-8 ({exc.reason})") from exc
+    except RecursionError as exc:
+        raise FormatError(f"{where}: header nests too deeply") from exc
+    except ValueError as exc:
+        raise FormatError(f"{where}: header is not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: header is not a JSON object")
+    return value
+
+
+def validate(obj: dict, data_size: int, data_start: int, where: str) -> Header:
+    """Check every entry and the metadata; returns a :class:`Header` safe to act on."""
+    metadata = obj.pop(METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+    entries = {key: _entry(key, value, where) for key, value in obj.items()}
+    _check_contiguous(entries, data_size, where)
+    return Header(entries, metadata, data_start)
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int
+
+
+def _entry(key: str, value: Any, where: str) -> EntryInfo:
+    at = f"{where}: tensor {key!r}"
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"{at}: entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if dtype not in ITEMSIZE:
+        raise FormatError(f"{at}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or len(shape) > knobs.MAX_RANK:
+        raise FormatError(f"{at}: shape must be a list of at most {knobs.MAX_RANK} dimensions")
+    if not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+        raise FormatError(f"{at}: shape {shape!r} must hold non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+        raise FormatError(f"{at}: data_offsets must be two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise FormatError(f"{at}: data_offsets {offsets} are negative or reversed")
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel * ITEMSIZE[dtype] > 2**63:
+            raise FormatError(f"{at}: shape {shape} overflows")
+    if numel * ITEMSIZE[dtype] != end - begin:
+        raise FormatError(
+            f"{at}: shape {shape} of {dtype} needs {numel * ITEMSIZE[dtype]} bytes but "
+            f"data_offsets cover {end - begin}"
+        )
+    return EntryInfo(dtype, tuple(shape), begin, end)
+
+
+def _check_contiguous(entries: dict[str, EntryInfo], data_size: int, where: str) -> None:
+    position = 0
+    for key, info in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if info.begin != position:
+            problem = "overlaps the previous tensor" if info.begin < position else "leaves a gap"
+            raise FormatError(f"{where}: tensor {key!r} at byte {info.begin} {problem}")
+        position = info.end
+    if position != data_size:
+        if position > data_size:
+            raise FormatError(
+                f"{where}: tensors need {position} data bytes but the file holds {data_size} "
+                "(truncated)"
+            )
+        raise FormatError(f"{where}: {data_size - position} trailing bytes after the last tensor")

@@ -1,0 +1,345 @@
+"""Read torchkeep and plain safetensors files: validated header, lazy tensors, verified bytes.
+
+Opening a file reads and validates only the header, so opening is cheap whatever the file size.
+Tensors are read on demand, either copied with ``readinto`` (checksummed chunk by chunk while the
+bytes are hot in cache) or mapped with ``mmap``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from .. import knobs
+from ..errors import CorruptionError, FormatError
+from . import checksum, header
+from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
+from .header import EntryInfo, Header
+from .tree import TAG, decode, iter_tensor_nodes
+
+MapLocation = Any  # None | str | torch.device | dict[str, str]
+
+
+class FileReader:
+    """An open torchkeep/safetensors file. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self.size = os.fstat(self._fd).st_size
+            self.header = self._read_header()
+            self.checksums = self._read_checksums()
+            self.tree = self._read_tree()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._mapped: torch.Tensor | None = None
+
+    # -- opening ---------------------------------------------------------------------------
+    def _pread(self, size: int, offset: int) -> bytes:
+        chunks, done = [], 0
+        while done < size:
+            piece = os.pread(self._fd, min(size - done, 1 << 30), offset + done)
+            if not piece:
+                raise FormatError(f"{self.path}: unexpected end of file at byte {offset + done}")
+            chunks.append(piece)
+            done += len(piece)
+        return b"".join(chunks)
+
+    def _read_header(self) -> Header:
+        prefix = self._pread(min(8, self.size), 0) if self.size else b""
+        length = header.parse_length(prefix, self.size, self.path)
+        raw = self._pread(length, 8)
+        obj = header.decode_json(raw, self.path)
+        parsed = header.validate(obj, self.size - 8 - length, 8 + length, self.path)
+        parsed.raw = raw
+        return parsed
+
+    @property
+    def is_torchkeep(self) -> bool:
+        return self.header.is_torchkeep
+
+    def _meta_json(self, name: str) -> Any:
+        text = self.header.metadata.get(name)
+        if text is None:
+            raise FormatError(f"{self.path}: torchkeep metadata {name!r} is missing")
+        return _strict_json(text, f"{self.path}: {name}")
+
+    def _read_checksums(self) -> dict[str, str]:
+        meta = self.header.metadata
+        if not self.is_torchkeep:
+            return {}
+        version = meta[header.META_VERSION]
+        if version != header.FORMAT_VERSION:
+            raise FormatError(
+                f"{self.path}: torchkeep format version {version!r} is not supported by this "
+                f"torchkeep (reads version {header.FORMAT_VERSION}); upgrade torchkeep"
+            )
+        stored = meta.get(header.META_HEADER_SUM)
+        entries = {
+            k: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+            for k, e in self.header.entries.items()
+        }
+        if stored != header.header_digest(entries, meta):
+            raise CorruptionError(
+                f"{self.path}: the header checksum does not match (the header is corrupt); "
+                "restore this file from a good copy"
+            )
+        sums = self._meta_json(header.META_CHECKSUMS)
+        if not isinstance(sums, dict):
+            raise FormatError(f"{self.path}: checksum table is malformed")
+        tensors = sums.get("tensors")
+        if sums.get("algorithm") != checksum.ALGORITHM or not isinstance(tensors, dict):
+            raise FormatError(f"{self.path}: checksum table is malformed")
+        if set(tensors) != set(self.header.entries) or not all(
+            isinstance(v, str) for v in tensors.values()
+        ):
+            raise FormatError(f"{self.path}: checksum table does not list exactly the tensors")
+        return tensors
+
+    def _read_tree(self) -> Any:
+        if not self.is_torchkeep:
+            # Plain safetensors: a flat dict of its tensors, in file order.
+            ordered = sorted(self.header.entries.items(), key=lambda kv: kv[1].begin)
+            return {TAG: "dict", "v": {k: {TAG: "tensor", "key": k} for k, _ in ordered}}
+        tree = self._meta_json(header.META_TREE)
+        for path, node in iter_tensor_nodes(tree):
+            key = node.get("key")
+            if not isinstance(key, str) or key not in self.header.entries:
+                raise FormatError(
+                    f"{self.path}: value {path or '<root>'} refers to tensor {key!r}, "
+                    "which is not in the file"
+                )
+        return tree
+
+    # -- reading tensors ----------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.header.entries)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.metadata)
+
+    def entry(self, key: str) -> EntryInfo:
+        try:
+            return self.header.entries[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {key!r}") from None
+
+    def read_into(self, key: str, out: torch.Tensor, verify: bool = True) -> None:
+        """Copy entry ``key``'s bytes into the contiguous CPU tensor ``out`` (same byte size)."""
+        info = self.entry(key)
+        dest = out.reshape(-1)
+        dest = dest if dest.dtype == torch.uint8 else dest.view(torch.uint8)
+        view = memoryview(dest.numpy())
+        if view.nbytes != info.nbytes:
+            raise ValueError(f"{key}: destination holds {view.nbytes} bytes, entry {info.nbytes}")
+        hasher = checksum.new_hasher() if verify and self.checksums else None
+        start = self.header.data_start + info.begin
+        for lo in range(0, info.nbytes, knobs.CHUNK_BYTES):
+            chunk = view[lo : lo + knobs.CHUNK_BYTES]
+            self._preadinto(chunk, start + lo)
+            if hasher is not None:
+                hasher.update(chunk)
+        if hasher is not None:
+            self._check(key, hasher.hexdigest())
+
+    def _preadinto(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < buf.nbytes:
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise FormatError(f"{self.path}: unexpected end of file at byte {offset + done}")
+            done += n
+
+    def _check(self, key: str, actual: str) -> None:
+        expected = self.checksums.get(key)
+        if expected is not None and actual != expected:
+            raise CorruptionError(
+                f"{self.path}: tensor {key!r} is corrupt (checksum {actual} != stored {expected}); "
+                "restore this file from a good copy"
+            )
+
+    def read_entry(self, key: str, verify: bool = True) -> torch.Tensor:
+        """A fresh CPU tensor with entry ``key``'s content, in its stored dtype and shape."""
+        info = self.entry(key)
+        out = torch.empty(info.shape, dtype=SAFETENSORS_TO_TORCH[info.dtype])
+        self.read_into(key, out, verify)
+        return out
+
+    def map_entry(self, key: str, verify: bool = False) -> torch.Tensor:
+        """Entry ``key`` as a tensor backed by a private memory map of the file (no copy)."""
+        info = self.entry(key)
+        if self._mapped is None:
+            storage = torch.UntypedStorage.from_file(self.path, shared=False, nbytes=self.size)
+            self._mapped = torch.empty(0, dtype=torch.uint8).set_(storage)
+        start = self.header.data_start + info.begin
+        raw = self._mapped[start : start + info.nbytes]
+        if verify and self.checksums:
+            self._check(key, checksum.digest(memoryview(raw.numpy())))
+        dtype = SAFETENSORS_TO_TORCH[info.dtype]
+        try:
+            return raw.view(dtype).reshape(info.shape)
+        except RuntimeError:  # misaligned entry in a foreign file: fall back to a copy
+            return raw.clone().view(dtype).reshape(info.shape)
+
+    def verify_entry(self, key: str) -> None:
+        """Hash entry ``key`` from disk and raise :class:`CorruptionError` on mismatch."""
+        info = self.entry(key)
+        hasher = checksum.new_hasher()
+        start = self.header.data_start + info.begin
+        buf = bytearray(min(info.nbytes, knobs.CHUNK_BYTES))
+        for lo in range(0, info.nbytes, knobs.CHUNK_BYTES):
+            n = min(knobs.CHUNK_BYTES, info.nbytes - lo)
+            view = memoryview(buf)[:n]
+            self._preadinto(view, start + lo)
+            hasher.update(view)
+        self._check(key, hasher.hexdigest())
+
+    def corrupt_entries(self) -> list[str]:
+        """Keys of every entry whose checksum does not match (empty for plain safetensors)."""
+        bad = []
+        for key in self.checksums:
+            try:
+                self.verify_entry(key)
+            except CorruptionError:
+                bad.append(key)
+        return bad
+
+    # -- the whole object ------------------------------------------------------------------------
+    def load(self, map_location: MapLocation = None, mmap: bool = False, verify: bool = True) -> Any:
+        """Rebuild the saved object; tensors shared at save time come back shared."""
+        cache: dict[tuple[str, str], torch.Tensor] = {}
+
+        def base(key: str, device: torch.device) -> torch.Tensor:
+            token = (key, str(device))
+            if token not in cache:
+                cpu_key = (key, "cpu")
+                if cpu_key not in cache:
+                    cache[cpu_key] = (
+                        self.map_entry(key, verify) if mmap else self.read_entry(key, verify)
+                    )
+                if device.type != "cpu":
+                    cache[token] = cache[cpu_key].to(device)
+            return cache[token]
+
+        def resolve(node: dict, path: str) -> torch.Tensor:
+            # Plain references return the cached entry object itself, so aliases stay shared.
+            device = target_device(node.get("device", "cpu"), map_location, path, self.path)
+            return restore_flags(node, materialize(node, base(node["key"], device), self.path, path))
+
+        return decode(self.tree, resolve)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._mapped = None
+
+    def __enter__(self) -> FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _strict_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(
+            text, object_pairs_hook=header.no_duplicates, parse_constant=header.reject_constant
+        )
+    except RecursionError as exc:
+        raise FormatError(f"{where}: nests too deeply") from exc
+    except ValueError as exc:
+        raise FormatError(f"{where}: invalid JSON ({exc})") from exc
+
+
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or len(value) > knobs.MAX_RANK:
+        raise ValueError(f"{what} must be a list of at most {knobs.MAX_RANK} ints")
+    if not all(type(x) is int and 0 <= x < 2**62 for x in value):
+        raise ValueError(f"{what} must hold non-negative ints")
+    return value
+
+
+def materialize(node: dict, entry: torch.Tensor, file: str, path: str) -> torch.Tensor:
+    """Apply a node's dtype override and view to the entry tensor, bounds-checked."""
+    try:
+        tensor = entry
+        if "dtype" in node:
+            dtype = dtype_from_name(node["dtype"])
+            if entry.dtype != torch.uint8 or entry.numel() % torch.empty((), dtype=dtype).element_size():
+                raise ValueError("dtype override needs a raw U8 entry of a fitting size")
+            flat = entry.reshape(-1)
+            if flat.storage_offset() % torch.empty((), dtype=dtype).element_size():
+                flat = flat.clone()  # misaligned inside a memory map: copy once
+            tensor = flat.view(dtype)
+        if "view" in node:
+            return _apply_view(node["view"], tensor.reshape(-1))
+        if "shape" in node:
+            return tensor.reshape(_int_list(node["shape"], "shape"))
+        return tensor
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+        raise FormatError(f"{file}: tensor at {path or '<root>'} is malformed ({exc})") from exc
+
+
+def _apply_view(view: Any, flat: torch.Tensor) -> torch.Tensor:
+    if not isinstance(view, dict):
+        raise ValueError("view must be an object")
+    shape = _int_list(view.get("shape"), "view shape")
+    stride = _int_list(view.get("stride"), "view stride")
+    offset = view.get("offset")
+    if len(shape) != len(stride) or type(offset) is not int or offset < 0:
+        raise ValueError("view needs shape and stride of equal rank and a non-negative offset")
+    if any(n == 0 for n in shape):
+        if offset > flat.numel():
+            raise ValueError("view offset out of range")
+    else:
+        last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+        if last >= flat.numel():
+            raise ValueError(f"view reaches element {last} of a {flat.numel()}-element entry")
+    return flat.as_strided(shape, stride, flat.storage_offset() + offset)
+
+
+def restore_flags(node: dict, tensor: torch.Tensor) -> torch.Tensor:
+    """Re-create ``nn.Parameter`` and ``requires_grad`` as saved."""
+    requires_grad = node.get("requires_grad") is True
+    if node.get("param") is True:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    if requires_grad and tensor.is_floating_point():
+        return tensor.detach().requires_grad_(True)
+    return tensor
+
+
+def target_device(saved: Any, map_location: MapLocation, path: str, file: str) -> torch.device:
+    """Where a tensor saved on ``saved`` goes, following torch.load's map_location rules."""
+    if not isinstance(saved, str):
+        raise FormatError(f"{file}: tensor at {path}: device must be a string")
+    if map_location is None:
+        target: Any = saved
+    elif isinstance(map_location, (str, torch.device)):
+        target = map_location
+    elif isinstance(map_location, dict):
+        target = map_location.get(saved, saved)
+    else:
+        raise TypeError("map_location must be None, a device, or a dict {saved: target}")
+    try:
+        device = torch.device(target)
+    except RuntimeError as exc:
+        raise FormatError(f"{file}: tensor at {path}: bad device {target!r}") from exc
+    _require_available(device, path, file)
+    return device
+
+
+def _require_available(device: torch.device, path: str, file: str) -> None:
+    from ..errors import TorchkeepError
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TorchkeepError(
+            f"{file}: tensor at {path or '<root>'} was saved on {device} but CUDA is not "
+            "available here; pass map_location='cpu'"
+        )

@@ -1,0 +1,27 @@
+"""Every tuning constant of torchkeep in one place.
+
+Each can be overridden by an environment variable ``TORCHKEEP_<NAME>`` (read at import).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(f"TORCHKEEP_{name}")
+    return int(raw) if raw else default
+
+
+#: Largest JSON header accepted when reading (safetensors uses the same 100 MB cap).
+MAX_HEADER_BYTES = _env_int("MAX_HEADER_BYTES", 100_000_000)
+#: Deepest nesting accepted in the typed tree of non-tensor values.
+MAX_TREE_DEPTH = _env_int("MAX_TREE_DEPTH", 200)
+#: Largest tensor rank accepted when reading.
+MAX_RANK = _env_int("MAX_RANK", 64)
+#: Bytes per write/hash chunk: large enough for disk bandwidth, small enough to overlap work.
+CHUNK_BYTES = _env_int("CHUNK_BYTES", 64 * 1024 * 1024)
+#: Threads that write and hash tensor data concurrently (I/O and xxhash release the GIL).
+IO_THREADS = _env_int("IO_THREADS", 4)
+#: Header is padded to a multiple of this many bytes so tensor data starts aligned.
+HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)

@@ -1,0 +1,73 @@
+"""Read ``torch.save`` files (zip and legacy format) without running code from them.
+
+Loading goes through torch's ``weights_only`` unpickler. When it refuses, torchkeep scans the
+pickle statically and raises :class:`UnsafeFileError` listing the globals the file references and
+how to opt in. Only ``trusted=True`` loads with the full unpickler; there is no silent fallback.
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from typing import Any
+
+import torch
+
+from ..errors import FormatError, UnsafeFileError
+from .pickle_scan import ScanResult, scan_file
+
+
+def allowed_globals() -> set[str]:
+    """``module.name`` of every global torch's weights-only unpickler accepts right now."""
+    from torch import _weights_only_unpickler as wou
+
+    allowed = set()
+    for ref in list(wou._get_allowed_globals()) + [
+        f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else None
+        for g in torch.serialization.get_safe_globals()
+    ]:
+        if isinstance(ref, str):
+            allowed.add(ref)
+    return allowed
+
+
+def unsafe_globals(scan: ScanResult) -> list[str]:
+    return scan.unsafe(allowed_globals())
+
+
+def refusal(path: str, scan: ScanResult, detail: str = "") -> UnsafeFileError:
+    """The unsafe-file error: what the pickle needs and how to opt in."""
+    bad = unsafe_globals(scan) or scan.globals
+    listing = ", ".join(bad[:12]) + (f" and {len(bad) - 12} more" if len(bad) > 12 else "")
+    return UnsafeFileError(
+        f"{path}: refused to unpickle: the file needs globals outside the weights-only "
+        f"allow-list ({listing or 'unknown'}){detail}. Nothing was executed. Load it with "
+        "trusted=True (CLI: --trusted) only if you trust its source, or convert it once with "
+        "'torchkeep convert SRC DST.tk --trusted'",
+        globals=bad,
+    )
+
+
+def load_torch_file(
+    path: str, map_location: Any = None, mmap: bool = False, trusted: bool = False
+) -> Any:
+    """``torch.load`` with ``weights_only=True`` unless the caller trusts the file."""
+    if not trusted:
+        scan = scan_file(path)
+        if unsafe_globals(scan):
+            raise refusal(path, scan)
+    kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": not trusted}
+    if mmap:
+        kwargs["mmap"] = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, **kwargs)
+    except pickle.UnpicklingError as exc:
+        if trusted:
+            raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
+        raise refusal(path, scan_file(path), f" (torch: {str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError) as exc:
+        if mmap and "mmap" in str(exc):
+            return load_torch_file(path, map_location, False, trusted)
+        raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc

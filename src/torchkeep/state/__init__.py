@@ -1,0 +1,1 @@
+"""State capture and restore: modules, optimizers, RNG, data loaders."""

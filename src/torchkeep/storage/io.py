@@ -1,0 +1,99 @@
+"""The small file-operation interface every torchkeep write goes through.
+
+Routing writes, fsyncs, renames and deletes through one object lets the fault-injection tests
+crash or fail the process at any chosen operation, and record the sequence of operations to
+replay simulated power losses. Production code uses :data:`DEFAULT_OPS`; tests swap in a
+subclass with :func:`use_ops`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+
+
+class FileOps:
+    """POSIX file operations used by the storage layer. Subclass to inject faults."""
+
+    def open_new(self, path: str) -> int:
+        """Create ``path`` exclusively for writing and return its descriptor."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+    def preallocate(self, fd: int, size: int) -> None:
+        """Reserve ``size`` bytes so a full disk fails early; silently skipped where unsupported."""
+        if size <= 0 or not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        """Write some of ``data`` at ``offset``; returns the count (may be short)."""
+        return os.pwrite(fd, data, offset)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def replace(self, src: str, dst: str) -> None:
+        """Atomically move ``src`` onto ``dst`` (same filesystem)."""
+        os.replace(src, dst)
+
+    def fsync_dir(self, path: str) -> None:
+        """Make a directory's entries (creations, renames, deletions) durable."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def rmtree(self, path: str) -> None:
+        shutil.rmtree(path)
+
+
+def write_all(ops: FileOps, fd: int, data: memoryview, offset: int) -> None:
+    """Write every byte of ``data`` at ``offset``, resuming after short writes and EINTR."""
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    done = 0
+    total = view.nbytes
+    while done < total:
+        try:
+            written = ops.pwrite(fd, view[done:], offset + done)
+        except InterruptedError:
+            continue
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        done += written
+
+
+DEFAULT_OPS = FileOps()
+_current: FileOps = DEFAULT_OPS
+
+
+def ops() -> FileOps:
+    """The file operations in force (the default, or a test's injector)."""
+    return _current
+
+
+@contextlib.contextmanager
+def use_ops(replacement: FileOps) -> Iterator[FileOps]:
+    """Route every torchkeep file operation through ``replacement`` inside the block."""
+    global _current
+    previous, _current = _current, replacement
+    try:
+        yield replacement
+    finally:
+        _current = previous
