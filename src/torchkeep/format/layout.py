@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .dtypes import dtype_name, storage_dtype
-from .tree import TensorLeaf
+from .tree import RESERVED_KEYS, TensorLeaf, claim_key
 
 
 @dataclass
@@ -42,9 +42,10 @@ def plan_entries(leaves: list[TensorLeaf]) -> list[Entry]:
             groups[("empty", id(leaf))] = [leaf]
         else:
             groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(leaf)
+    taken = set(RESERVED_KEYS) | {leaf.key for leaf in leaves}
     entries: list[Entry] = []
     for group in groups.values():
-        entries.extend(_plan_group(group))
+        entries.extend(_plan_group(group, taken))
     entries.sort(key=lambda e: -e.align)  # stable: keeps encounter order per size
     offset = 0
     for entry in entries:
@@ -58,16 +59,16 @@ def _view_sig(t: torch.Tensor) -> tuple:
     return (t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
 
 
-def _plan_group(group: list[TensorLeaf]) -> list[Entry]:
+def _plan_group(group: list[TensorLeaf], taken: set[str]) -> list[Entry]:
     first = group[0]
-    if all(_view_sig(leaf.tensor) == _view_sig(first.tensor) for leaf in group):
+    if len(group) == 1 or all(_view_sig(leaf.tensor) == _view_sig(first.tensor) for leaf in group):
         entry = _whole_entry(first)
         for leaf in group:
             _point(leaf, entry)
         return [entry]
     if len({leaf.tensor.dtype for leaf in group}) > 1:
-        return [e for leaf in group for e in _plan_group([leaf])]
-    return [_region_entry(group)]
+        return [e for leaf in group for e in _plan_group([leaf], taken)]
+    return [_region_entry(group, taken)]
 
 
 def _whole_entry(leaf: TensorLeaf) -> Entry:
@@ -97,7 +98,7 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.storage_offset(), end
 
 
-def _region_entry(group: list[TensorLeaf]) -> Entry:
+def _region_entry(group: list[TensorLeaf], taken: set[str]) -> Entry:
     spans = [_span(leaf.tensor) for leaf in group]
     lo = min(s[0] for s in spans)
     hi = max(s[1] for s in spans)
@@ -114,12 +115,17 @@ def _region_entry(group: list[TensorLeaf]) -> Entry:
     else:
         first = group[0]
         region = first.tensor.detach().as_strided((hi - lo,), (1,), lo)
-        entry = _whole_entry(TensorLeaf(f"{first.key}.__storage__", first.path, region))
+        key = claim_key(taken, f"{first.key}.__storage__")
+        entry = _whole_entry(TensorLeaf(key, first.path, region))
     for leaf in group:
         t = leaf.tensor
         if cover is not None and _view_sig(t) == _view_sig(cover.tensor):
             _point(leaf, entry)
             continue
-        view = {"shape": list(t.shape), "stride": list(t.stride()), "offset": t.storage_offset() - lo}
+        view = {
+            "shape": list(t.shape),
+            "stride": list(t.stride()),
+            "offset": t.storage_offset() - lo,
+        }
         _point(leaf, entry, view)
     return entry

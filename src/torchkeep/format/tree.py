@@ -23,6 +23,8 @@ from ..errors import FormatError, UnsupportedValueError
 from .dtypes import dtype_from_name, dtype_name
 
 TAG = "$"
+#: Flattened keys that cannot name a tensor (the safetensors header reserves ``__metadata__``).
+RESERVED_KEYS = frozenset({"__metadata__"})
 
 
 @dataclass
@@ -35,20 +37,25 @@ class TensorLeaf:
     node: dict = field(default_factory=dict)
 
 
+def claim_key(taken: set[str], base: str) -> str:
+    """Add the first of ``base``, ``base#2``, ``base#3``... not in ``taken`` and return it."""
+    key, n = base, 1
+    while key in taken:
+        n += 1
+        key = f"{base}#{n}"
+    taken.add(key)
+    return key
+
+
 class _Encoder:
     def __init__(self) -> None:
         self.leaves: list[TensorLeaf] = []
-        self._keys: set[str] = set()
+        self._keys: set[str] = set(RESERVED_KEYS)
         self._active: set[int] = set()
 
     def unique_key(self, parts: list[str]) -> str:
-        base = ".".join(parts) or "tensor"
-        key, n = base, 1
-        while key in self._keys:
-            n += 1
-            key = f"{base}#{n}"
-        self._keys.add(key)
-        return key
+        """Dot-joined path, made unique with ``#2``, ``#3``... (and never a reserved name)."""
+        return claim_key(self._keys, ".".join(parts) or "tensor")
 
     def encode(self, obj: Any, path: str, parts: list[str]) -> Any:
         if obj is None or type(obj) in (bool, str):
@@ -91,9 +98,7 @@ class _Encoder:
                 f"{path or '<root>'}: {kind.__module__}.{kind.__qualname__} is not supported; "
                 "convert it to a plain tuple, list or dict before saving"
             )
-        items = [
-            self.encode(v, f"{path}[{i}]", [*parts, str(i)]) for i, v in enumerate(obj)
-        ]
+        items = [self.encode(v, f"{path}[{i}]", [*parts, str(i)]) for i, v in enumerate(obj)]
         return items if kind is list else {TAG: "tuple", "v": items}
 
     def _set(self, obj: set | frozenset, path: str) -> dict:
@@ -113,9 +118,7 @@ class _Encoder:
         if kind is collections.OrderedDict:
             node["ordered"] = True
         if all(type(k) is str for k in obj):
-            node["v"] = {
-                k: self.encode(v, _join(path, k), [*parts, k]) for k, v in obj.items()
-            }
+            node["v"] = {k: self.encode(v, _join(path, k), [*parts, k]) for k, v in obj.items()}
         else:
             node["items"] = [
                 [self._key(k, path), self.encode(v, f"{path}[{k!r}]", [*parts, str(k)])]
@@ -164,7 +167,9 @@ class _Encoder:
         try:
             tensor = torch.from_numpy(native)
         except TypeError as exc:
-            raise UnsupportedValueError(f"{path}: NumPy dtype {arr.dtype} is not supported") from exc
+            raise UnsupportedValueError(
+                f"{path}: NumPy dtype {arr.dtype} is not supported"
+            ) from exc
         node = self._tensor(tensor, path, parts)
         node[TAG] = "ndarray"
         node["np_dtype"] = arr.dtype.str
@@ -191,12 +196,17 @@ def _simple(obj: Any, path: str) -> Any:
     if isinstance(obj, torch.device):
         return {TAG: "device", "v": str(obj)}
     if isinstance(obj, (bytes, bytearray)):
-        return {TAG: "bytes" if isinstance(obj, bytes) else "bytearray",
-                "v": base64.b64encode(bytes(obj)).decode("ascii")}
+        return {
+            TAG: "bytes" if isinstance(obj, bytes) else "bytearray",
+            "v": base64.b64encode(bytes(obj)).decode("ascii"),
+        }
     if type(obj) is complex:
         return {TAG: "complex", "v": [repr(obj.real), repr(obj.imag)]}
     if isinstance(obj, slice):
-        return {TAG: "slice", "v": [_simple_slice_part(p, path) for p in (obj.start, obj.stop, obj.step)]}
+        return {
+            TAG: "slice",
+            "v": [_simple_slice_part(p, path) for p in (obj.start, obj.stop, obj.step)],
+        }
     kind = type(obj)
     raise UnsupportedValueError(
         f"{path or '<root>'}: a value of type {kind.__module__}.{kind.__qualname__} cannot be "
@@ -233,7 +243,9 @@ class _Decoder:
 
     def decode(self, node: Any, path: str, depth: int) -> Any:
         if depth > knobs.MAX_TREE_DEPTH:
-            raise FormatError(f"typed tree at {path or '<root>'}: nesting deeper than {knobs.MAX_TREE_DEPTH}")
+            raise FormatError(
+                f"typed tree at {path or '<root>'}: nesting deeper than {knobs.MAX_TREE_DEPTH}"
+            )
         if node is None or isinstance(node, (bool, int, str)):
             return node
         if isinstance(node, float):
