@@ -63,7 +63,7 @@ class _Encoder:
         if isinstance(obj, int) and type(obj) is int:
             return obj
         if type(obj) is float:
-            return obj if math.isfinite(obj) else {TAG: "float", "v": repr(obj)}
+            return obj if math.isfinite(obj) else {TAG: "float", "v": _float_text(obj)}
         if isinstance(obj, torch.Tensor):
             return self._tensor(obj, path, parts)
         if isinstance(obj, np.ndarray):
@@ -174,6 +174,13 @@ class _Encoder:
         node[TAG] = "ndarray"
         node["np_dtype"] = arr.dtype.str
         return node
+
+
+def _float_text(value: float) -> str:
+    """``inf``, ``-inf``, ``nan`` or ``-nan`` (the sign of a NaN is kept, its payload is not)."""
+    if math.isnan(value):
+        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+    return repr(value)
 
 
 def _join(path: str, key: str) -> str:
@@ -310,9 +317,9 @@ def _dec_set(d: _Decoder, node: dict, path: str, depth: int) -> set | frozenset:
 
 def _dec_float(d: _Decoder, node: dict, path: str, depth: int) -> float:
     text = node["v"]
-    if text not in ("inf", "-inf", "nan"):
+    if text not in ("inf", "-inf", "nan", "-nan"):
         raise ValueError(f"unexpected float text {text!r}")
-    return float(text)
+    return -math.nan if text == "-nan" else float(text)
 
 
 def _dec_size(d: _Decoder, node: dict, path: str, depth: int) -> torch.Size:
