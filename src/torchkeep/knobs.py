@@ -23,5 +23,10 @@ MAX_RANK = _env_int("MAX_RANK", 64)
 CHUNK_BYTES = _env_int("CHUNK_BYTES", 64 * 1024 * 1024)
 #: Threads that write and hash tensor data concurrently (I/O and xxhash release the GIL).
 IO_THREADS = _env_int("IO_THREADS", 4)
+#: Tensors up to this size are copied into a staging batch and written together (per-tensor
+#: cost: one memcpy and one hash instead of a syscall and a thread hand-off).
+SMALL_TENSOR_BYTES = _env_int("SMALL_TENSOR_BYTES", 256 * 1024)
+#: Size of one staging batch of small tensors (also the read batch of small tensors on load).
+BATCH_BYTES = _env_int("BATCH_BYTES", 8 * 1024 * 1024)
 #: Header is padded to a multiple of this many bytes so tensor data starts aligned.
 HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)

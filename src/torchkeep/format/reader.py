@@ -7,6 +7,7 @@ bytes are hot in cache) or mapped with ``mmap``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -18,6 +19,7 @@ from ..errors import CorruptionError, FormatError
 from . import checksum, header
 from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from .header import EntryInfo, Header
+from .parallel_read import plan_reads, run_reads
 from .tree import TAG, decode, iter_tensor_nodes
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
@@ -132,26 +134,30 @@ class FileReader:
 
     def read_into(self, key: str, out: torch.Tensor, verify: bool = True) -> None:
         """Copy entry ``key``'s bytes into the contiguous CPU tensor ``out`` (same byte size)."""
-        info = self.entry(key)
-        dest = out.reshape(-1)
-        dest = dest if dest.dtype == torch.uint8 else dest.view(torch.uint8)
-        view = memoryview(dest.numpy())
-        if view.nbytes != info.nbytes:
-            raise ValueError(f"{key}: destination holds {view.nbytes} bytes, entry {info.nbytes}")
-        hasher = checksum.new_hasher() if verify and self.checksums else None
-        start = self.header.data_start + info.begin
-        for lo in range(0, info.nbytes, knobs.CHUNK_BYTES):
-            chunk = view[lo : lo + knobs.CHUNK_BYTES]
-            self._preadinto(chunk, start + lo)
-            if hasher is not None:
-                hasher.update(chunk)
-        if hasher is not None:
-            self._check(key, hasher.hexdigest())
+        self.read_many([(key, out)], verify)
+
+    def read_many(self, items: list[tuple[str, torch.Tensor]], verify: bool = True) -> None:
+        """Copy several entries into contiguous CPU tensors, reading in parallel.
+
+        Reads run on a small thread pool (``preadv`` releases the GIL) while this thread
+        checksums the chunks already read, so verification rides along with the copy.
+        Neighbouring small entries are read with one call. Raises :class:`CorruptionError`
+        naming the first entry whose checksum does not match.
+        """
+        jobs = plan_reads(self, items)
+        if not jobs:
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        run_reads(self, jobs, bool(verify and self.checksums))
 
     def _preadinto(self, buf: memoryview, offset: int) -> None:
         done = 0
         while done < buf.nbytes:
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            try:
+                n = os.preadv(self._fd, [buf[done:]], offset + done)
+            except InterruptedError:
+                continue
             if n <= 0:
                 raise FormatError(f"{self.path}: unexpected end of file at byte {offset + done}")
             done += n
@@ -211,7 +217,9 @@ class FileReader:
         return bad
 
     # -- the whole object ------------------------------------------------------------------------
-    def load(self, map_location: MapLocation = None, mmap: bool = False, verify: bool = True) -> Any:
+    def load(
+        self, map_location: MapLocation = None, mmap: bool = False, verify: bool = True
+    ) -> Any:
         """Rebuild the saved object; tensors shared at save time come back shared."""
         cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -230,7 +238,8 @@ class FileReader:
         def resolve(node: dict, path: str) -> torch.Tensor:
             # Plain references return the cached entry object itself, so aliases stay shared.
             device = target_device(node.get("device", "cpu"), map_location, path, self.path)
-            return restore_flags(node, materialize(node, base(node["key"], device), self.path, path))
+            entry = base(node["key"], device)
+            return restore_flags(node, materialize(node, entry, self.path, path))
 
         return decode(self.tree, resolve)
 
@@ -272,7 +281,8 @@ def materialize(node: dict, entry: torch.Tensor, file: str, path: str) -> torch.
         tensor = entry
         if "dtype" in node:
             dtype = dtype_from_name(node["dtype"])
-            if entry.dtype != torch.uint8 or entry.numel() % torch.empty((), dtype=dtype).element_size():
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if entry.dtype != torch.uint8 or entry.numel() % itemsize:
                 raise ValueError("dtype override needs a raw U8 entry of a fitting size")
             flat = entry.reshape(-1)
             if flat.storage_offset() % torch.empty((), dtype=dtype).element_size():

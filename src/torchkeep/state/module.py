@@ -169,23 +169,37 @@ def _load_file(
     plan = _plan(report, targets, shapes)
     _check(report, strict)
     with torch.no_grad():
+        direct, rest, seen = [], [], set()
         for tkey, skey in plan.items():
+            data = targets[tkey].data
+            # Each destination once in the parallel pass; tied parameters load in order after.
+            if _is_direct(reader, nodes[skey], data) and data.data_ptr() not in seen:
+                seen.add(data.data_ptr())
+                direct.append((nodes[skey]["key"], data))
+            else:
+                rest.append((tkey, skey))
+        reader.read_many(direct, verify)
+        for tkey, skey in rest:
             _fill(reader, nodes[skey], targets[tkey], verify, skey)
-            report.loaded.append(tkey)
+        report.loaded.extend(plan)
     return report
 
 
-def _fill(reader: FileReader, node: dict, target: torch.Tensor, verify: bool, path: str) -> None:
-    """Copy one tensor from the file into ``target``: directly when layouts allow, else via copy."""
-    data = target.data
-    direct = (
+def _is_direct(reader: FileReader, node: dict, data: torch.Tensor) -> bool:
+    """True when the file's bytes can be read straight into ``data`` (same dtype and layout)."""
+    return (
         "view" not in node
         and "dtype" not in node
         and data.device.type == "cpu"
         and data.is_contiguous()
         and data.dtype == _node_dtype(reader, node)
     )
-    if direct:
+
+
+def _fill(reader: FileReader, node: dict, target: torch.Tensor, verify: bool, path: str) -> None:
+    """Copy one tensor from the file into ``target``: directly when layouts allow, else via copy."""
+    data = target.data
+    if _is_direct(reader, node, data):
         reader.read_into(node["key"], data, verify)
         return
     entry = reader.read_entry(node["key"], verify)

@@ -1,0 +1,170 @@
+"""Parallel, verified reads of many tensor entries straight into their destination memory.
+
+A load is planned as a list of read jobs in file order:
+
+* a *batch* holds whole entries that lie close together (at most ``BATCH_BYTES`` apart); one
+  ``preadv`` scatters the file range directly into the destination tensors (gaps go to a small
+  scratch buffer), then the worker checksums each entry while its bytes are hot in cache;
+* an entry larger than ``CHUNK_BYTES`` becomes several *chunk* jobs, read by the pool and
+  checksummed in order by the calling thread, overlapping with the next chunks' reads.
+
+``preadv`` and xxhash release the GIL, so a few threads keep the disk (or the page cache copy)
+busy while checksums ride along instead of taking a second pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import knobs
+from ..errors import FormatError
+from . import checksum
+
+if TYPE_CHECKING:
+    from .reader import FileReader
+
+#: Most buffers in one ``preadv`` call (Linux IOV_MAX is 1024).
+MAX_IOV = 512
+
+
+@dataclass
+class ReadJob:
+    """One read: a batch of whole entries, or one chunk of a large entry."""
+
+    offset: int  # absolute file offset of the first byte
+    buffers: list[memoryview] = field(default_factory=list)
+    members: list[tuple[str, memoryview]] = field(default_factory=list)  # whole entries
+    chunk_of: str | None = None  # key of the large entry this chunk belongs to
+    last: bool = False  # the final chunk of that entry
+    end: int = 0  # absolute file offset after the last byte
+
+
+def dest_view(out: torch.Tensor, nbytes: int, key: str) -> memoryview:
+    """Writable byte view of the contiguous CPU tensor ``out``; checks its size."""
+    if out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError(f"{key}: destination must be a contiguous CPU tensor")
+    out = out.detach()
+    try:
+        view = memoryview(out.numpy()).cast("B")
+    except (TypeError, RuntimeError, ValueError):  # dtypes numpy lacks (bfloat16, fp8...)
+        flat = out.reshape(-1)
+        view = memoryview((flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).numpy())
+    if view.nbytes != nbytes:
+        raise ValueError(f"{key}: destination holds {view.nbytes} bytes, entry {nbytes}")
+    return view
+
+
+def plan_reads(reader: FileReader, items: list[tuple[str, torch.Tensor]]) -> list[ReadJob]:
+    """Turn (key, destination) pairs into read jobs in file order."""
+    start = reader.header.data_start
+    placed = []
+    for key, out in items:
+        info = reader.entry(key)
+        placed.append((start + info.begin, key, dest_view(out, info.nbytes, key)))
+    placed.sort(key=lambda p: p[0])
+    jobs: list[ReadJob] = []
+    batch: ReadJob | None = None
+    for offset, key, view in placed:
+        size = view.nbytes
+        if size > knobs.CHUNK_BYTES:
+            batch = None
+            jobs.extend(_chunk_jobs(offset, key, view))
+            continue
+        if batch is None or not _fits(batch, offset, size):
+            batch = ReadJob(offset=offset, end=offset)
+            jobs.append(batch)
+        if offset > batch.end:
+            batch.buffers.append(memoryview(bytearray(offset - batch.end)))  # gap scratch
+        if size:
+            batch.buffers.append(view)
+        batch.members.append((key, view))
+        batch.end = offset + size
+    return jobs
+
+
+def _fits(batch: ReadJob, offset: int, size: int) -> bool:
+    return (
+        offset >= batch.end
+        and offset + size - batch.offset <= knobs.BATCH_BYTES
+        and len(batch.buffers) + 2 <= MAX_IOV
+    )
+
+
+def _chunk_jobs(offset: int, key: str, view: memoryview) -> list[ReadJob]:
+    step = max(1, knobs.CHUNK_BYTES)
+    jobs = []
+    for lo in range(0, view.nbytes, step):
+        piece = view[lo : lo + step]
+        job = ReadJob(offset + lo, [piece], chunk_of=key, end=offset + lo + piece.nbytes)
+        job.members = [(key, view)]  # the whole destination: identifies the entry's hasher
+        jobs.append(job)
+    jobs[-1].last = True
+    return jobs
+
+
+def _preadv_all(reader: FileReader, buffers: list[memoryview], offset: int) -> None:
+    """Fill every buffer from ``offset`` on, resuming after short reads."""
+    bufs = [b for b in buffers if b.nbytes]
+    while bufs:
+        try:
+            n = os.preadv(reader._fd, bufs, offset)
+        except InterruptedError:
+            continue
+        if n <= 0:
+            raise FormatError(f"{reader.path}: unexpected end of file at byte {offset}")
+        offset += n
+        while bufs and n >= bufs[0].nbytes:
+            n -= bufs[0].nbytes
+            bufs.pop(0)
+        if n:
+            bufs[0] = bufs[0][n:]
+
+
+def _do_job(reader: FileReader, job: ReadJob, verify: bool) -> list[tuple[str, str]]:
+    """Worker side: read the job; checksum whole entries here, in parallel."""
+    _preadv_all(reader, job.buffers, job.offset)
+    if not verify or job.chunk_of is not None:
+        return []
+    return [(key, checksum.digest(view)) for key, view in job.members]
+
+
+def run_reads(reader: FileReader, jobs: list[ReadJob], verify: bool) -> None:
+    """Run ``jobs`` on a thread pool with bounded look-ahead; checks checksums in file order."""
+    hashers: dict[str, Any] = {}
+    pending: deque[tuple[ReadJob, Future]] = deque()
+    todo = iter(jobs)
+    threads = max(1, knobs.IO_THREADS)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        try:
+            for job in todo:
+                pending.append((job, pool.submit(_do_job, reader, job, verify)))
+                if len(pending) >= 2 * threads:
+                    break
+            while pending:
+                job, future = pending.popleft()
+                digests = future.result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(_do_job, reader, nxt, verify)))
+                for key, actual in digests:
+                    reader._check(key, actual)
+                if verify and job.chunk_of is not None:
+                    _hash_chunk(reader, hashers, job)
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _hash_chunk(reader: FileReader, hashers: dict[str, Any], job: ReadJob) -> None:
+    key, whole = job.members[0]
+    hasher = hashers.setdefault(id(whole), checksum.new_hasher())
+    hasher.update(job.buffers[0])
+    if job.last:
+        del hashers[id(whole)]
+        reader._check(key, hasher.hexdigest())

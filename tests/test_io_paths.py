@@ -1,0 +1,206 @@
+"""Correctness of the I/O hot paths: chunking, batching, thread-pool writes and parallel reads."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from torch import nn
+
+import torchkeep
+from torchkeep import knobs
+from torchkeep.errors import CorruptionError, FormatError, StorageError
+from torchkeep.format.reader import FileReader
+from torchkeep.storage.io import FileOps, use_ops
+
+DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.float16]
+
+
+def _state(sizes: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, n in enumerate(sizes):
+        dtype = DTYPES[i % len(DTYPES)]
+        t = torch.randint(0, 255, (n,), generator=g, dtype=torch.int64).to(dtype)
+        out[f"t{i}"] = t
+    return out
+
+
+def _knobs(monkeypatch: pytest.MonkeyPatch, chunk: int, small: int, batch: int, threads: int):
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(knobs, "SMALL_TENSOR_BYTES", small)
+    monkeypatch.setattr(knobs, "BATCH_BYTES", batch)
+    monkeypatch.setattr(knobs, "IO_THREADS", threads)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert list(a) == list(b) or set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+class Flat(nn.Module):
+    """A module whose buffers mirror a flat state dict (any dtype)."""
+
+    def __init__(self, like: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for k, v in like.items():
+            self.register_buffer(k, torch.zeros_like(v))
+
+
+KNOB_SETS = [
+    (1, 0, 1, 1),  # every byte its own chunk, nothing batched
+    (7, 16, 64, 3),  # odd chunk size, tiny batches, more threads than chunks
+    (64, 1 << 20, 1 << 20, 2),  # everything batched together
+    (1 << 26, 256 * 1024, 8 << 20, 4),  # the defaults
+]
+
+
+@pytest.mark.parametrize("chunk,small,batch,threads", KNOB_SETS)
+def test_roundtrip_across_knobs(tmp_path, monkeypatch, chunk, small, batch, threads):
+    _knobs(monkeypatch, chunk, small, batch, threads)
+    sd = _state([0, 1, 3, 8, 63, 64, 65, 200, 1000, 5])
+    path = tmp_path / "m.tk"
+    torchkeep.save(sd, path)
+    _assert_same(load_file(str(path)), sd)  # stock safetensors reads it
+    _assert_same(torchkeep.load(path, verify=True), sd)
+    model = Flat(sd)
+    torchkeep.load_state_dict(model, path, verify=True)
+    _assert_same(dict(model.state_dict()), sd)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=12),
+    chunk=st.integers(1, 97),
+    small=st.integers(0, 400),
+    batch=st.integers(1, 700),
+    threads=st.integers(1, 4),
+    keep=st.integers(0, 2**12 - 1),
+)
+def test_property_partial_loads(tmp_path_factory, sizes, chunk, small, batch, threads, keep):
+    """Any knob values, any subset of keys (gaps between batched entries) load exactly."""
+    saved = (knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES, knobs.IO_THREADS)
+    knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES = chunk, small, batch
+    knobs.IO_THREADS = threads
+    try:
+        sd = _state(sizes, seed=len(sizes))
+        path = tmp_path_factory.mktemp("p") / "m.tk"
+        torchkeep.save(sd, path)
+        subset = {k: v for i, (k, v) in enumerate(sd.items()) if keep >> i & 1}
+        model = Flat(subset)
+        report = torchkeep.load_state_dict(model, path, strict=False)
+        assert sorted(report.loaded) == sorted(subset)
+        _assert_same(dict(model.state_dict()), subset)
+    finally:
+        knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES, knobs.IO_THREADS = saved
+
+
+class FailingOps(FileOps):
+    """Fails the n-th data write with ENOSPC (writes run on the pool's threads)."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().pwrite(fd, data, offset)
+
+
+@pytest.mark.parametrize("fail_at", [2, 5, 40])
+def test_worker_write_error_propagates(tmp_path, monkeypatch, fail_at):
+    _knobs(monkeypatch, 16, 8, 32, 3)
+    sd = _state([100, 3, 4, 50, 2, 7, 90])
+    path = tmp_path / "m.tk"
+    with use_ops(FailingOps(fail_at)), pytest.raises(StorageError, match="disk is full"):
+        torchkeep.save(sd, path)
+    assert os.listdir(tmp_path) == []  # nothing committed, temporary removed
+
+
+def _flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("victim", ["t0", "t3"])  # t0: many chunks; t3: inside a batch
+def test_corruption_named_from_worker_threads(tmp_path, monkeypatch, victim):
+    _knobs(monkeypatch, 32, 64, 256, 3)
+    sd = {"t0": torch.arange(500, dtype=torch.float32)}
+    sd.update({f"t{i}": torch.full((4,), float(i)) for i in range(1, 8)})
+    path = tmp_path / "m.tk"
+    torchkeep.save(sd, path)
+    with FileReader(path) as r:
+        _flip_byte(path, r.header.data_start + r.entry(victim).begin + 5)
+    model = Flat(sd)
+    with pytest.raises(CorruptionError, match=f"'{victim}'"):
+        torchkeep.load_state_dict(model, path, verify=True)
+    torchkeep.load_state_dict(model, path, verify=False)  # unverified load still reads it
+    assert not torch.equal(getattr(model, victim), sd[victim])
+
+
+def test_truncated_after_open_raises_format_error(tmp_path, monkeypatch):
+    _knobs(monkeypatch, 64, 16, 128, 2)
+    sd = {"big": torch.arange(1000, dtype=torch.float32), "small": torch.ones(2)}
+    path = tmp_path / "m.tk"
+    torchkeep.save(sd, path)
+    with FileReader(path) as r:
+        os.truncate(path, r.header.data_start + 100)
+        out = torch.empty(1000)
+        with pytest.raises(FormatError, match="unexpected end of file"):
+            r.read_into("big", out)
+
+
+def test_tied_and_duplicate_destinations(tmp_path, monkeypatch):
+    _knobs(monkeypatch, 8, 16, 64, 3)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+    src = Tied()
+    path = tmp_path / "tied.tk"
+    torchkeep.save(src.state_dict(), path)
+    dst = Tied()
+    torchkeep.load_state_dict(dst, path)
+    assert torch.equal(dst.emb.weight, src.emb.weight)
+    assert dst.head.weight is dst.emb.weight
+    with FileReader(path) as r:  # the same entry into two destinations in one call
+        a, b = torch.empty(10, 4), torch.empty(10, 4)
+        r.read_many([("emb.weight", a), ("emb.weight", b)])
+        assert torch.equal(a, src.emb.weight) and torch.equal(b, src.emb.weight)
+
+
+def test_read_into_rejects_bad_destinations(tmp_path):
+    path = tmp_path / "m.tk"
+    torchkeep.save({"w": torch.ones(4, 4)}, path)
+    with FileReader(path) as r:
+        with pytest.raises(ValueError, match="destination holds"):
+            r.read_into("w", torch.empty(3))
+        with pytest.raises(ValueError, match="contiguous"):
+            r.read_into("w", torch.empty(4, 4).t())
+        with pytest.raises(KeyError, match="no tensor named"):
+            r.read_into("nope", torch.empty(16))
+
+
+def test_noncontiguous_and_views_saved_exactly(tmp_path, monkeypatch):
+    _knobs(monkeypatch, 5, 8, 32, 2)
+    base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    obj = {"t": base.t(), "slice": base[2:4], "bf": base.to(torch.bfloat16)[::2]}
+    path = tmp_path / "m.tk"
+    torchkeep.save(obj, path)
+    back = torchkeep.load(path)
+    for k in obj:
+        assert torch.equal(back[k], obj[k]), k
