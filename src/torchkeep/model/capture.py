@@ -1,0 +1,214 @@
+"""Describe a module tree as plain data: class paths, attributes, parameters and buffers.
+
+The description holds what a pickle of the module holds (its ``__dict__``), minus code: each
+module's class is recorded by import path, plain attributes by value, functions only by a
+reference into an allow-listed namespace (``torch.nn.functional``, ``torch``, ``operator``), and
+tensors by their state-dict key. Shared tensors and shared submodules are recorded once and
+referenced by path, so ties survive the round trip. Anything else fails here, before a byte is
+written, naming the attribute path.
+"""
+
+from __future__ import annotations
+
+import operator
+import types
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedValueError
+from .fit import init_args
+
+#: ``Module.__init__``'s own bookkeeping; these are rebuilt fresh, never stored as attributes.
+INTERNALS = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}
+STRUCTURE = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
+#: Namespaces whose functions may be referenced by name (resolved without importing anything).
+FUNCTION_NAMESPACES = (("torch.nn.functional", F), ("torch", torch), ("operator", operator))
+_SCALARS = (type(None), bool, int, float, str, bytes, complex, torch.dtype, torch.device)
+
+
+@dataclass
+class Capture:
+    """The description of one model: ``root`` node, and tensors by state-dict-style key."""
+
+    root: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # persistent (state_dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # non-persistent buffers
+    hooks_dropped: list[str] = field(default_factory=list)
+
+
+def class_path(cls: type) -> str:
+    """``module:qualname`` of a class; refuses classes that cannot be found again by name."""
+    qual = cls.__qualname__
+    if "<locals>" in qual or "<" in cls.__module__:
+        raise UnsupportedValueError(
+            f"class {cls.__module__}.{qual} is defined inside a function and cannot be found "
+            "again when loading; define it at module level"
+        )
+    return f"{cls.__module__}:{qual}"
+
+
+def safe_function(namespace: str, fn: Any) -> bool:
+    """Builtin ops of ``torch``/``operator``; Python functions only from torch.nn.functional."""
+    if isinstance(fn, type) or not callable(fn):
+        return False
+    return namespace == "torch.nn.functional" or isinstance(fn, types.BuiltinFunctionType)
+
+
+def function_ref(fn: Any, path: str) -> str:
+    """``namespace:name`` of an allow-listed function, or :class:`UnsupportedValueError`."""
+    for name, namespace in FUNCTION_NAMESPACES:
+        attr = getattr(fn, "__name__", None)
+        if isinstance(attr, str) and vars(namespace).get(attr) is fn and safe_function(name, fn):
+            return f"{name}:{attr}"
+    for name, namespace in FUNCTION_NAMESPACES:
+        for key, value in vars(namespace).items():
+            if value is fn and not key.startswith("_") and safe_function(name, fn):
+                return f"{name}:{key}"
+    raise UnsupportedValueError(
+        f"{path}: the callable {fn!r} cannot be saved safely; only functions of "
+        "torch.nn.functional, torch and operator are stored (by name). Replace it with one of "
+        "those or with an nn.Module (e.g. nn.GELU()), or save the state_dict instead"
+    )
+
+
+class _Capturer:
+    def __init__(self, drop_hooks: bool) -> None:
+        self.drop_hooks = drop_hooks
+        self.out = Capture(root={})
+        self.module_paths: dict[int, str] = {}
+        self.tensor_keys: dict[int, str] = {}
+
+    def module(self, mod: nn.Module, prefix: str) -> dict:
+        self.module_paths[id(mod)] = prefix
+        where = prefix or "<root>"
+        node: dict[str, Any] = {"class": class_path(type(mod)), "training": bool(mod.training)}
+        self._hooks(mod, where)
+        node["params"] = self._tensors(mod._parameters, prefix, persistent=set(mod._parameters))
+        node["buffers"] = self._tensors(
+            mod._buffers, prefix, persistent=set(mod._buffers) - mod._non_persistent_buffers_set
+        )
+        node["non_persistent"] = sorted(mod._non_persistent_buffers_set & set(mod._buffers))
+        node["modules"] = {name: self._child(child, _join(prefix, name))
+                           for name, child in mod._modules.items()}  # fmt: skip
+        node["attrs"], node["functions"] = self._attrs(mod, prefix)
+        args = init_args(mod, node["attrs"])
+        if args is not None:
+            node["init_args"] = args
+        return node
+
+    def _child(self, child: nn.Module | None, path: str) -> Any:
+        if child is None:
+            return None
+        if id(child) in self.module_paths:
+            return {"shared": self.module_paths[id(child)]}
+        return self.module(child, path)
+
+    def _hooks(self, mod: nn.Module, where: str) -> None:
+        for name in sorted(INTERNALS - set(STRUCTURE)):
+            value = mod.__dict__.get(name)
+            if not isinstance(value, (dict, set)) or not value:
+                continue
+            if not self.drop_hooks:
+                raise UnsupportedValueError(
+                    f"{where}: the module has {name} registered; hooks are Python callables and "
+                    "are not saved. Remove them before saving, or pass drop_hooks=True to save "
+                    "the model without them (re-register them after load_model)"
+                )
+            self.out.hooks_dropped.append(f"{where}.{name}")
+
+    def _tensors(self, table: dict, prefix: str, persistent: set[str]) -> dict[str, Any]:
+        refs: dict[str, Any] = {}
+        for name, tensor in table.items():
+            if tensor is None:
+                refs[name] = None
+                continue
+            key = _join(prefix, name)
+            if name in persistent:
+                self.out.tensors[key] = tensor
+            first = self.tensor_keys.setdefault(id(tensor), key)
+            if first == key and name not in persistent:
+                self.out.extra[key] = tensor
+            refs[name] = first
+        return refs
+
+    def _attrs(self, mod: nn.Module, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+        attrs: dict[str, Any] = {}
+        functions: dict[str, str] = {}
+        for name, value in mod.__dict__.items():
+            if name in INTERNALS:
+                continue
+            path = _join(prefix, name)
+            if callable(value) and not isinstance(value, (type, torch.dtype)):
+                if isinstance(value, nn.Module):
+                    raise UnsupportedValueError(
+                        f"{path}: a module stored outside _modules (object.__setattr__) cannot "
+                        "be saved; assign it as a submodule"
+                    )
+                functions[name] = function_ref(value, path)
+            else:
+                check_plain(value, path)
+                attrs[name] = value
+        return attrs, functions
+
+
+def check_plain(value: Any, path: str, depth: int = 0) -> None:
+    """Refuse anything but plain data (scalars, dtypes, tensors, containers of them)."""
+    if depth > 32:
+        raise UnsupportedValueError(f"{path}: nested too deeply")
+    kind = type(value)
+    if kind in _SCALARS or kind is torch.Size or isinstance(value, torch.dtype):
+        return
+    if kind in (torch.Tensor, nn.Parameter):
+        return
+    if kind in (list, tuple, set, frozenset):
+        for i, item in enumerate(value):
+            check_plain(item, f"{path}[{i}]", depth + 1)
+        return
+    if kind in (dict, OrderedDict):
+        for key, item in value.items():
+            check_plain(key, f"{path}[{key!r}]", depth + 1)
+            check_plain(item, f"{path}[{key!r}]", depth + 1)
+        return
+    what = "a function" if callable(value) else f"a {kind.__module__}.{kind.__qualname__}"
+    raise UnsupportedValueError(
+        f"{path}: {what} cannot be saved safely (whole-model files store numbers, strings, "
+        "bools, None, dtypes, devices, tensors and tuples/lists/dicts of them, and functions of "
+        "torch.nn.functional/torch/operator as direct attributes); remove the attribute, make it "
+        "plain data, or save the state_dict instead"
+    )
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DataParallel / DistributedDataParallel wrappers."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    for _ in range(8):
+        inner = None
+        if type(model).__name__ == "OptimizedModule":
+            inner = model._modules.get("_orig_mod")
+        elif isinstance(model, wrappers):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def capture(model: nn.Module, *, drop_hooks: bool = False) -> Capture:
+    """Describe ``model`` (wrappers removed); raises before anything is written."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedValueError(
+            f"save_model expects an nn.Module, got {type(model).__qualname__}; use "
+            "torchkeep.save for state dicts and other objects"
+        )
+    capturer = _Capturer(drop_hooks)
+    capturer.out.root = capturer.module(unwrap(model), "")
+    return capturer.out

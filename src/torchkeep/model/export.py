@@ -1,0 +1,118 @@
+"""Deployment artifacts with ``torch.export``: a graph that runs without the model's Python class.
+
+``export_model`` writes the ``torch.export.save`` archive atomically. That archive is a zip of
+JSON (the graph), raw weight bytes, and a few ``torch.save`` pickles (sample inputs; weights
+that are not plain dense tensors). ``torch.export.load`` unpickles those with the weights-only
+unpickler but *falls back to the full unpickler* when that fails, so it can run code from a
+hostile file. ``load_exported`` scans every pickle in the archive first (nothing is run) and
+refuses one that references globals outside the weights-only allow-list unless ``trusted=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
+from ..readers.pickle_scan import ScanResult, scan_stream
+from ..readers.torch_file import refusal, unsafe_globals
+from ..storage.io import ops, write_all
+from ..storage.local import atomic_file
+from .capture import unwrap
+
+PathLike = str | os.PathLike
+_PICKLE_HEAD = b"\x80"
+_ZIP_HEAD = b"PK\x03\x04"
+
+
+def export_model(
+    model: nn.Module,
+    path: PathLike,
+    example_inputs: Sequence[Any] | Any,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+    strict: bool = False,
+) -> torch.export.ExportedProgram:
+    """Export ``model`` (in eval mode) with ``torch.export`` and write the archive atomically.
+
+    ``example_inputs`` is a tuple of positional inputs (a single tensor is accepted). The file
+    loads with ``torch.export.load`` or :func:`load_exported` without the model's class.
+    """
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, Sequence):
+        example_inputs = (example_inputs,)
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.export.export(
+            model, tuple(example_inputs), example_kwargs, dynamic_shapes=dynamic_shapes,
+            strict=strict,
+        )  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - torch raises many types; say what failed
+        raise TorchkeepError(
+            f"torch.export could not trace {type(model).__qualname__} for {os.fspath(path)!r} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix the "
+            "model's data-dependent control flow or pass dynamic_shapes / strict=False"
+        ) from exc
+    finally:
+        model.train(was_training)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    data = buffer.getbuffer()
+    with atomic_file(os.fspath(path), data.nbytes) as fd:
+        write_all(ops(), fd, memoryview(data), 0)
+    return program
+
+
+def scan_archive(path: str) -> ScanResult:
+    """Globals referenced by every pickle inside an export archive (nested zips included)."""
+    result = ScanResult()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as member:
+                    head = member.read(4)
+                if head.startswith(_PICKLE_HEAD):
+                    scan_stream(archive.read(info), result, info.filename)
+                elif head == _ZIP_HEAD:
+                    _scan_nested(archive.read(info), result, info.filename)
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
+        raise FormatError(f"{path}: not a readable torch.export archive ({exc})") from exc
+    return result
+
+
+def _scan_nested(data: bytes, result: ScanResult, name: str) -> None:
+    with zipfile.ZipFile(io.BytesIO(data)) as inner:
+        for info in inner.infolist():
+            if info.filename.endswith(".pkl"):
+                scan_stream(inner.read(info), result, f"{name}/{info.filename}")
+
+
+def load_exported(path: PathLike, *, trusted: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.load`` after a static scan of the archive's pickles.
+
+    Refuses (:class:`UnsafeFileError`) an archive whose pickles need globals outside the
+    weights-only allow-list unless ``trusted=True``. Run it with ``program.module()(*inputs)``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise FormatError(f"{path}: not a torch.export archive (written by export_model)")
+    if not trusted:
+        scan = scan_archive(path)
+        if unsafe_globals(scan):
+            raise refusal(path, scan, " (inside the torch.export archive)")
+    try:
+        return torch.export.load(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive
+        raise FormatError(
+            f"{path}: torch.export.load failed ({type(exc).__name__}: {exc})"
+        ) from exc
