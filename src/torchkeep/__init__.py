@@ -14,6 +14,7 @@ from .errors import (
     UnsafeFileError,
     UnsupportedValueError,
 )
+from .model import convert_legacy, export_model, load_exported, load_model, save_model
 from .state.module import load_state_dict
 from .state.report import LoadReport
 
@@ -37,4 +38,9 @@ __all__ = [
     "open_file",
     "save",
     "verify",
+    "convert_legacy",
+    "export_model",
+    "load_exported",
+    "load_model",
+    "save_model",
 ]
