@@ -24,6 +24,7 @@ META_TREE = "torchkeep.tree"
 META_CHECKSUMS = "torchkeep.checksums"
 META_HEADER_SUM = "torchkeep.header_checksum"
 METADATA_KEY = "__metadata__"
+META_PREFIX = "torchkeep."
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class Header:
 
     @property
     def is_torchkeep(self) -> bool:
-        return META_VERSION in self.metadata
+        """Any ``torchkeep.*`` metadata key marks a torchkeep file, so a damaged version key
+        makes the file fail loudly instead of loading as unverified plain safetensors."""
+        return any(key.startswith(META_PREFIX) for key in self.metadata)
 
 
 def header_digest(entries: dict[str, Any], metadata: dict[str, str]) -> str:
@@ -119,9 +122,7 @@ def decode_json(raw: bytes, where: str) -> dict:
         raise FormatError(f"{where}: header does not start with '{{'")
     try:
         text = raw.decode("utf-8")
-        value = json.loads(
-            text, object_pairs_hook=no_duplicates, parse_constant=reject_constant
-        )
+        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=reject_constant)
     except UnicodeDecodeError as exc:
         raise FormatError(f"{where}: header is not valid UTF-8 ({exc.reason})") from exc
     except RecursionError as exc:

@@ -75,7 +75,7 @@ class FileReader:
         meta = self.header.metadata
         if not self.is_torchkeep:
             return {}
-        version = meta[header.META_VERSION]
+        version = meta.get(header.META_VERSION)
         if version != header.FORMAT_VERSION:
             raise FormatError(
                 f"{self.path}: torchkeep format version {version!r} is not supported by this "
@@ -109,7 +109,7 @@ class FileReader:
             ordered = sorted(self.header.entries.items(), key=lambda kv: kv[1].begin)
             return {TAG: "dict", "v": {k: {TAG: "tensor", "key": k} for k, _ in ordered}}
         tree = self._meta_json(header.META_TREE)
-        for path, node in iter_tensor_nodes(tree):
+        for path, node in iter_tensor_nodes(tree, self.path):
             key = node.get("key")
             if not isinstance(key, str) or key not in self.header.entries:
                 raise FormatError(
@@ -241,7 +241,7 @@ class FileReader:
             entry = base(node["key"], device)
             return restore_flags(node, materialize(node, entry, self.path, path))
 
-        return decode(self.tree, resolve)
+        return decode(self.tree, resolve, self.path)
 
     def close(self) -> None:
         if self._fd >= 0:

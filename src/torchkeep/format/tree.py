@@ -270,7 +270,14 @@ class _Decoder:
                 return handler(self, node, path, depth)
             except FormatError:
                 raise
-            except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+                IndexError,
+                OverflowError,
+                RuntimeError,
+            ) as exc:
                 raise FormatError(
                     f"typed tree at {path or '<root>'}: malformed {tag!r} node ({exc})"
                 ) from exc
@@ -401,12 +408,25 @@ _HANDLERS: dict[str, Callable[[_Decoder, dict, str, int], Any]] = {
 }
 
 
-def decode(root: Any, resolve: TensorResolver) -> Any:
-    """Rebuild the saved object; ``resolve(node, path)`` returns the tensor a node refers to."""
-    return _Decoder(resolve).decode(root, "", 0)
+def decode(root: Any, resolve: TensorResolver, where: str = "") -> Any:
+    """Rebuild the saved object; ``resolve(node, path)`` returns the tensor a node refers to.
+
+    ``where`` (the file) prefixes every :class:`FormatError` message.
+    """
+    try:
+        return _Decoder(resolve).decode(root, "", 0)
+    except FormatError as exc:
+        raise _located(exc, where) from exc
 
 
-def iter_tensor_nodes(root: Any) -> list[tuple[str, dict]]:
+def _located(exc: FormatError, where: str) -> FormatError:
+    message = str(exc)
+    if not where or message.startswith(where):
+        return exc
+    return FormatError(f"{where}: {message}")
+
+
+def iter_tensor_nodes(root: Any, where: str = "") -> list[tuple[str, dict]]:
     """(error path, node) of every tensor/ndarray node, without materializing anything."""
     found: list[tuple[str, dict]] = []
 
@@ -431,5 +451,8 @@ def iter_tensor_nodes(root: Any) -> list[tuple[str, dict]]:
                 for i, v in enumerate(node["v"]):
                     visit(v, f"{path}[{i}]", depth + 1)
 
-    visit(root, "", 0)
+    try:
+        visit(root, "", 0)
+    except FormatError as exc:
+        raise _located(exc, where) from exc
     return found
