@@ -20,7 +20,8 @@ class FileOps:
 
     def open_new(self, path: str) -> int:
         """Create ``path`` exclusively for writing and return its descriptor."""
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        return os.open(path, flags, 0o644)
 
     def preallocate(self, fd: int, size: int) -> None:
         """Reserve ``size`` bytes so a full disk fails early; silently skipped where unsupported."""

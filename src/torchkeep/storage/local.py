@@ -42,8 +42,14 @@ def is_temp(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
 
 
-def describe_os_error(exc: OSError, action: str, path: str) -> StorageError:
-    """Turn an ``OSError`` into a :class:`StorageError` that says what to do."""
+def describe_os_error(
+    exc: OSError, action: str, path: str, after_commit: bool = False
+) -> StorageError:
+    """Turn an ``OSError`` into a :class:`StorageError` that says what to do.
+
+    ``after_commit``: the rename already happened (only the directory fsync failed), so the new
+    content is in place but may not survive a power loss.
+    """
     hints = {
         errno.ENOSPC: "the disk is full; free space or save elsewhere",
         errno.EDQUOT: "the disk quota is exhausted; free space or save elsewhere",
@@ -55,10 +61,12 @@ def describe_os_error(exc: OSError, action: str, path: str) -> StorageError:
         errno.EIO: "the device reported an I/O error; check the disk",
     }
     hint = hints.get(exc.errno or 0, exc.strerror or str(exc))
-    err = StorageError(
-        f"{action} {path!r} failed: {hint}. Nothing was committed; any previous checkpoint "
-        "at that path is untouched."
+    outcome = (
+        "The new content is in place but may not be durable; save again once the disk is healthy."
+        if after_commit
+        else "Nothing was committed; any previous checkpoint at that path is untouched."
     )
+    err = StorageError(f"{action} {path!r} failed: {hint}. {outcome}")
     err.errno = exc.errno
     return err
 
@@ -93,7 +101,9 @@ def atomic_file(target: str, size_hint: int = 0) -> Iterator[int]:
     try:
         file_ops.fsync_dir(os.path.dirname(target))
     except OSError as exc:
-        raise describe_os_error(exc, "making the directory entry durable for", target) from exc
+        raise describe_os_error(
+            exc, "making the directory entry durable for", target, after_commit=True
+        ) from exc
 
 
 def _discard_file(fd: int, tmp: str, closed: bool) -> None:
@@ -111,14 +121,47 @@ def commit_dir(tmp_dir: str, target: str) -> None:
     ``target`` must not exist (steps are immutable once committed).
     """
     file_ops = ops()
-    file_ops.fsync_dir(tmp_dir)
+    try:
+        file_ops.fsync_dir(tmp_dir)
+    except OSError as exc:
+        raise describe_os_error(exc, "making the files durable for", target) from exc
     if os.path.lexists(target):
         raise StorageError(f"cannot commit {target!r}: it already exists; steps are immutable")
     try:
         file_ops.replace(tmp_dir, target)
     except OSError as exc:
         raise describe_os_error(exc, "committing", target) from exc
-    file_ops.fsync_dir(os.path.dirname(os.path.abspath(target)))
+    try:
+        file_ops.fsync_dir(os.path.dirname(os.path.abspath(target)))
+    except OSError as exc:
+        raise describe_os_error(
+            exc, "making the commit durable for", target, after_commit=True
+        ) from exc
+
+
+def discard_dir(path: str) -> None:
+    """Delete a committed directory atomically: rename it to a temporary name, fsync, remove.
+
+    After the rename no reader can list it; a crash before the removal leaves a temporary that
+    :func:`sweep_temps` deletes later.
+    """
+    file_ops = ops()
+    parent = os.path.dirname(os.path.abspath(path))
+    trash = temp_name(path)
+    try:
+        file_ops.replace(path, trash)
+    except OSError as exc:
+        raise StorageError(f"deleting {path!r} failed ({exc}); it is still in place") from exc
+    try:
+        # Durable rename first: removing files of a step whose rename a power loss could undo
+        # would resurrect a half-deleted step. On failure the trash waits for sweep_temps.
+        file_ops.fsync_dir(parent)
+        file_ops.rmtree(trash)
+    except OSError as exc:
+        raise StorageError(
+            f"deleting {path!r} failed part-way ({exc}); it is no longer listed, and its "
+            f"leftover {os.path.basename(trash)!r} is swept when the directory is next opened"
+        ) from exc
 
 
 def make_temp_dir(target: str) -> str:

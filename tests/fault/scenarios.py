@@ -1,0 +1,99 @@
+"""Saves the fault suites interrupt, and the checks that every interrupted state must pass.
+
+A *version* ``v`` is a deterministic object; a save writes version ``v`` over version ``v-1``.
+After any fault the target must hold some complete committed version (never a mix, never a
+partial file), and committed manager steps must each load, verify and match their number.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+import torchkeep
+from torchkeep.manager import STATE_FILE, CheckpointManager, list_steps
+
+KINDS = ("file", "step", "async")
+
+
+def make_state(version: int, scale: int = 1) -> dict[str, Any]:
+    """Version ``version`` of a small checkpoint dict (a few tensors spanning several 4 KiB)."""
+    gen = torch.Generator().manual_seed(version)
+    return {
+        "w": torch.randn(48 * scale, 64, generator=gen),
+        "b": torch.arange(100, dtype=torch.int64) + version,
+        "nested": {"h": torch.full((7, 5), float(version), dtype=torch.float16), "v": version},
+        "version": version,
+    }
+
+
+def same(a: Any, b: Any) -> bool:
+    """Exact structural and bitwise equality of two checkpoint objects."""
+    if isinstance(a, torch.Tensor):
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def save_version(kind: str, target: str, version: int, scale: int = 1) -> None:
+    """Save version ``version`` to ``target`` (a file, or a run directory for steps)."""
+    obj = make_state(version, scale)
+    if kind == "file":
+        torchkeep.save(obj, target)
+    elif kind == "async":
+        torchkeep.save_async(obj, target).wait()
+    elif kind == "step":
+        with CheckpointManager(target, rng=False, keep_last=2) as manager:
+            manager.save(version, {"weights": obj})
+    else:
+        raise ValueError(kind)
+
+
+def file_version(path: str, scale: int = 1) -> int:
+    """The version stored at ``path``; raises AssertionError if it is not a complete version."""
+    loaded = torchkeep.load(path)
+    version = loaded.get("version") if isinstance(loaded, dict) else None
+    if not isinstance(version, int) or not same(loaded, make_state(version, scale)):
+        raise AssertionError(f"{path}: content is not a complete saved version")
+    if torchkeep.verify(path):
+        raise AssertionError(f"{path}: verify() reports corrupt tensors")
+    return version
+
+
+def step_versions(run_dir: str, scale: int = 1) -> list[int]:
+    """Committed steps of ``run_dir``; each must load completely as its own version."""
+    found = []
+    for info in list_steps(run_dir):
+        loaded = torchkeep.load(os.path.join(info.path, STATE_FILE))
+        if not same(loaded["values"]["weights"], make_state(info.step, scale)):
+            raise AssertionError(f"{info.path}: step content is not version {info.step}")
+        found.append(info.step)
+    return found
+
+
+def committed(kind: str, target: str, scale: int = 1) -> list[int]:
+    """Versions visible at ``target``: ``[v]`` for a file (``[]`` if absent), steps for a run."""
+    if kind == "step":
+        return step_versions(target, scale)
+    if not os.path.exists(target):
+        return []
+    return [file_version(target, scale)]
+
+
+def check_after_fault(kind: str, target: str, old: int, new: int, scale: int = 1) -> list[int]:
+    """Assert the state after an interrupted save of ``new`` over ``old``; returns what is seen."""
+    seen = committed(kind, target, scale)
+    if kind == "step":
+        if old not in seen or not set(seen) <= {old - 1, old, new}:
+            raise AssertionError(f"{target}: steps {seen} after a fault (old {old}, new {new})")
+    elif seen not in ([old], [new]):
+        raise AssertionError(f"{target}: holds {seen}, expected old {old} or new {new}")
+    return seen
