@@ -43,6 +43,10 @@ def load(
     """
     path = os.fspath(path)
     kind = detect.sniff(path)
+    if os.path.isdir(path):  # HF shards, DCP, Accelerate, run directory (readers/open.py)
+        from .readers.open import load_folder
+
+        return load_folder(path, map_location=map_location, trusted=trusted)
     if kind == detect.SAFETENSORS:
         with FileReader(path) as reader:
             return reader.load(map_location=map_location, mmap=mmap, verify=verify)

@@ -9,6 +9,10 @@ from ..errors import CheckpointNotFoundError, FormatError
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
 TORCH_LEGACY = "torch-legacy"
+HF_SHARDED = "hf-sharded"
+DCP = "dcp"
+ACCELERATE = "accelerate"
+RUN_DIR = "run-dir"
 
 
 def sniff_file(path: str) -> str:
@@ -38,5 +42,27 @@ def sniff(path: str | os.PathLike) -> str:
     if not os.path.lexists(path):
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
     if os.path.isdir(path):
-        raise FormatError(f"{path}: directory checkpoints are not recognized here")
+        return sniff_dir(path)
     return sniff_file(path)
+
+
+def sniff_dir(path: str) -> str:
+    """Format of a folder checkpoint, judged by the files it holds."""
+    names = os.listdir(path)
+    if "model.safetensors.index.json" in names:
+        return HF_SHARDED
+    if ".metadata" in names and any(n.endswith(".distcp") for n in names):
+        return DCP
+    from .folders import is_accelerate_folder
+
+    if is_accelerate_folder(names):
+        return ACCELERATE
+    from .run_dir import is_run_dir
+
+    if is_run_dir(path):
+        return RUN_DIR
+    raise FormatError(
+        f"{path}: folder is not a recognized checkpoint (expected a torchkeep run directory, "
+        "a Hugging Face sharded folder with model.safetensors.index.json, a "
+        "torch.distributed.checkpoint folder with .metadata, or an Accelerate save_state folder)"
+    )

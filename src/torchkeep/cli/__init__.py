@@ -1,0 +1,1 @@
+"""The ``torchkeep`` command line (one module per command; entry point in main.py)."""

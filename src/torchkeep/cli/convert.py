@@ -1,0 +1,77 @@
+"""``torchkeep convert``: between torchkeep, safetensors (file or sharded folder), torch.save."""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from .. import convert as core
+from ..readers import detect
+from ..readers.open import open_view
+from ..readers.torch_file import load_torch_file
+from .render import human, opt, out, progress_bar
+
+
+def _whole_model(src: str, dst: str, trusted: bool) -> bool:
+    """Re-save a pickled ``nn.Module`` (needs --trusted) as a safe whole-model file."""
+    if detect.sniff(src) not in (detect.TORCH_ZIP, detect.TORCH_LEGACY) or not trusted:
+        return False
+    obj = load_torch_file(src, map_location="cpu", trusted=True)
+    if not isinstance(obj, torch.nn.Module):
+        return False
+    if core.destination_format(dst, None) != core.TORCHKEEP:
+        raise click.UsageError("a whole model converts to a torchkeep file (DST.tk) only")
+    core.save_whole_model(obj, dst)
+    return True
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--dtype", type=click.Choice(sorted(core.DTYPES)), help="Cast floating tensors.")
+@click.option("--max-shard-size", help="Write a Hugging Face sharded folder (e.g. 5GB).")
+@click.option(
+    "--to",
+    "fmt",
+    type=click.Choice([core.TORCHKEEP, core.SAFETENSORS, core.TORCH]),
+    help="Output format (default: from DST's extension; .tk/other = torchkeep).",
+)
+@opt("trusted")
+def convert_cmd(
+    src: str,
+    dst: str,
+    dtype: str | None,
+    max_shard_size: str | None,
+    fmt: str | None,
+    trusted: bool,
+) -> None:
+    """Convert SRC (any readable format) to DST, one tensor at a time.
+
+    DST's extension picks the format: .safetensors (safetensors), .pt/.pth/.bin/.ckpt
+    (torch.save), anything else (torchkeep). With --max-shard-size DST is a folder of
+    safetensors shards plus model.safetensors.index.json.
+
+    \b
+    Examples:
+      torchkeep convert pytorch_model.bin model.safetensors --dtype bfloat16
+      torchkeep convert dcp_checkpoint/ model --max-shard-size 5GB
+      torchkeep convert old_whole_model.pth model.tk --trusted
+    """
+    if max_shard_size is None and _whole_model(src, dst, trusted):
+        out().print(f"wrote {dst}: whole model (torchkeep model file)")
+        return
+    shard = core.parse_size(max_shard_size) if max_shard_size else None
+    with open_view(src, trusted=trusted) as view:
+        with progress_bar("converting", view.total_bytes) as advance:
+            written = core.convert_view(
+                view,
+                dst,
+                fmt=fmt,
+                dtype=core.DTYPES.get(dtype or ""),
+                max_shard_size=shard,
+                progress=advance,
+            )
+        out().print(
+            f"wrote {dst}: {written}{' (sharded)' if shard else ''}, {len(view.refs)} tensors, "
+            f"{human(view.total_bytes)} read from {view.format}"
+        )

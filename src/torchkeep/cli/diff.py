@@ -1,0 +1,136 @@
+"""``torchkeep diff``: compare two checkpoints tensor by tensor (any formats)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import click
+import torch
+from rich.table import Table
+
+from ..format.dtypes import dtype_name
+from ..readers.open import open_view
+from ..readers.view import CheckpointView
+from .errors import EXIT_FAILED
+from .render import opt, out, print_json, progress_bar
+
+
+def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> dict:
+    """Equality within tolerance, max |a-b| and ||a-b|| / ||a|| of two same-shape tensors."""
+    x = a.detach().to(torch.float64) if not a.is_complex() else a.detach().to(torch.complex128)
+    y = b.detach().to(x.dtype)
+    if x.numel() == 0:
+        return {"equal": True, "max_abs_diff": 0.0, "rel_l2_diff": 0.0}
+    delta = (x - y).abs()
+    nan_a, nan_b = torch.isnan(x), torch.isnan(y)
+    same_nan = bool(torch.equal(nan_a, nan_b))
+    delta = torch.where(nan_a & nan_b, torch.zeros_like(delta), delta)
+    max_abs = float(delta.max())
+    norm = float(torch.linalg.vector_norm(x.nan_to_num()))
+    diff_norm = float(torch.linalg.vector_norm(delta.nan_to_num()))
+    rel = diff_norm / norm if norm > 0 else (0.0 if diff_norm == 0 else math.inf)
+    if atol == 0 and rtol == 0:
+        equal = same_nan and bool(torch.equal(a.nan_to_num(0), b.nan_to_num(0)))
+    else:
+        equal = same_nan and bool((delta <= atol + rtol * y.abs()).all())
+    return {"equal": equal, "max_abs_diff": max_abs, "rel_l2_diff": rel}
+
+
+def _sig(view: CheckpointView, name: str) -> dict:
+    ref = view.refs[name]
+    return {"dtype": dtype_name(ref.dtype), "shape": list(ref.shape)}
+
+
+def diff_views(a: CheckpointView, b: CheckpointView, atol: float, rtol: float) -> dict[str, Any]:
+    """The ``--json`` object of ``diff``; ``equal`` is its verdict."""
+    only_a = [n for n in a.refs if n not in b.refs]
+    only_b = [n for n in b.refs if n not in a.refs]
+    common = [n for n in a.refs if n in b.refs]
+    changed, tensors = [], []
+    with progress_bar("comparing", sum(a.refs[n].nbytes for n in common)) as advance:
+        for name in common:
+            sa, sb = _sig(a, name), _sig(b, name)
+            if sa != sb:
+                changed.append({"name": name, "a": sa, "b": sb})
+            else:
+                row = compare_tensors(a.get(name), b.get(name), atol, rtol)
+                tensors.append({"name": name, **row})
+            advance(a.refs[name].nbytes)
+    values = {
+        "only_in_a": {k: v for k, v in a.values.items() if k not in b.values},
+        "only_in_b": {k: v for k, v in b.values.items() if k not in a.values},
+        "changed": {
+            k: {"a": v, "b": b.values[k]}
+            for k, v in a.values.items()
+            if k in b.values and b.values[k] != v
+        },
+    }
+    equal = not (only_a or only_b or changed or any(not t["equal"] for t in tensors))
+    equal = equal and not any(values.values())
+    return {
+        "equal": equal,
+        "a": {"path": a.path, "format": a.format},
+        "b": {"path": b.path, "format": b.format},
+        "only_in_a": only_a,
+        "only_in_b": only_b,
+        "changed": changed,
+        "tensors": tensors,
+        "values": values,
+    }
+
+
+def _print(result: dict[str, Any]) -> None:
+    console = out()
+    for side in ("a", "b"):
+        console.print(f"{side.upper()}: {result[side]['path']} ({result[side]['format']})")
+    for name in result["only_in_a"]:
+        console.print(f"[red]- only in A[/red] {name}")
+    for name in result["only_in_b"]:
+        console.print(f"[green]+ only in B[/green] {name}")
+    for row in result["changed"]:
+        console.print(
+            f"[yellow]~ changed[/yellow] {row['name']}: {row['a']['dtype']}{row['a']['shape']}"
+            f" -> {row['b']['dtype']}{row['b']['shape']}"
+        )
+    differing = [t for t in result["tensors"] if not t["equal"]]
+    if differing:
+        table = Table("tensor", "max |a-b|", "rel L2", title="differing tensors")
+        for row in differing:
+            table.add_row(row["name"], f"{row['max_abs_diff']:.3g}", f"{row['rel_l2_diff']:.3g}")
+        console.print(table)
+    values = result["values"]
+    for key, value in values["only_in_a"].items():
+        console.print(f"[red]- value only in A[/red] {key} = {value}")
+    for key, value in values["only_in_b"].items():
+        console.print(f"[green]+ value only in B[/green] {key} = {value}")
+    for key, pair in values["changed"].items():
+        console.print(f"[yellow]~ value[/yellow] {key}: {pair['a']} -> {pair['b']}")
+    same = len(result["tensors"]) - len(differing)
+    verdict = "equal" if result["equal"] else "different"
+    console.print(f"{same} common tensors equal, {len(differing)} differ: [bold]{verdict}[/bold]")
+
+
+@click.command("diff")
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@opt("json")
+@opt("trusted")
+@click.option("--atol", default=0.0, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", default=0.0, show_default=True, help="Relative tolerance.")
+def diff_cmd(a: str, b: str, as_json: bool, trusted: bool, atol: float, rtol: float) -> None:
+    """Compare checkpoints A and B: keys, shapes, dtypes, values. Exit 1 when they differ.
+
+    \b
+    Example:
+      torchkeep diff before.pt after.safetensors --atol 1e-6
+    """
+    with open_view(a, trusted=trusted) as va, open_view(b, trusted=trusted) as vb:
+        result = diff_views(va, vb, atol, rtol)
+    if as_json:
+        print_json(result)
+    else:
+        _print(result)
+    if not result["equal"]:
+        sys.exit(EXIT_FAILED)

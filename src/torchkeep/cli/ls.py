@@ -1,0 +1,95 @@
+"""``torchkeep ls``: the steps of a run directory, why each is kept, and leftovers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import click
+from rich.table import Table
+
+from .. import retention
+from ..errors import CheckpointNotFoundError
+from .render import human, opt, out, print_json
+
+POLICY_OPTIONS = [
+    click.option("--keep-last", type=int, help="Keep the N newest steps."),
+    click.option("--keep-best", type=int, help="Keep the K best steps by --monitor."),
+    click.option("--monitor", help="Metric that ranks steps (e.g. val_loss)."),
+    click.option("--mode", type=click.Choice(retention.MODES), default="min", show_default=True),
+    click.option("--keep-every", type=int, help="Keep every step divisible by N."),
+]
+
+
+def policy_options(fn: Any) -> Any:
+    for option in reversed(POLICY_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _manager() -> Any:
+    from .. import manager
+
+    return manager
+
+
+def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
+    """The ``--json`` object of ``ls``."""
+    import os
+
+    if not os.path.isdir(run_dir):
+        raise CheckpointNotFoundError(f"{run_dir}: no such run directory")
+    manager = _manager()
+    steps = manager.list_steps(run_dir)
+    reasons = retention.kept_reasons(steps, **policy)
+    rows = [
+        {
+            "step": s.step,
+            "path": s.path,
+            "time": s.time,
+            "size": s.size,
+            "metrics": dict(s.metrics or {}),
+            "kept": reasons.get(s.step, []),
+        }
+        for s in steps
+    ]
+    return {"path": run_dir, "steps": rows, "leftovers": list(manager.list_leftovers(run_dir))}
+
+
+def _when(stamp: Any) -> str:
+    try:
+        return dt.datetime.fromtimestamp(float(stamp)).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OSError, OverflowError):
+        return str(stamp)
+
+
+@click.command("ls")
+@click.argument("run_dir", type=click.Path())
+@opt("json")
+@policy_options
+def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
+    """List the committed steps of RUN_DIR with time, size, metrics and why each is kept.
+
+    The policy options show which steps that policy would keep (default: all kept).
+    Incomplete leftovers (interrupted saves) are flagged.
+
+    \b
+    Example:
+      torchkeep ls checkpoints/ --keep-last 2 --keep-best 1 --monitor val_loss
+    """
+    result = listing(run_dir, **policy)
+    if as_json:
+        print_json(result)
+        return
+    table = Table("step", "time", "size", "metrics", "kept", title=run_dir, title_justify="left")
+    for row in result["steps"]:
+        metrics = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in row["metrics"].items()
+        )
+        kept = ", ".join(row["kept"]) or "[red]prunable[/red]"
+        table.add_row(str(row["step"]), _when(row["time"]), human(row["size"]), metrics, kept)
+    console = out()
+    console.print(table)
+    for name in result["leftovers"]:
+        console.print(f"[yellow]incomplete[/yellow] {name} (interrupted save; swept on next run)")

@@ -1,0 +1,77 @@
+"""Output helpers shared by the commands: consoles, sizes, progress bars, JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..format.dtypes import dtype_name
+from ..readers.view import Ref
+
+_OPEN = {
+    "trusted": click.option(
+        "--trusted", is_flag=True, help="Allow full unpickling (runs code from the file)."
+    ),
+    "json": click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+}
+
+
+def opt(name: str) -> Any:
+    """A shared option decorator (``trusted`` or ``json``)."""
+    return _OPEN[name]
+
+
+def out() -> Console:
+    return Console(file=sys.stdout, soft_wrap=True, highlight=False)
+
+
+def err() -> Console:
+    return Console(file=sys.stderr, highlight=False)
+
+
+def human(n: int) -> str:
+    """Bytes in decimal units, as file sizes are usually shown: 1.5 MB."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def tensor_row(ref: Ref) -> dict[str, Any]:
+    return {
+        "name": ref.name,
+        "dtype": dtype_name(ref.dtype),
+        "shape": list(ref.shape),
+        "nbytes": ref.nbytes,
+    }
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Any]:
+    """A byte progress bar on stderr (hidden when stderr is not a terminal)."""
+    console = err()
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+    with bar:
+        task = bar.add_task(label, total=max(total, 1))
+        yield lambda n: bar.advance(task, n)

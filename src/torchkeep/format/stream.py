@@ -1,0 +1,170 @@
+"""Streaming writer: torchkeep / safetensors files written one tensor at a time.
+
+Conversions read tensors lazily from a source checkpoint; holding them all would cost the whole
+checkpoint in memory. Entry sizes are known from dtype and shape before any tensor is read, so
+the header (with fixed-width checksum placeholders) is laid out first, each tensor is fetched,
+converted, written and hashed, then dropped; the final header is written over the placeholder.
+Peak memory is about the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedValueError
+from ..storage.io import ops, write_all
+from ..storage.local import atomic_file
+from . import checksum, header
+from .dtypes import TORCH_TO_SAFETENSORS, dtype_name, storage_dtype
+from .tree import encode
+
+
+@dataclass
+class StreamEntry:
+    """One entry to write: its key, stored dtype/shape, and how to produce its tensor."""
+
+    key: str
+    dtype: torch.dtype
+    shape: list[int]
+    fetch: Callable[[], torch.Tensor]
+    st_dtype: str = ""
+    begin: int = 0
+    end: int = 0
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """Zero-copy byte view of a contiguous CPU tensor."""
+    flat = tensor.reshape(-1)
+    return memoryview((flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).numpy())
+
+
+def layout(entries: list[StreamEntry], plain: bool) -> None:
+    """Assign stored dtypes and byte ranges (largest element size first, for alignment)."""
+    for entry in entries:
+        if plain and entry.dtype not in TORCH_TO_SAFETENSORS:
+            raise UnsupportedValueError(
+                f"tensor {entry.key!r}: dtype {dtype_name(entry.dtype)} has no safetensors "
+                "name; convert to a torchkeep file (.tk) or pass --dtype"
+            )
+        entry.st_dtype = storage_dtype(entry.dtype, entry.key)
+    entries.sort(key=lambda e: -e.itemsize)
+    offset = 0
+    for entry in entries:
+        numel = 1
+        for d in entry.shape:
+            numel *= d
+        entry.begin, entry.end = offset, offset + numel * entry.itemsize
+        offset = entry.end
+
+
+def _header_entries(entries: list[StreamEntry]) -> dict[str, dict]:
+    out = {}
+    for e in entries:
+        shape = e.shape if e.st_dtype != "U8" or e.dtype == torch.uint8 else [e.end - e.begin]
+        out[e.key] = {"dtype": e.st_dtype, "shape": shape, "data_offsets": [e.begin, e.end]}
+    return out
+
+
+def _torchkeep_header(
+    entries: list[StreamEntry], tree: Any, user: dict[str, str], sums: dict[str, str] | None
+) -> bytes:
+    final = sums is not None
+    sums = sums or {e.key: checksum.PLACEHOLDER for e in entries}
+    table = _header_entries(entries)
+    meta = {
+        header.META_FORMAT: "pt",
+        **user,
+        header.META_VERSION: header.FORMAT_VERSION,
+        header.META_TREE: json.dumps(tree, separators=(",", ":"), allow_nan=False),
+        header.META_CHECKSUMS: json.dumps(
+            {"algorithm": checksum.ALGORITHM, "tensors": sums}, separators=(",", ":")
+        ),
+    }
+    meta[header.META_HEADER_SUM] = (
+        header.header_digest(table, meta) if final else checksum.PLACEHOLDER
+    )
+    return header.encode_header(table, meta)
+
+
+def _write_data(
+    fd: int, entries: list[StreamEntry], start: int, progress: Callable[[int], None] | None
+) -> dict[str, str]:
+    sums = {}
+    file_ops = ops()
+    for entry in entries:
+        tensor = entry.fetch().detach().to("cpu")
+        if tensor.dtype != entry.dtype:
+            tensor = tensor.to(entry.dtype)
+        if list(tensor.shape) != entry.shape:
+            raise UnsupportedValueError(
+                f"tensor {entry.key!r}: source gave shape {list(tensor.shape)}, "
+                f"expected {entry.shape}"
+            )
+        view = byte_view(tensor.contiguous())
+        sums[entry.key] = checksum.digest(view)
+        write_all(file_ops, fd, view, start + entry.begin)
+        if progress is not None:
+            progress(view.nbytes)
+        del tensor, view
+    return sums
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    entries: list[StreamEntry],
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """A plain safetensors file (flat tensors, no checksums), written atomically."""
+    layout(entries, plain=True)
+    head = header.encode_header(_header_entries(entries), {"format": "pt", **(metadata or {})})
+    size = len(head) + (entries[-1].end if entries else 0)
+    with atomic_file(os.fspath(path), size) as fd:
+        write_all(ops(), fd, memoryview(head), 0)
+        _write_data(fd, entries, len(head), progress)
+
+
+def write_torchkeep(
+    path: str | os.PathLike,
+    skeleton: Any,
+    entries: dict[int, StreamEntry],
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """A torchkeep file whose typed tree is ``skeleton`` (tensors given as placeholders).
+
+    ``skeleton`` holds zero-size placeholder tensors; ``entries`` maps ``id(placeholder)`` to
+    the entry that supplies the real tensor.
+    """
+    tree, leaves = encode(skeleton)
+    planned = []
+    for leaf in leaves:
+        entry = entries[id(leaf.tensor)]
+        entry.key = leaf.key
+        leaf.node["key"] = leaf.key
+        planned.append((leaf.node, entry))
+    ordered = [entry for _, entry in planned]
+    layout(ordered, plain=False)
+    for node, entry in planned:
+        if entry.st_dtype == "U8" and entry.dtype != torch.uint8:
+            node["dtype"], node["shape"] = dtype_name(entry.dtype), list(entry.shape)
+    user = dict(metadata or {})
+    placeholder = _torchkeep_header(ordered, tree, user, None)
+    size = len(placeholder) + (ordered[-1].end if ordered else 0)
+    with atomic_file(os.fspath(path), size) as fd:
+        write_all(ops(), fd, memoryview(placeholder), 0)
+        sums = _write_data(fd, ordered, len(placeholder), progress)
+        final = _torchkeep_header(ordered, tree, user, sums)
+        if len(final) != len(placeholder):
+            raise AssertionError("torchkeep header changed length between placeholder and final")
+        write_all(ops(), fd, memoryview(final), 0)

@@ -1,0 +1,176 @@
+"""Read ``torch.distributed.checkpoint`` directories without unpickling untrusted metadata.
+
+DCP pickles its ``.metadata`` file. torchkeep reads it with a restricted unpickler that can only
+build DCP's own metadata dataclasses, torch sizes/dtypes and plain builtins; any other global
+raises :class:`UnsafeFileError` (nothing is executed) unless ``trusted=True``. Tensor chunks in
+the ``.distcp`` files are ``torch.save`` blobs, loaded with the weights-only unpickler.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from typing import Any
+
+import torch
+
+from .. import knobs
+from ..errors import FormatError, UnsafeFileError
+from .view import CheckpointView, Ref, skeleton_of
+
+METADATA_NAME = ".metadata"
+_DCP = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {
+    (_DCP, n)
+    for n in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "tuple"),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path: str) -> None:
+        super().__init__(io.BytesIO(data))
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in _ALLOWED:
+            raise UnsafeFileError(
+                f"{self.path}: DCP metadata needs {module}.{name}, which is not one of DCP's "
+                "metadata types; nothing was executed. Pass trusted=True (CLI: --trusted) only "
+                "if you trust this checkpoint",
+                globals=[f"{module}.{name}"],
+            )
+        return super().find_class(module, name)
+
+
+def read_metadata(folder: str, trusted: bool = False) -> Any:
+    """The DCP ``Metadata`` object of ``folder``, built by the restricted unpickler."""
+    path = os.path.join(folder, METADATA_NAME)
+    size = os.path.getsize(path)
+    if size > knobs.MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: DCP metadata is {size} bytes, over the header cap")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        if trusted:
+            meta = pickle.loads(data)  # noqa: S301 - the caller trusts this checkpoint
+        else:
+            import torch.distributed.checkpoint  # noqa: F401 - registers the dataclasses
+
+            meta = _MetadataUnpickler(data, path).load()
+    except UnsafeFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any garbled pickle is a format error
+        raise FormatError(f"{path}: not a readable DCP metadata file ({exc})") from exc
+    if not hasattr(meta, "state_dict_metadata") or not hasattr(meta, "storage_data"):
+        raise FormatError(f"{path}: not DCP metadata (got {type(meta).__name__})")
+    return meta
+
+
+def read_blob(folder: str, info: Any) -> bytes:
+    """The bytes of one DCP item, its location validated against the folder."""
+    rel = info.relative_path
+    if not isinstance(rel, str) or os.path.basename(rel) != rel:
+        raise FormatError(f"{folder}: DCP storage path {rel!r} leaves the directory")
+    if getattr(info, "transform_descriptors", None):
+        raise FormatError(f"{folder}/{rel}: DCP transforms are not supported")
+    path = os.path.join(folder, rel)
+    size = os.path.getsize(path)
+    if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
+        raise FormatError(f"{path}: DCP item at {info.offset}+{info.length} is out of range")
+    with open(path, "rb") as handle:
+        handle.seek(info.offset)
+        return handle.read(info.length)
+
+
+class DcpView(CheckpointView):
+    """A DCP checkpoint directory; tensors are assembled from their chunks on demand."""
+
+    def __init__(self, folder: str, trusted: bool = False) -> None:
+        self.folder = folder
+        self.trusted = trusted
+        self.meta = read_metadata(folder, trusted)
+        self._index: dict[str, list[tuple[Any, Any]]] = {}
+        for index, info in self.meta.storage_data.items():
+            self._index.setdefault(index.fqn, []).append((index, info))
+        flat: dict[str, Any] = {}
+        for fqn, item in self.meta.state_dict_metadata.items():
+            if hasattr(item, "chunks"):
+                flat[fqn] = self._tensor_ref(fqn, item)
+            else:
+                flat[fqn] = self._load_bytes(fqn)
+        super().__init__(folder, "dcp", _nest(flat, getattr(self.meta, "planner_data", None)))
+
+    def _blob(self, info: Any) -> bytes:
+        return read_blob(self.folder, info)
+
+    def _torch_load(self, data: bytes, where: str) -> Any:
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not self.trusted)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeFileError(
+                f"{where}: refused to unpickle a DCP value ({str(exc).splitlines()[0]}); "
+                "nothing was executed. Pass --trusted only if you trust this checkpoint"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - garbled bytes
+            raise FormatError(f"{where}: unreadable DCP item ({exc})") from exc
+
+    def _load_bytes(self, fqn: str) -> Any:
+        (_, info), *_ = self._index.get(fqn) or [(None, None)]
+        if info is None:
+            raise FormatError(f"{self.folder}: DCP metadata lists {fqn!r} without storage")
+        value = self._torch_load(self._blob(info), f"{self.folder}: {fqn}")
+        return skeleton_of(value, fqn)
+
+    def _tensor_ref(self, fqn: str, item: Any) -> Ref:
+        shape = tuple(int(d) for d in item.size)
+        dtype = item.properties.dtype
+        if not isinstance(dtype, torch.dtype):
+            raise FormatError(f"{self.folder}: DCP tensor {fqn!r} has no valid dtype")
+        return Ref(fqn, dtype, shape, lambda: self._assemble(fqn, shape, dtype))
+
+    def _assemble(self, fqn: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        for index, info in self._index.get(fqn, []):
+            chunk = self._torch_load(self._blob(info), f"{self.folder}: {fqn}")
+            if not isinstance(chunk, torch.Tensor) or chunk.dtype != dtype:
+                raise FormatError(f"{self.folder}: DCP chunk of {fqn!r} is not a {dtype} tensor")
+            offsets = tuple(index.offset or (0,) * len(shape))
+            region = out
+            for dim, (start, length) in enumerate(zip(offsets, chunk.shape)):
+                if start + length > shape[dim]:
+                    raise FormatError(f"{self.folder}: DCP chunk of {fqn!r} is out of bounds")
+                region = region.narrow(dim, start, length)
+            region.copy_(chunk)
+        return out
+
+
+def _nest(flat: dict[str, Any], planner_data: Any) -> dict:
+    """Rebuild the nesting DCP flattened, from ``planner_data`` paths when it has them."""
+    root: dict = {}
+    for fqn, value in flat.items():
+        path = planner_data.get(fqn) if isinstance(planner_data, dict) else None
+        parts = list(path) if isinstance(path, (tuple, list)) and path else [fqn]
+        node = root
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return root

@@ -1,0 +1,68 @@
+"""Open any checkpoint users have as a :class:`CheckpointView`, format detected by content."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..errors import FormatError
+from . import detect
+from .view import CheckpointView
+
+
+def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
+    """A view of the checkpoint at ``path`` (file or folder); pickles only run if ``trusted``."""
+    path = os.fspath(path)
+    kind = detect.sniff(path)
+    if kind == detect.SAFETENSORS:
+        from .safetensors_view import FileView
+
+        return FileView(path)
+    if kind in (detect.TORCH_ZIP, detect.TORCH_LEGACY):
+        from .torch_view import TorchFileView
+
+        return TorchFileView(path, kind, trusted)
+    if kind == detect.HF_SHARDED:
+        from .safetensors_view import ShardedView
+
+        return ShardedView(path)
+    if kind == detect.DCP:
+        from .dcp import DcpView
+
+        return DcpView(path, trusted)
+    if kind == detect.ACCELERATE:
+        from .folders import AccelerateView
+
+        return AccelerateView(path, trusted)
+    if kind == detect.RUN_DIR:
+        from .run_dir import RunView
+
+        return RunView(path, trusted)
+    raise FormatError(f"{path}: format {kind!r} has no reader")
+
+
+def load_folder(path: str, map_location: Any = None, trusted: bool = False) -> Any:
+    """The whole object of a folder checkpoint (HF shards, DCP, Accelerate, run directory).
+
+    Tensors go to ``map_location`` when it names one device (folders are read to CPU).
+    """
+    with open_view(path, trusted=trusted) as view:
+        obj = view.materialize()
+    if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type != "cpu":
+        target = torch.device(map_location)
+        return map_tensors(obj, lambda t: t.to(target))
+    return obj
+
+
+def map_tensors(obj: Any, fn: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(map_tensors(v, fn) for v in obj)
+    return obj

@@ -1,0 +1,105 @@
+"""Views of torchkeep manager run directories (one committed checkpoint per step).
+
+The layout belongs to :mod:`torchkeep.manager` (``list_steps``/``list_leftovers``); this module
+only reads it. A run directory is seen as its newest step; ``check`` verifies every step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import FormatError, TorchkeepError
+from .view import CheckpointView
+
+
+def list_steps(path: str) -> list[Any]:
+    """The manager's committed steps of ``path`` (empty when the manager is unavailable)."""
+    try:
+        from ..manager import list_steps as manager_steps
+    except ImportError:
+        return []
+    return list(manager_steps(path))
+
+
+def is_run_dir(path: str) -> bool:
+    try:
+        return bool(list_steps(path))
+    except (TorchkeepError, OSError):
+        return False
+
+
+def open_step(path: str, trusted: bool = False) -> CheckpointView:
+    """A view of one step: its file, or the checkpoint files of its folder by stem."""
+    from .open import open_view
+
+    if os.path.isfile(path):
+        return open_view(path, trusted)
+    return StepFolderView(path, trusted)
+
+
+class StepFolderView(CheckpointView):
+    """A step folder holding several checkpoint files; each becomes a top-level entry."""
+
+    def __init__(self, folder: str, trusted: bool = False) -> None:
+        from .open import open_view
+
+        self.parts: list[CheckpointView] = []
+        skeleton: dict[str, Any] = {}
+        try:
+            for name in sorted(os.listdir(folder)):
+                full = os.path.join(folder, name)
+                if name.startswith(".") or not os.path.isfile(full):
+                    continue
+                try:
+                    view = open_view(full, trusted)
+                except FormatError:
+                    continue  # not a checkpoint file (e.g. a JSON sidecar)
+                self.parts.append(view)
+                skeleton[name.split(".", 1)[0]] = view.skeleton
+            if not self.parts:
+                raise FormatError(f"{folder}: step folder holds no checkpoint file")
+            if len(self.parts) == 1:  # the usual step: one state file, names without prefix
+                only = self.parts[0]
+                super().__init__(folder, only.format, only.skeleton, only.notes)
+            else:
+                super().__init__(folder, "torchkeep-step", skeleton)
+        except BaseException:
+            self.close()
+            raise
+        self.checksum_algorithm = self.parts[0].checksum_algorithm
+
+    def check(self, progress: Any = None) -> list[str]:
+        return [f"{os.path.basename(v.path)}: {p}" for v in self.parts for p in v.check(progress)]
+
+    def close(self) -> None:
+        for view in self.parts:
+            view.close()
+
+
+class RunView(CheckpointView):
+    """A run directory, shown as its newest committed step."""
+
+    def __init__(self, path: str, trusted: bool = False) -> None:
+        self.steps = list_steps(path)
+        if not self.steps:
+            raise FormatError(f"{path}: run directory holds no committed step")
+        self.trusted = trusted
+        self.latest = open_step(self.steps[-1].path, trusted)
+        super().__init__(path, "torchkeep-run", self.latest.skeleton, self.latest.notes)
+        self.refs = self.latest.refs
+        self.checksum_algorithm = self.latest.checksum_algorithm
+        self.step = self.steps[-1].step
+
+    def check(self, progress: Any = None) -> list[str]:
+        problems = []
+        for info in self.steps:
+            try:
+                with open_step(info.path, self.trusted) as view:
+                    problems += [f"step {info.step}: {p}" for p in view.check(progress)]
+            except TorchkeepError as exc:
+                problems.append(f"step {info.step}: {exc}")
+        return problems
+
+    def close(self) -> None:
+        self.latest.close()
