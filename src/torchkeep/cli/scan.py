@@ -11,6 +11,7 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
+from ..format.reader import FileReader
 from ..readers import detect
 from ..readers.dcp import _ALLOWED as DCP_ALLOWED
 from ..readers.dcp import METADATA_NAME, read_blob, read_metadata
@@ -38,6 +39,7 @@ def scan_one(path: str) -> dict:
     else:
         kind = detect.sniff_file(path)
         if kind == detect.SAFETENSORS:
+            FileReader(path).close()  # a malformed header is refused, not called "safe"
             return {"file": path, "format": kind, "pickle": False, "globals": []}
         result = scan_file(path)
         known = allowed_globals()

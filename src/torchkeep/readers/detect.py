@@ -13,6 +13,7 @@ HF_SHARDED = "hf-sharded"
 DCP = "dcp"
 ACCELERATE = "accelerate"
 RUN_DIR = "run-dir"
+RUN_STEP = "run-step"
 
 
 def sniff_file(path: str) -> str:
@@ -61,6 +62,8 @@ def sniff_dir(path: str) -> str:
 
     if is_run_dir(path):
         return RUN_DIR
+    if "state.tk" in names and "meta.json" in names:
+        return RUN_STEP  # one step folder of a run directory
     raise FormatError(
         f"{path}: folder is not a recognized checkpoint (expected a torchkeep run directory, "
         "a Hugging Face sharded folder with model.safetensors.index.json, a "

@@ -40,6 +40,10 @@ def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
         from .run_dir import RunView
 
         return RunView(path, trusted)
+    if kind == detect.RUN_STEP:
+        from .run_dir import StepFolderView
+
+        return StepFolderView(path, trusted)
     raise FormatError(f"{path}: format {kind!r} has no reader")
 
 
