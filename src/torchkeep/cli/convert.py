@@ -9,7 +9,7 @@ from .. import convert as core
 from ..readers import detect
 from ..readers.open import open_view
 from ..readers.torch_file import load_torch_file
-from .render import human, opt, out, progress_bar
+from .render import err, human, opt, out, progress_bar
 
 
 def _whole_model(src: str, dst: str, trusted: bool) -> bool:
@@ -75,3 +75,10 @@ def convert_cmd(
             f"wrote {dst}: {written}{' (sharded)' if shard else ''}, {len(view.refs)} tensors, "
             f"{human(view.total_bytes)} read from {view.format}"
         )
+        if written == core.SAFETENSORS and view.values:
+            err().print(
+                f"note: {len(view.values)} non-tensor values (e.g. {next(iter(view.values))}) "
+                "are not stored: safetensors holds tensors only; convert to .tk to keep them"
+            )
+        for note in view.notes:
+            err().print(f"note: {note}")
