@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .asyncsave import save_blocking
 from .format.reader import FileReader, MapLocation
-from .format.writer import prepare, write_prepared
 from .readers import detect
 from .readers.torch_file import load_torch_file
-from .storage.io import ops
-from .storage.local import atomic_file
 
 PathLike = str | os.PathLike
 
@@ -20,11 +18,10 @@ def save(obj: Any, path: PathLike, *, metadata: dict[str, str] | None = None) ->
 
     The object is validated first (an unsupported value raises before any byte is written), then
     written to a temporary file, fsynced and renamed over ``path``: a crash leaves either the old
-    or the new file. The result opens with the stock ``safetensors`` library.
+    or the new file. The result opens with the stock ``safetensors`` library. This is
+    :func:`save_async` run inline and waited for (one save path), minus the snapshot copy.
     """
-    prepared = prepare(obj, metadata)
-    with atomic_file(os.fspath(path), prepared.total_bytes) as fd:
-        write_prepared(prepared, fd, ops())
+    save_blocking(obj, os.fspath(path), metadata=metadata)
 
 
 def load(

@@ -1,0 +1,200 @@
+"""The one save pipeline: prepare -> stage -> write -> commit, in the background or inline.
+
+``save_async`` validates and encodes the object in the caller's thread, snapshots the tensor
+bytes into a reusable staging buffer (pinned host memory when tensors live on CUDA), and hands
+the write and commit to a background thread; the caller is blocked only for the snapshot.
+A synchronous save is the same pipeline run inline and waited for, without the snapshot copy
+(the caller cannot mutate tensors while it waits).
+
+At most one save is in flight per :class:`AsyncSaver`: the next save first waits for the
+previous one, so staging memory stays bounded by the largest save and is reused. Save threads
+are not daemons and an ``atexit`` hook waits too, so interpreter exit finishes an in-flight save.
+A crash during the background write leaves only the previous, committed file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .format.writer import PreparedFile, prepare, write_prepared
+from .storage.io import ops
+from .storage.local import atomic_file
+
+
+class SaveHandle:
+    """A save that may still be running: ``done()``, ``wait()``/``result()``, ``exception()``."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self._event = threading.Event()
+        self._error: BaseException | None = None
+        self._value: Any = None
+
+    def _run(self, job: Callable[[], Any]) -> None:
+        try:
+            self._value = job()
+        except BaseException as exc:  # handed to whoever waits
+            self._error = exc
+        finally:
+            self._event.set()
+
+    def done(self) -> bool:
+        """True once the save committed or failed."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the save finished; re-raise its error. Returns the job's result."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"{self.description}: still saving after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    result = wait
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The background error (None on success), after waiting for the save to finish."""
+        self._event.wait(timeout)
+        return self._error
+
+    def __repr__(self) -> str:
+        state = "failed" if self._error else "done" if self.done() else "running"
+        return f"SaveHandle({self.description!r}, {state})"
+
+
+class Stager:
+    """One reusable host buffer that receives a snapshot of every tensor of a save."""
+
+    def __init__(self, pin: bool | None = None) -> None:
+        self.pin = pin  # None: pin when a tensor lives on CUDA and CUDA is available
+        self.buffer: torch.Tensor | None = None
+        self.pinned = False
+
+    def _reserve(self, nbytes: int, pin: bool) -> torch.Tensor:
+        buf = self.buffer
+        if buf is not None and buf.numel() >= nbytes and self.pinned == pin:
+            return buf
+        self.buffer = None  # drop the old buffer before allocating its successor
+        self.pinned = False
+        if pin:
+            try:
+                self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+                self.pinned = True
+            except RuntimeError:  # no CUDA driver: pageable memory works, only slower
+                pass
+        if self.buffer is None:
+            self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return self.buffer
+
+    def stage(self, prepared: PreparedFile) -> PreparedFile:
+        """Copy every entry's bytes into the buffer and point the entries at the copies."""
+        on_cuda = any(e.source.device.type == "cuda" for e in prepared.entries)
+        pin = self.pin if self.pin is not None else on_cuda and torch.cuda.is_available()
+        buf = self._reserve(prepared.data_bytes, pin)
+        for entry in prepared.entries:
+            src = entry.source.detach().reshape(-1)
+            if src.dtype != torch.uint8:
+                src = src.view(torch.uint8)
+            dst = buf[entry.begin : entry.end]
+            dst.copy_(src, non_blocking=self.pinned and src.device.type == "cuda")
+            entry.source = dst
+        if on_cuda:
+            torch.cuda.synchronize()
+        return prepared
+
+    def release(self) -> None:
+        """Free the staging memory (it is re-allocated by the next async save)."""
+        self.buffer = None
+        self.pinned = False
+
+
+class AsyncSaver:
+    """Runs save jobs one at a time, in a background thread or inline."""
+
+    def __init__(self) -> None:
+        self.stager = Stager()
+        self._lock = threading.Lock()
+        self._current: SaveHandle | None = None
+        _SAVERS.add(self)
+
+    @property
+    def in_flight(self) -> SaveHandle | None:
+        """The running save, if any."""
+        current = self._current
+        return current if current is not None and not current.done() else None
+
+    def wait_previous(self) -> SaveHandle | None:
+        """Wait (without raising) for the previous save; returns its handle."""
+        previous = self._current
+        if previous is not None:
+            previous.exception()
+        return previous
+
+    def start(
+        self,
+        job: Callable[[], Any],
+        prepared: list[PreparedFile],
+        description: str,
+        *,
+        background: bool,
+    ) -> SaveHandle:
+        """Run ``job`` after the previous save finished; snapshot ``prepared`` if in background."""
+        with self._lock:
+            self.wait_previous()
+            handle = SaveHandle(description)
+            self._current = handle
+            if not background:
+                handle._run(job)
+                return handle
+            for item in prepared:
+                self.stager.stage(item)
+            thread = threading.Thread(
+                target=handle._run, args=(job,), name="torchkeep-save", daemon=False
+            )
+            thread.start()
+            return handle
+
+
+_SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+_DEFAULT = AsyncSaver()
+
+
+@atexit.register
+def _wait_all() -> None:
+    for saver in list(_SAVERS):
+        saver.wait_previous()
+
+
+def write_file(prepared: PreparedFile, path: str) -> str:
+    """Write ``prepared`` to a temporary next to ``path``, fsync, and rename it into place."""
+    with atomic_file(path, prepared.total_bytes) as fd:
+        write_prepared(prepared, fd, ops())
+    return path
+
+
+def save_async(
+    obj: Any, path: str | os.PathLike, *, metadata: dict[str, str] | None = None
+) -> SaveHandle:
+    """Start saving ``obj`` to ``path``; returns once the tensors are snapshotted.
+
+    The object is validated first (errors raise here, before anything is written). If a
+    previous ``save_async`` is still running this call waits for it first (one in flight).
+    Errors of the background write are raised by the handle's ``wait()``/``result()``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    prepared = prepare(obj, metadata)
+    return _DEFAULT.start(lambda: write_file(prepared, path), [prepared], path, background=True)
+
+
+def save_blocking(obj: Any, path: str, *, metadata: dict[str, str] | None = None) -> None:
+    """The synchronous save: the same pipeline run inline, without a snapshot copy."""
+    path = os.path.abspath(os.fspath(path))
+    prepared = prepare(obj, metadata)
+    _DEFAULT.start(lambda: write_file(prepared, path), [prepared], path, background=False).wait()

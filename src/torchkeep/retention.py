@@ -1,0 +1,153 @@
+"""Retention: pure keep/delete policies over committed steps, and the prune that applies them.
+
+Policies combine by union: a step is kept if any policy keeps it. The newest step is always
+kept, and so is the best one whenever a ``monitor`` is named. ``prune`` deletes the rest, each
+step renamed to a temporary (trash) name first so a crash mid-deletion never leaves a partial
+step visible; leftovers are swept later like any other temporary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .errors import TorchkeepError
+
+if TYPE_CHECKING:
+    from .manager import StepInfo
+
+MODES = ("min", "max")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (type(value) is not int or value < 1):
+        raise TorchkeepError(f"{name}={value!r}: must be a positive int or None")
+
+
+def validate_policy(
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    keep_every: int | None = None,
+) -> None:
+    """Raise :class:`TorchkeepError` for a policy that cannot be applied."""
+    for name, value in (
+        ("keep_last", keep_last),
+        ("keep_best", keep_best),
+        ("keep_every", keep_every),
+    ):
+        _positive(name, value)
+    if keep_best is not None and not monitor:
+        raise TorchkeepError("keep_best needs monitor=<metric name> (e.g. monitor='val_loss')")
+    if mode not in MODES:
+        raise TorchkeepError(f"mode={mode!r}: must be 'min' or 'max'")
+
+
+def keep_last(steps: Sequence[StepInfo], n: int) -> set[int]:
+    """The ``n`` newest steps."""
+    return {s.step for s in sorted(steps, key=lambda s: s.step)[-n:]} if n > 0 else set()
+
+
+def metric_value(info: StepInfo, monitor: str) -> float | None:
+    """The step's finite numeric value of ``monitor``, else None (never 'best')."""
+    value = info.metrics.get(monitor)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def keep_best(steps: Sequence[StepInfo], n: int, monitor: str, mode: str = "min") -> set[int]:
+    """The ``n`` steps with the best ``monitor`` value; ties favour the newer step."""
+    scored = [(metric_value(s, monitor), s.step) for s in steps]
+    scored = [(v, step) for v, step in scored if v is not None]
+    sign = 1.0 if mode == "min" else -1.0
+    scored.sort(key=lambda item: (sign * item[0], -item[1]))
+    return {step for _, step in scored[:n]}
+
+
+def keep_every(steps: Sequence[StepInfo], n: int) -> set[int]:
+    """Steps that are multiples of ``n``."""
+    return {s.step for s in steps if s.step % n == 0}
+
+
+def kept_reasons(
+    steps: Sequence[StepInfo],
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    keep_every: int | None = None,
+) -> dict[int, list[str]]:
+    """step -> reasons it is kept ("last", "best", "every"); absent steps may be deleted.
+
+    With no policy at all every step is kept (reason "all"). The newest step is always kept
+    ("last") and, when ``monitor`` is set, the best one ("best", ``keep_best`` defaults to 1).
+    """
+    validate_policy(keep_last, keep_best, monitor, mode, keep_every)
+    if not steps:
+        return {}
+    if keep_last is None and keep_best is None and keep_every is None and not monitor:
+        return {s.step: ["all"] for s in steps}
+    reasons: dict[int, list[str]] = {}
+
+    def add(kept: set[int], why: str) -> None:
+        for step in sorted(kept):
+            reasons.setdefault(step, []).append(why)
+
+    add(_keep_last(steps, keep_last or 1), "last")
+    if monitor:
+        add(_keep_best(steps, keep_best or 1, monitor, mode), "best")
+    if keep_every is not None:
+        add(_keep_every(steps, keep_every), "every")
+    return dict(sorted(reasons.items()))
+
+
+_keep_last, _keep_best, _keep_every = keep_last, keep_best, keep_every
+
+
+def prune(
+    directory: str | os.PathLike,
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    keep_every: int | None = None,
+    dry_run: bool = False,
+    lock: bool = True,
+) -> list[int]:
+    """Delete the committed steps no policy keeps; returns their numbers (sorted).
+
+    ``dry_run`` only reports. ``lock`` takes the directory's writer lock (raising
+    :class:`torchkeep.LockError` while a training run writes there); the manager, which
+    already holds it, passes ``lock=False``.
+    """
+    from .manager import delete_step, list_steps
+    from .storage.lock import DirLock
+
+    directory = os.fspath(directory)
+    steps = list_steps(directory)
+    reasons = kept_reasons(
+        steps,
+        keep_last=keep_last,
+        keep_best=keep_best,
+        monitor=monitor,
+        mode=mode,
+        keep_every=keep_every,
+    )
+    doomed = [s.step for s in steps if s.step not in reasons]
+    if dry_run or not doomed:
+        return doomed
+    holder = DirLock(directory)
+    if lock:
+        holder.acquire()
+    try:
+        for step in doomed:
+            delete_step(directory, step)
+    finally:
+        holder.release()
+    return doomed

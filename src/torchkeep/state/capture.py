@@ -1,0 +1,197 @@
+"""Capture a training state dict into one saveable tree, and restore it in place.
+
+A *training state* is a plain dict such as ``{"model": model, "optimizer": opt, "epoch": 3}``.
+Values with ``state_dict()``/``load_state_dict()`` (modules, optimizers, schedulers, scalers,
+stateful data loaders, user objects) are captured through ``state_dict()`` and restored in
+place; every other value is saved as is and written back into the dict. RNG state rides along.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import StateDictMismatchError, TorchkeepError
+from .loader import capture_generators, is_stateful_loader, settle
+from .module import load_state_dict as load_module
+from .rng import capture_rng, restore_rng
+
+FORMAT = "torchkeep.training-state/1"
+#: Optimizer state entries that always have their parameter's shape (checked on restore).
+PARAM_SHAPED = {
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "momentum_buffer",
+    "square_avg",
+    "acc_delta",
+    "sum",
+    "grad_avg",
+}
+
+
+def is_stateful(value: Any) -> bool:
+    """True for objects restored in place through ``state_dict()``/``load_state_dict()``."""
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    )
+
+
+def capture(state: MutableMapping[str, Any], *, rng: bool = True) -> dict[str, Any]:
+    """One tree holding every entry of ``state`` (and the RNG state unless ``rng=False``)."""
+    if not isinstance(state, MutableMapping):
+        raise TorchkeepError(
+            f"the training state must be a dict of name -> object, not {type(state).__name__}"
+        )
+    objects: dict[str, Any] = {}
+    values: dict[str, Any] = {}
+    loaders: dict[str, Any] = {}
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise TorchkeepError(f"training state key {name!r}: keys must be strings")
+        if is_stateful(value):
+            objects[name] = value.state_dict()
+            if is_stateful_loader(value):
+                loaders[name] = capture_generators(value)
+        else:
+            values[name] = value
+    tree: dict[str, Any] = {"format": FORMAT, "objects": objects, "values": values}
+    if loaders:
+        tree["loaders"] = loaders
+    if rng:
+        tree["rng"] = capture_rng()
+    return tree
+
+
+def restore(
+    tree: Any, state: MutableMapping[str, Any], *, rng: bool = True, source: str = "checkpoint"
+) -> None:
+    """Load ``tree`` (from :func:`capture`) into ``state``: objects in place, values written back.
+
+    Every key is checked before anything changes; modules load strictly (a mismatch names the
+    offending tensor and leaves the module untouched).
+    """
+    objects, values = _check_tree(tree, source)
+    _check_keys(objects, values, state, source)
+    ordered = sorted(objects, key=lambda n: not isinstance(state[n], nn.Module))
+    loaders = tree.get("loaders") if isinstance(tree.get("loaders"), dict) else {}
+    for name in ordered:
+        _restore_object(name, state[name], objects[name], source)
+        if is_stateful_loader(state[name]):
+            settle(state[name], loaders.get(name) or {})
+    for name, value in values.items():
+        state[name] = value
+    if rng:
+        if "rng" not in tree:
+            raise StateDictMismatchError(
+                f"{source}: the checkpoint holds no RNG state (saved with rng=False); "
+                "pass rng=False to restore without it"
+            )
+        restore_rng(tree["rng"], f"{source}: rng")
+
+
+def _check_tree(tree: Any, source: str) -> tuple[dict, dict]:
+    ok = isinstance(tree, dict) and tree.get("format") == FORMAT
+    if (
+        not ok
+        or not isinstance(tree.get("objects"), dict)
+        or not isinstance(tree.get("values"), dict)
+    ):
+        raise TorchkeepError(
+            f"{source}: this is not a torchkeep training checkpoint (no {FORMAT!r} tree); "
+            "load it with torchkeep.load() instead"
+        )
+    return tree["objects"], tree["values"]
+
+
+def _check_keys(objects: dict, values: dict, state: MutableMapping, source: str) -> None:
+    for name, value in state.items():
+        if is_stateful(value) and name not in objects:
+            where = "as a plain value" if name in values else "at all"
+            raise StateDictMismatchError(
+                f"{source}: state[{name!r}] is a {type(value).__name__} but the checkpoint does "
+                f"not hold it {where}; remove it from the state or restore a matching step"
+            )
+        if not is_stateful(value) and name in objects:
+            raise StateDictMismatchError(
+                f"{source}: the checkpoint holds a stateful object for state[{name!r}] but the "
+                f"state has a plain {type(value).__name__}; pass the object to restore into"
+            )
+    for name in objects:
+        if name not in state:
+            raise StateDictMismatchError(
+                f"{source}: the checkpoint holds object {name!r} that the state lacks; add "
+                f"state[{name!r}] (the object to restore into) or drop it from the saved state"
+            )
+    for name in state:
+        if name not in objects and name not in values:
+            raise StateDictMismatchError(
+                f"{source}: state[{name!r}] is not in the checkpoint; remove it from the state "
+                "or restore a step saved with it"
+            )
+
+
+def _restore_object(name: str, target: Any, saved: Any, source: str) -> None:
+    if isinstance(target, nn.Module):
+        try:
+            load_module(target, saved, strict=True)
+        except StateDictMismatchError as exc:
+            raise StateDictMismatchError(f"{source}: state[{name!r}]: {exc}", exc.report) from exc
+        return
+    if isinstance(target, torch.optim.Optimizer):
+        _check_optimizer(name, target, saved, source)
+    try:
+        target.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+        raise StateDictMismatchError(
+            f"{source}: state[{name!r}] ({type(target).__name__}) rejected the saved state: "
+            f"{exc}; the object does not match the one that was saved"
+        ) from exc
+    if isinstance(target, torch.optim.Optimizer):
+        _state_to_param_devices(target)
+
+
+def _check_optimizer(name: str, opt: torch.optim.Optimizer, saved: Any, source: str) -> None:
+    """Name the first parameter whose saved optimizer state does not fit (torch does not)."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+        raise StateDictMismatchError(
+            f"{source}: state[{name!r}]: the checkpoint has "
+            f"{len(groups) if isinstance(groups, list) else 'no'} parameter groups, the optimizer "
+            f"{len(opt.param_groups)}; build the optimizer as it was when saved"
+        )
+    per_state = saved.get("state", {})
+    for g, (live, old) in enumerate(zip(opt.param_groups, groups)):
+        ids = old.get("params", [])
+        if len(ids) != len(live["params"]):
+            raise StateDictMismatchError(
+                f"{source}: state[{name!r}].param_groups[{g}] has {len(ids)} parameters in the "
+                f"checkpoint, {len(live['params'])} in the optimizer; build it as when saved"
+            )
+        for pid, param in zip(ids, live["params"]):
+            for key, value in (per_state.get(pid) or {}).items():
+                tensor = isinstance(value, torch.Tensor) and key in PARAM_SHAPED
+                if tensor and tuple(value.shape) != tuple(param.shape):
+                    raise StateDictMismatchError(
+                        f"{source}: state[{name!r}].state[{pid}].{key} has shape "
+                        f"{list(value.shape)} but its parameter has {list(param.shape)}; "
+                        "the model changed since this checkpoint was saved"
+                    )
+
+
+def _state_to_param_devices(opt: torch.optim.Optimizer) -> None:
+    """Optimizer state tensors live where their parameter lives (a classic resume bug)."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            slot = opt.state.get(param)
+            if not slot:
+                continue
+            for key, value in slot.items():
+                movable = isinstance(value, torch.Tensor) and value.dim() > 0
+                if movable and value.device != param.device:
+                    slot[key] = value.to(param.device)
