@@ -82,7 +82,7 @@ def _check(report: LoadReport, strict: bool) -> None:
 
 
 def _plan(
-    report: LoadReport, targets: dict[str, torch.Tensor], sources: dict[str, tuple, ...]
+    report: LoadReport, targets: dict[str, torch.Tensor], sources: dict[str, tuple]
 ) -> dict[str, str]:
     """Fill the report; returns target key -> source key for the tensors that will load."""
     mapping, notes = match_keys(list(sources), list(targets))
