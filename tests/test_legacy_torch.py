@@ -9,9 +9,9 @@ import zipfile
 
 import pytest
 import torch
-from _compare import assert_same
 
 import torchkeep
+from _compare import assert_same
 from torchkeep import UnsafeFileError
 
 
