@@ -6,7 +6,10 @@ import os
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from conftest import LONG
 from interop_files import files
 from torchkeep.cli.main import cli
 
@@ -74,3 +77,43 @@ def test_debug_variable_shows_traceback(fx: dict) -> None:
     result = CliRunner(env={"TORCHKEEP_DEBUG": "1"}).invoke(cli, ["inspect", fx["garbage"]])
     assert result.exit_code != 0
     assert result.exception is not None and type(result.exception).__name__ == "FormatError"
+
+
+@pytest.mark.parametrize("command", ["ls", "prune"])
+def test_run_dir_commands_refuse_files(fx: dict, command: str) -> None:
+    args = [command, fx["evil.pt"]] + (["--keep-last", "1"] if command == "prune" else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 3 and "run directory" in result.output
+    assert os.path.exists(fx["evil.pt"]) and not os.path.exists(fx["marker"])
+
+
+def test_scan_finds_hostile_item_inside_dcp_data(tmp_path) -> None:
+    from interop_files import Evil
+    from test_readers_dcp import write_dcp
+
+    marker = tmp_path / "marker"
+    write_dcp(str(tmp_path / "d"), extra=Evil(str(marker)))
+    result = CliRunner().invoke(cli, ["scan", str(tmp_path / "d"), "--json"])
+    assert result.exit_code == 1 and "system" in result.output
+    for args in (["inspect", str(tmp_path / "d")], ["verify", str(tmp_path / "d")]):
+        assert CliRunner().invoke(cli, args).exit_code in (1, 4)
+    assert not marker.exists()
+
+
+@settings(max_examples=60 if not LONG else 2000, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x10\x00\x00\x00\x00\x00\x00\x00{"]),
+    body=st.binary(max_size=300),
+)
+def test_random_bytes_never_escape_as_other_errors(tmp_path, prefix: bytes, body: bytes) -> None:
+    from torchkeep.errors import TorchkeepError
+    from torchkeep.readers.open import open_view
+
+    path = tmp_path / "fuzz.bin"
+    path.write_bytes(prefix + body)
+    try:
+        with open_view(path) as view:
+            view.check()
+    except TorchkeepError:
+        pass

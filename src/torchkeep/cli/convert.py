@@ -6,22 +6,18 @@ import click
 import torch
 
 from .. import convert as core
-from ..readers import detect
 from ..readers.open import open_view
-from ..readers.torch_file import load_torch_file
 from .render import err, human, opt, out, progress_bar
 
 
-def _whole_model(src: str, dst: str, trusted: bool) -> bool:
-    """Re-save a pickled ``nn.Module`` (needs --trusted) as a safe whole-model file."""
-    if detect.sniff(src) not in (detect.TORCH_ZIP, detect.TORCH_LEGACY) or not trusted:
-        return False
-    obj = load_torch_file(src, map_location="cpu", trusted=True)
-    if not isinstance(obj, torch.nn.Module):
+def _whole_model(view: object, dst: str) -> bool:
+    """Re-save a pickled ``nn.Module`` (opened with --trusted) as a safe whole-model file."""
+    model = getattr(view, "obj", None)
+    if not isinstance(model, torch.nn.Module):
         return False
     if core.destination_format(dst, None) != core.TORCHKEEP:
         raise click.UsageError("a whole model converts to a torchkeep file (DST.tk) only")
-    core.save_whole_model(obj, dst)
+    core.save_whole_model(model, dst)
     return True
 
 
@@ -57,11 +53,11 @@ def convert_cmd(
       torchkeep convert dcp_checkpoint/ model --max-shard-size 5GB
       torchkeep convert old_whole_model.pth model.tk --trusted
     """
-    if max_shard_size is None and _whole_model(src, dst, trusted):
-        out().print(f"wrote {dst}: whole model (torchkeep model file)")
-        return
     shard = core.parse_size(max_shard_size) if max_shard_size else None
     with open_view(src, trusted=trusted) as view:
+        if shard is None and fmt is None and _whole_model(view, dst):
+            out().print(f"wrote {dst}: whole model from {view.format} (torchkeep model file)")
+            return
         with progress_bar("converting", view.total_bytes) as advance:
             written = core.convert_view(
                 view,

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from .. import retention
-from ..errors import CheckpointNotFoundError
+from ..errors import CheckpointNotFoundError, FormatError
 from .render import human, opt, out, print_json
 
 POLICY_OPTIONS = [
@@ -37,8 +37,10 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
     """The ``--json`` object of ``ls``."""
     import os
 
-    if not os.path.isdir(run_dir):
+    if not os.path.exists(run_dir):
         raise CheckpointNotFoundError(f"{run_dir}: no such run directory")
+    if not os.path.isdir(run_dir):
+        raise FormatError(f"{run_dir}: is a file; ls and prune take a run directory")
     manager = _manager()
     steps = manager.list_steps(run_dir)
     reasons = retention.kept_reasons(steps, **policy)

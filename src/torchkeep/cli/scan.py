@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
-import zipfile
 
 import click
 from rich.table import Table
@@ -14,7 +12,7 @@ from ..errors import FormatError
 from ..format.reader import FileReader
 from ..readers import detect
 from ..readers.dcp import _ALLOWED as DCP_ALLOWED
-from ..readers.dcp import METADATA_NAME, read_blob, read_metadata
+from ..readers.dcp import METADATA_NAME, read_blob, read_metadata, scan_blob
 from ..readers.pickle_scan import ScanResult, scan_file, scan_stream
 from ..readers.torch_file import allowed_globals
 from .errors import EXIT_FAILED
@@ -73,14 +71,7 @@ def _scan_dcp(path: str) -> dict:
     meta = read_metadata(path)
     known = allowed_globals()
     for index, info in meta.storage_data.items():
-        result = ScanResult()
-        try:
-            with zipfile.ZipFile(io.BytesIO(read_blob(path, info))) as archive:
-                for name in archive.namelist():
-                    if name.endswith(".pkl"):
-                        scan_stream(archive.read(name), result, name)
-        except zipfile.BadZipFile:
-            scan_stream(read_blob(path, info), result, "pickle")
+        result = scan_blob(read_blob(path, info))
         rows = [{"name": g, "allowed": g in known} for g in result.globals]
         where = f"{os.path.join(path, info.relative_path)}@{info.offset} ({index.fqn})"
         files.append({"file": where, "format": "dcp-item", "pickle": True, "globals": rows})

@@ -11,12 +11,15 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from typing import Any
 
 import torch
 
 from .. import knobs
 from ..errors import FormatError, UnsafeFileError
+from .pickle_scan import ScanResult, scan_stream
+from .torch_file import unsafe_globals
 from .view import CheckpointView, Ref, skeleton_of
 
 METADATA_NAME = ".metadata"
@@ -82,6 +85,19 @@ def read_metadata(folder: str, trusted: bool = False) -> Any:
     return meta
 
 
+def scan_blob(data: bytes) -> ScanResult:
+    """Globals referenced by one DCP item (a torch.save zip, or a bare pickle), not run."""
+    result = ScanResult()
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for name in archive.namelist():
+                if name.endswith(".pkl"):
+                    scan_stream(archive.read(name), result, name)
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
+        scan_stream(data, result, "pickle")
+    return result
+
+
 def read_blob(folder: str, info: Any) -> bytes:
     """The bytes of one DCP item, its location validated against the folder."""
     rel = info.relative_path
@@ -123,9 +139,12 @@ class DcpView(CheckpointView):
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not self.trusted)
         except pickle.UnpicklingError as exc:
+            bad = unsafe_globals(scan_blob(data))
             raise UnsafeFileError(
-                f"{where}: refused to unpickle a DCP value ({str(exc).splitlines()[0]}); "
-                "nothing was executed. Pass --trusted only if you trust this checkpoint"
+                f"{where}: refused to unpickle a DCP value: it needs globals outside the "
+                f"weights-only allow-list ({', '.join(bad) or 'unknown'}); nothing was executed. "
+                "Pass trusted=True (CLI: --trusted) only if you trust this checkpoint",
+                globals=bad,
             ) from exc
         except Exception as exc:  # noqa: BLE001 - garbled bytes
             raise FormatError(f"{where}: unreadable DCP item ({exc})") from exc

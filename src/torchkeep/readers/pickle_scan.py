@@ -86,14 +86,18 @@ def torch_zip_pickles(path: str) -> list[tuple[str, bytes]]:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith(".pkl")]
             return [(n, archive.read(n)) for n in names]
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError, EOFError) as exc:
         raise FormatError(f"{path}: not a readable zip archive ({exc})") from exc
 
 
 def scan_file(path: str) -> ScanResult:
     """Globals referenced by a torch.save file (zip or legacy) or a plain pickle file."""
     result = ScanResult()
-    if zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:  # garbled end-of-archive record
+        raise FormatError(f"{path}: not a readable zip archive ({exc})") from exc
+    if is_zip:
         for name, data in torch_zip_pickles(path):
             scan_stream(data, result, name)
         return result

@@ -8,7 +8,9 @@ how to opt in. Only ``trusted=True`` loads with the full unpickler; there is no 
 from __future__ import annotations
 
 import pickle
+import struct
 import warnings
+import zipfile
 from typing import Any
 
 import torch
@@ -67,7 +69,9 @@ def load_torch_file(
         if trusted:
             raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
         raise refusal(path, scan_file(path), f" (torch: {str(exc).splitlines()[0]})") from exc
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError) as exc:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, IndexError,
+            TypeError, AssertionError, struct.error, zipfile.BadZipFile) as exc:  # fmt: skip
+        # torch.load reports garbled files with many exception types; all mean "malformed".
         if mmap and "mmap" in str(exc):
             return load_torch_file(path, map_location, False, trusted)
         raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
