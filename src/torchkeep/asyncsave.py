@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class SaveHandle:
         self._event = threading.Event()
         self._error: BaseException | None = None
         self._value: Any = None
+        self._seen = False  # someone looked at the outcome
 
     def _run(self, job: Callable[[], Any]) -> None:
         try:
@@ -53,6 +55,7 @@ class SaveHandle:
         """Block until the save finished; re-raise its error. Returns the job's result."""
         if not self._event.wait(timeout):
             raise TimeoutError(f"{self.description}: still saving after {timeout} s")
+        self._seen = True
         if self._error is not None:
             raise self._error
         return self._value
@@ -61,7 +64,8 @@ class SaveHandle:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The background error (None on success), after waiting for the save to finish."""
-        self._event.wait(timeout)
+        if self._event.wait(timeout):
+            self._seen = True
         return self._error
 
     def __repr__(self) -> str:
@@ -76,13 +80,15 @@ class Stager:
         self.pin = pin  # None: pin when a tensor lives on CUDA and CUDA is available
         self.buffer: torch.Tensor | None = None
         self.pinned = False
+        self._wanted_pin = False
 
     def _reserve(self, nbytes: int, pin: bool) -> torch.Tensor:
         buf = self.buffer
-        if buf is not None and buf.numel() >= nbytes and self.pinned == pin:
+        if buf is not None and buf.numel() >= nbytes and self._wanted_pin == pin:
             return buf
         self.buffer = None  # drop the old buffer before allocating its successor
         self.pinned = False
+        self._wanted_pin = pin
         if pin:
             try:
                 self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
@@ -134,7 +140,7 @@ class AsyncSaver:
         """Wait (without raising) for the previous save; returns its handle."""
         previous = self._current
         if previous is not None:
-            previous.exception()
+            previous._event.wait()  # not exception(): that would mark the outcome as seen
         return previous
 
     def start(
@@ -166,10 +172,25 @@ _SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 _DEFAULT = AsyncSaver()
 
 
-@atexit.register
 def _wait_all() -> None:
+    """At exit: finish in-flight saves; report (do not hide) a failure nobody waited for."""
     for saver in list(_SAVERS):
-        saver.wait_previous()
+        handle = saver.wait_previous()
+        error = handle._error if handle is not None else None
+        if error is not None and not handle._seen:
+            print(
+                f"torchkeep: background save {handle.description} failed: {error}", file=sys.stderr
+            )
+
+
+# Interpreter exit first runs threading's own exit hooks (which shut down thread pools, the
+# writer's included) and only then joins threads and runs atexit. Waiting from a threading exit
+# hook registered after the pools' hook (hooks run newest first) lets the save finish.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_wait_all)
+else:  # pragma: no cover - other Python implementations
+    atexit.register(_wait_all)
 
 
 def write_file(prepared: PreparedFile, path: str) -> str:

@@ -130,24 +130,23 @@ def prune(
     from .storage.lock import DirLock
 
     directory = os.fspath(directory)
-    steps = list_steps(directory)
-    reasons = kept_reasons(
-        steps,
-        keep_last=keep_last,
-        keep_best=keep_best,
-        monitor=monitor,
-        mode=mode,
-        keep_every=keep_every,
-    )
-    doomed = [s.step for s in steps if s.step not in reasons]
-    if dry_run or not doomed:
-        return doomed
     holder = DirLock(directory)
-    if lock:
+    if lock and not dry_run:
         holder.acquire()
     try:
-        for step in doomed:
-            delete_step(directory, step)
+        steps = list_steps(directory)
+        reasons = kept_reasons(
+            steps,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            keep_every=keep_every,
+        )
+        doomed = [s.step for s in steps if s.step not in reasons]
+        if not dry_run:
+            for step in doomed:
+                delete_step(directory, step)
     finally:
         holder.release()
     return doomed

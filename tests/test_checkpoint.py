@@ -1,0 +1,110 @@
+"""save_checkpoint / load_checkpoint: full training state, RNG, plain values, errors."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from torchkeep.errors import StateDictMismatchError, TorchkeepError, UnsupportedValueError
+
+
+def _training_state(seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for _ in range(seed + 1):
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(5, 3)).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+    return {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": sched,
+        "scaler": scaler,
+        "epoch": seed,
+        "best": {"loss": 0.5, "tags": ("a", 1)},
+    }
+
+
+def test_round_trip_restores_every_object_and_value(tmp_path) -> None:
+    path = tmp_path / "ckpt.tk"
+    saved = _training_state(3)
+    torchkeep.save_checkpoint(path, saved)
+    fresh = _training_state(0)
+    assert torchkeep.load_checkpoint(path, fresh) is fresh
+    for key, value in saved["model"].state_dict().items():
+        assert torch.equal(fresh["model"].state_dict()[key], value), key
+    opt_a, opt_b = saved["optimizer"].state_dict(), fresh["optimizer"].state_dict()
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    for pid, slot in opt_a["state"].items():
+        assert torch.equal(slot["momentum_buffer"], opt_b["state"][pid]["momentum_buffer"])
+    assert fresh["scheduler"].state_dict() == saved["scheduler"].state_dict()
+    assert fresh["scaler"].state_dict() == saved["scaler"].state_dict()
+    assert fresh["epoch"] == 3 and fresh["best"] == {"loss": 0.5, "tags": ("a", 1)}
+
+
+def test_rng_state_is_captured_and_restored(tmp_path) -> None:
+    path = tmp_path / "rng.tk"
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.normal()  # leaves a cached gaussian in NumPy's state
+    torchkeep.save_checkpoint(path, {"n": 1})
+    expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    torchkeep.load_checkpoint(path, {"n": 0})
+    got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_rng_opt_out(tmp_path) -> None:
+    path = tmp_path / "norng.tk"
+    torchkeep.save_checkpoint(path, {"n": 1}, rng=False)
+    with pytest.raises(StateDictMismatchError, match="rng=False"):
+        torchkeep.load_checkpoint(path, {"n": 0})
+    torch.manual_seed(5)
+    state = torchkeep.load_checkpoint(path, {"n": 0}, rng=False)
+    assert state["n"] == 1 and torch.initial_seed() == 5
+
+
+def test_user_stateful_object(tmp_path) -> None:
+    class Counter:
+        def __init__(self) -> None:
+            self.count = 0
+
+        def state_dict(self) -> dict:
+            return {"count": self.count}
+
+        def load_state_dict(self, sd: dict) -> None:
+            if set(sd) != {"count"}:
+                raise KeyError("count")
+            self.count = sd["count"]
+
+    counter = Counter()
+    counter.count = 41
+    torchkeep.save_checkpoint(tmp_path / "c.tk", {"counter": counter})
+    other = Counter()
+    torchkeep.load_checkpoint(tmp_path / "c.tk", {"counter": other})
+    assert other.count == 41
+
+
+def test_errors_before_writing_and_on_foreign_files(tmp_path) -> None:
+    with pytest.raises(UnsupportedValueError, match="values.fn"):
+        torchkeep.save_checkpoint(tmp_path / "bad.tk", {"fn": object()})
+    assert not (tmp_path / "bad.tk").exists()
+    torchkeep.save({"w": torch.ones(1)}, tmp_path / "plain.tk")
+    with pytest.raises(TorchkeepError, match="not a torchkeep training checkpoint"):
+        torchkeep.load_checkpoint(tmp_path / "plain.tk", {"w": 0})
+    with pytest.raises(TorchkeepError, match="dict of name"):
+        torchkeep.save_checkpoint(tmp_path / "x.tk", [1, 2])
