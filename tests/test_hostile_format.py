@@ -365,3 +365,46 @@ def test_random_header_mutations_never_escape(tmp_path, long_run):
             torchkeep.load(path)
         except torchkeep.TorchkeepError:
             pass
+
+
+# ------------------------------------------------------------------------- verified loads
+
+
+def _flip_in_tensor(tmp_path, key):
+    path = tmp_path / "v.tk"
+    obj = {"a": torch.arange(100, dtype=torch.float32), "b": {"c": torch.ones(50)}}
+    torchkeep.save(obj, path)
+    with FileReader(path) as reader:
+        at = reader.header.data_start + reader.entry(key).begin + 13
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0x04
+    path.write_bytes(bytes(blob))
+    return path, obj
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+@pytest.mark.parametrize("key", ["a", "b.c"])
+def test_flipped_data_bit_names_file_and_tensor(tmp_path, key, mmap):
+    path, obj = _flip_in_tensor(tmp_path, key)
+    with pytest.raises(CorruptionError) as info:
+        torchkeep.load(path, mmap=mmap)
+    assert str(path) in str(info.value) and repr(key) in str(info.value)
+    out = torchkeep.load(path, verify=False, mmap=mmap)  # explicitly unverified: loads
+    other = "b.c" if key == "a" else "a"
+    flat = {"a": out["a"], "b.c": out["b"]["c"]}
+    assert not torch.equal(flat[key], {"a": obj["a"], "b.c": obj["b"]["c"]}[key])
+    assert torch.equal(flat[other], {"a": obj["a"], "b.c": obj["b"]["c"]}[other])
+    assert torchkeep.verify(path) == [key]
+
+
+def test_flipped_tree_bit_is_caught(tmp_path):
+    path = tmp_path / "t.tk"
+    torchkeep.save({"epoch": 12, "w": torch.ones(2)}, path)
+    blob = path.read_bytes()
+    at = blob.index(b'\\"epoch\\":12') + len(b'\\"epoch\\":1')
+    bad = blob[:at] + b"3" + blob[at + 1 :]  # 12 -> 13: still valid JSON, still a valid tree
+    path.write_bytes(bad)
+    with pytest.raises(CorruptionError, match="header checksum"):
+        torchkeep.load(path)
+    with pytest.raises(CorruptionError):
+        torchkeep.load(path, verify=False)  # the header is always checked: it is small
