@@ -119,6 +119,12 @@ def zygote():
     z.close()
 
 
+def generation(gen: int) -> dict:
+    """What the writers save (same as the zygote's ``obj``)."""
+    state = {f"layer{i}.weight": torch.full((NUMEL,), float(gen)) for i in range(8)}
+    return {"gen": gen, "tag": f"gen-{gen}", "model_state": state}
+
+
 def check_consistent(path, min_gen: int) -> int:
     """The file at ``path`` is one whole generation, verified; returns that generation."""
     out = torchkeep.load(path)
@@ -143,9 +149,7 @@ def sweep_and_check(directory, target: str) -> int:
 
 def test_random_sigkill_during_repeated_saves(tmp_path, zygote, long_run):
     path = tmp_path / "ckpt.tk"
-    subprocess_obj = {"gen": 0, "tag": "gen-0"}
-    subprocess_obj["model_state"] = {f"layer{i}.weight": torch.zeros(NUMEL) for i in range(8)}
-    torchkeep.save(subprocess_obj, path)
+    torchkeep.save(generation(0), path)
     rng = random.Random(1234)
     gen, temps_seen, trials = 0, 0, 60 if long_run else 15
     for _ in range(trials):
@@ -170,14 +174,7 @@ def test_random_sigkill_during_repeated_saves(tmp_path, zygote, long_run):
 )
 def test_crash_at_each_step(tmp_path, zygote, op, nth, committed):
     path = tmp_path / "ckpt.tk"
-    torchkeep.save(
-        {
-            "gen": 1,
-            "tag": "gen-1",
-            "model_state": {f"layer{i}.weight": torch.ones(NUMEL) for i in range(8)},
-        },
-        path,
-    )
+    torchkeep.save(generation(1), path)
     pid = zygote.spawn("crash", path, 2, op, nth)
     zygote.reap(pid)
     assert check_consistent(path, 1) == (2 if committed else 1)
