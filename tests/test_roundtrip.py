@@ -345,3 +345,12 @@ def test_property_round_trip_shared(tmp_path, obj):
     out = roundtrip(wrapped, tmp_path, mmap=True)
     assert_same(wrapped, out)
     assert out["row"].untyped_storage().data_ptr() == out["shared"].untyped_storage().data_ptr()
+
+
+def test_basics_example_runs(capsys):
+    import pathlib
+    import runpy
+
+    example = pathlib.Path(__file__).parents[1] / "examples" / "basics.py"
+    assert runpy.run_path(str(example))["main"]() == 0
+    assert "everything matches" in capsys.readouterr().out
