@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) examples/basics.py
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
