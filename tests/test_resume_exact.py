@@ -184,3 +184,46 @@ if __name__ == "__main__":
         parser.add_argument(arg, type=int)
     a = parser.parse_args()
     _train(a.run_dir, a.log, a.out, a.workers, a.kill_step, a.kill_op)
+
+
+# ------------------------------------------- in-process data-loader resume (fast, many cases)
+def _loader(with_generator: bool, workers: int = 0):  # noqa: ANN202
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    gen = torch.Generator().manual_seed(5) if with_generator else None
+    data = torch.utils.data.TensorDataset(torch.arange(20))
+    return StatefulDataLoader(data, batch_size=3, shuffle=True, generator=gen, num_workers=workers)
+
+
+def _batches(loader, epochs: int, skip: int = 0) -> list[list[int]]:  # noqa: ANN001
+    out: list[list[int]] = []
+    for _ in range(epochs):
+        out.extend(b[0].tolist() for b in loader)
+    return out[skip:]
+
+
+@pytest.mark.parametrize("with_generator", [True, False])
+@pytest.mark.parametrize("position", [0, 3, 6, 7, 9])  # 7 batches per epoch: 7 = epoch end
+def test_loader_resume_exact_across_epochs(tmp_path, with_generator: bool, position: int) -> None:
+    import torch
+
+    import torchkeep
+
+    torch.manual_seed(0)
+    loader = _loader(with_generator)
+    consumed: list[list[int]] = []
+    it = iter(loader)
+    for _ in range(position):
+        try:
+            consumed.append(next(it)[0].tolist())
+        except StopIteration:
+            it = iter(loader)
+            consumed.append(next(it)[0].tolist())
+    torchkeep.save_checkpoint(tmp_path / "l.tk", {"loader": loader})
+    expected = [b[0].tolist() for b in it] + _batches(loader, 2)
+
+    torch.manual_seed(123)  # a fresh process starts from another RNG state
+    fresh = _loader(with_generator)
+    torchkeep.load_checkpoint(tmp_path / "l.tk", {"loader": fresh})
+    assert _batches(fresh, 3)[: len(expected)] == expected
