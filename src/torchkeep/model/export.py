@@ -57,9 +57,10 @@ def export_model(
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - torch raises many types; say what failed
         raise TorchkeepError(
-            f"torch.export could not trace {type(model).__qualname__} for {os.fspath(path)!r} "
+            f"torch.export could not trace {type(model).__name__} for {os.fspath(path)!r} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix the "
-            "model's data-dependent control flow or pass dynamic_shapes / strict=False"
+            "model's data-dependent control flow (torch.cond, or branch outside forward) or "
+            "pass dynamic_shapes; nothing was written"
         ) from exc
     finally:
         model.train(was_training)

@@ -16,6 +16,7 @@ Two checks, both only for user classes (``torch.nn`` classes are rebuilt exactly
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 from typing import Any
@@ -83,7 +84,8 @@ def _constructor_rows(cls: type, args: dict, built: nn.Module, prefix: str, repo
     ]
 
 
-def _forward_names(cls: type) -> set[str] | None:
+@functools.lru_cache(maxsize=256)
+def _forward_names(cls: type) -> frozenset[str] | None:
     """``self.NAME`` reads in the class's own ``forward``; None when the source is unavailable."""
     forward = cls.__dict__.get("forward")
     if forward is None:
@@ -101,7 +103,7 @@ def _forward_names(cls: type) -> set[str] | None:
             and isinstance(node.ctx, ast.Load)
         ):
             names.add(node.attr)
-    return names
+    return frozenset(names)
 
 
 def _source_rows(cls: type, built: nn.Module, node: dict, prefix: str, report: LoadReport):

@@ -1,0 +1,79 @@
+"""export_model / load_exported: the archive, and the pickle scan in front of torch.export.load.
+
+The fresh-process round trip (a process that never imports the model's class) is in
+test_model_roundtrip.py, batched with the other fresh-process checks.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import torchkeep
+from torchkeep.errors import FormatError, TorchkeepError, UnsafeFileError
+
+# A pickle that would run os.system("touch <sentinel>") if it were ever unpickled.
+_EVIL = b"\x80\x02cos\nsystem\nX%d\x00\x00\x00%s\x85R."
+
+
+def evil_pickle(sentinel: str) -> bytes:
+    command = f"touch {sentinel}".encode()
+    return _EVIL.replace(b"%d\x00\x00\x00", len(command).to_bytes(4, "little")).replace(
+        b"%s", command
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "m.pt2"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    program = torchkeep.export_model(model, path, x)  # a single tensor is accepted
+    assert model.training  # the caller's mode is restored
+    return path, model.eval(), x, program
+
+
+def test_export_round_trip_in_process(exported) -> None:
+    path, model, x, _ = exported
+    program = torchkeep.load_exported(path)
+    assert torch.allclose(program.module()(x), model(x), atol=1e-6)
+    assert torch.allclose(torch.export.load(path).module()(x), model(x), atol=1e-6)
+
+
+def test_archive_with_a_hostile_pickle_is_refused(exported, tmp_path) -> None:
+    path, _, _, _ = exported
+    sentinel = tmp_path / "sentinel"
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if "sample_inputs" in info.filename:
+                data = evil_pickle(os.fspath(sentinel))
+            dst.writestr(info, data)
+    with pytest.raises(UnsafeFileError, match="os.system") as info:
+        torchkeep.load_exported(bad)
+    assert "os.system" in info.value.globals
+    assert not sentinel.exists()
+
+
+def test_not_an_archive(tmp_path) -> None:
+    torchkeep.save({"w": torch.zeros(1)}, tmp_path / "x.tk")
+    with pytest.raises(FormatError, match="not a torch.export archive"):
+        torchkeep.load_exported(tmp_path / "x.tk")
+    with pytest.raises(TorchkeepError, match="no such file"):
+        torchkeep.load_exported(tmp_path / "missing.pt2")
+
+
+def test_untraceable_model_is_explained(tmp_path) -> None:
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x.nonzero().sum() if x.sum().item() > 0 else x
+
+    with pytest.raises(TorchkeepError, match="torch.export could not trace Branchy"):
+        torchkeep.export_model(Branchy(), tmp_path / "b.pt2", (torch.ones(3),))
+    assert not (tmp_path / "b.pt2").exists()
