@@ -161,3 +161,28 @@ def test_help_has_example_for_every_command() -> None:
     assert "Exit codes" in run("--help")
     for command in ("inspect", "diff", "convert", "verify", "ls", "prune", "scan"):
         assert "Example" in run(command, "--help"), command
+
+
+def test_diff_nan_and_strict_json(tmp_path) -> None:
+    a, b, c = (str(tmp_path / n) for n in ("a.tk", "b.tk", "c.tk"))
+    nan = float("nan")
+    torchkeep.save({"w": torch.tensor([1.0, nan, 3.0])}, a)
+    torchkeep.save({"w": torch.tensor([1.0, nan, 3.0])}, b)
+    torchkeep.save({"w": torch.tensor([1.0, 2.0, 3.0])}, c)
+    run("diff", a, b)  # NaN in the same places counts as equal
+    text = run("diff", a, c, "--json", code=1)
+    row = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON {name}"))
+    assert row["tensors"][0]["max_abs_diff"] == "inf"
+
+
+def test_compare_tensors_chunked_matches_direct() -> None:
+    from torchkeep.cli import diff as diff_mod
+
+    torch.manual_seed(0)
+    x = torch.randn(3 * diff_mod._CHUNK + 7)
+    y = x + torch.randn_like(x) * 1e-3
+    row = diff_mod.compare_tensors(x, y, 0, 0)
+    delta = (x.double() - y.double()).abs()
+    assert row["max_abs_diff"] == pytest.approx(float(delta.max()))
+    assert row["rel_l2_diff"] == pytest.approx(float(delta.norm() / x.double().norm()))
+    assert not row["equal"] and diff_mod.compare_tensors(x, y, 1e-2, 0)["equal"]

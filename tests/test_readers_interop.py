@@ -116,6 +116,17 @@ def test_convert_sharded_dtype_and_torch(fx: dict, tmp_path) -> None:
     assert runner.invoke(cli, ["diff", fx["lightning"], str(pt)]).exit_code == 0
 
 
+def test_sharded_output_loads_with_huggingface_hub(fx: dict, tmp_path) -> None:
+    from huggingface_hub import load_torch_model
+
+    out = tmp_path / "hf_out"
+    args = ["convert", fx["model.safetensors"], str(out), "--max-shard-size", "100B"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    load_torch_model(model, str(out), strict=True)
+    assert torch.equal(model[2].weight, SD["2.weight"])
+
+
 def test_convert_to_torchkeep_keeps_structure(fx: dict, tmp_path) -> None:
     out = tmp_path / "lit.tk"
     assert CliRunner().invoke(cli, ["convert", fx["lightning"], str(out)]).exit_code == 0

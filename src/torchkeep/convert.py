@@ -102,7 +102,7 @@ def _to_torch(view: CheckpointView, dst: str, dtype: torch.dtype | None, progres
     """torch.save needs the whole object at once; tensors stay memory-mapped where possible."""
 
     def read(ref: Ref) -> torch.Tensor:
-        tensor = ref.fetch()
+        tensor = (ref.mapped or ref.fetch)()
         target = _cast(tensor.dtype, dtype)
         if progress is not None:
             progress(ref.nbytes)

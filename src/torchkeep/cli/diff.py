@@ -16,25 +16,36 @@ from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json, progress_bar
 
+_CHUNK = 1 << 18  # elements compared at a time: bounds the float64 temporaries (2 MB each)
+
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> dict:
-    """Equality within tolerance, max |a-b| and ||a-b|| / ||a|| of two same-shape tensors."""
-    x = a.detach().to(torch.float64) if not a.is_complex() else a.detach().to(torch.complex128)
-    y = b.detach().to(x.dtype)
-    if x.numel() == 0:
-        return {"equal": True, "max_abs_diff": 0.0, "rel_l2_diff": 0.0}
-    delta = (x - y).abs()
-    nan_a, nan_b = torch.isnan(x), torch.isnan(y)
-    same_nan = bool(torch.equal(nan_a, nan_b))
-    delta = torch.where(nan_a & nan_b, torch.zeros_like(delta), delta)
-    max_abs = float(delta.max())
-    norm = float(torch.linalg.vector_norm(x.nan_to_num()))
-    diff_norm = float(torch.linalg.vector_norm(delta.nan_to_num()))
-    rel = diff_norm / norm if norm > 0 else (0.0 if diff_norm == 0 else math.inf)
-    if atol == 0 and rtol == 0:
-        equal = same_nan and bool(torch.equal(a.nan_to_num(0), b.nan_to_num(0)))
-    else:
-        equal = same_nan and bool((delta <= atol + rtol * y.abs()).all())
+    """Equality within tolerance, max |a-b| and ||a-b|| / ||a|| of two same-shape tensors.
+
+    Works through the flattened tensors chunk by chunk, so memory stays bounded whatever their
+    size. NaNs at the same positions count as equal.
+    """
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    equal, max_abs, diff_sq, norm_sq = True, 0.0, 0.0, 0.0
+    for lo in range(0, fa.numel(), _CHUNK):
+        x = fa[lo : lo + _CHUNK].to(wide)
+        y = fb[lo : lo + _CHUNK].to(wide)
+        both_nan = torch.isnan(x) & torch.isnan(y)
+        delta = torch.where(both_nan, torch.zeros_like(x), x - y).abs()
+        delta = torch.nan_to_num(delta, nan=math.inf)  # NaN on one side only: infinitely apart
+        if delta.numel():
+            max_abs = max(max_abs, float(delta.max()))
+        diff_sq += float((delta[delta.isfinite()] ** 2).sum())
+        norm_sq += float((torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).abs() ** 2).sum())
+        if atol == 0 and rtol == 0:
+            same = torch.where(both_nan, True, x == y)
+        else:
+            same = both_nan | (delta <= atol + rtol * y.abs())
+        equal = equal and bool(same.all())
+    diff = math.sqrt(diff_sq) if max_abs != math.inf else math.inf
+    norm = math.sqrt(norm_sq)
+    rel = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
     return {"equal": equal, "max_abs_diff": max_abs, "rel_l2_diff": rel}
 
 

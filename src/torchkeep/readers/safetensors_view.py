@@ -35,7 +35,9 @@ class _Pending:
 def _entry_ref(reader: FileReader, key: str, name: str) -> Ref:
     info = reader.entry(key)
     dtype = SAFETENSORS_TO_TORCH[info.dtype]
-    return Ref(name, dtype, info.shape, lambda: reader.read_entry(key))
+    return Ref(
+        name, dtype, info.shape, lambda: reader.read_entry(key), lambda: reader.map_entry(key, True)
+    )
 
 
 class FileView(CheckpointView):
@@ -69,7 +71,11 @@ class FileView(CheckpointView):
                 entry = reader.read_entry(node["key"])
                 return restore_flags(node, materialize(node, entry, reader.path, path))
 
-            ref = Ref(path, shaped.dtype, tuple(shaped.shape), fetch)
+            def mapped(node: dict = node, path: str = path) -> torch.Tensor:
+                entry = reader.map_entry(node["key"], verify=True)
+                return restore_flags(node, materialize(node, entry, reader.path, path))
+
+            ref = Ref(path, shaped.dtype, tuple(shaped.shape), fetch, mapped)
             return _Pending(ref) if node.get(TAG) == "ndarray" else ref
 
         return decode(reader.tree, resolve)

@@ -28,6 +28,9 @@ class Ref:
     dtype: torch.dtype
     shape: tuple[int, ...]
     fetch: Callable[[], torch.Tensor] = field(repr=False)
+    #: Optional zero-copy read (a memory map of the file) for writers that must hold every
+    #: tensor at once, such as ``torch.save``: mapped pages stay reclaimable by the OS.
+    mapped: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
