@@ -6,18 +6,25 @@ views) the header checksum is recomputed, so the validation under test is actual
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
 import struct
+import tempfile
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import torchkeep
 from torchkeep import knobs
 from torchkeep.errors import CorruptionError, FormatError
 from torchkeep.format import header as hdr
 from torchkeep.format.reader import FileReader
+
+LONG = os.environ.get("TORCHKEEP_LONG") == "1"
 
 BAD = (FormatError, CorruptionError)
 
@@ -177,14 +184,20 @@ def test_plain_safetensors_with_zero_size_tensor_is_fine(tmp_path):
 # ----------------------------------------------------------------- torchkeep metadata level
 
 
-def _valid(tmp_path):
-    """A real torchkeep file, parsed into (entries, metadata, data bytes)."""
-    path = tmp_path / "good.tk"
-    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    torchkeep.save(
-        {"w": base, "row": base[1], "step": 7, "c": torch.ones(2, dtype=torch.complex128)}, path
-    )
-    blob = path.read_bytes()
+@functools.lru_cache(maxsize=1)
+def _valid_blob() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "good.tk")
+        base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+        obj = {"w": base, "row": base[1], "step": 7, "c": torch.ones(2, dtype=torch.complex128)}
+        torchkeep.save(obj, path)
+        with open(path, "rb") as handle:
+            return handle.read()
+
+
+def _valid(tmp_path=None):
+    """A real torchkeep file, parsed into (entries, metadata, data bytes); fresh copies."""
+    blob = _valid_blob()
     (n,) = struct.unpack("<Q", blob[:8])
     body = json.loads(blob[8 : 8 + n])
     meta = body.pop("__metadata__")
@@ -408,3 +421,111 @@ def test_flipped_tree_bit_is_caught(tmp_path):
         torchkeep.load(path)
     with pytest.raises(CorruptionError):
         torchkeep.load(path, verify=False)  # the header is always checked: it is small
+
+
+@pytest.mark.parametrize(
+    "shape", [[0, 2**62, 2**62], [0, 2**61, 8], [2**40, 0, 2**40]], ids=["a", "b", "c"]
+)
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+def test_zero_size_does_not_hide_overflowing_dims(tmp_path, shape, mmap):
+    entries = {"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}
+    path = raw_file(tmp_path / "f", json.dumps(entries).encode())
+    with pytest.raises(FormatError, match="overflows"):
+        torchkeep.load(path, mmap=mmap)
+
+
+# ---------------------------------------------------------------- fuzzing the typed tree
+
+
+_TAGS = [
+    "dict",
+    "tuple",
+    "set",
+    "frozenset",
+    "float",
+    "size",
+    "np_scalar",
+    "bytes",
+    "bytearray",
+    "complex",
+    "slice",
+    "dtype",
+    "device",
+    "tensor",
+    "ndarray",
+    "nope",
+]
+_FIELDS = [
+    "v",
+    "items",
+    "key",
+    "dtype",
+    "shape",
+    "view",
+    "offset",
+    "stride",
+    "np_dtype",
+    "ordered",
+    "meta",
+    "param",
+    "requires_grad",
+    "device",
+]
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from(
+        [
+            "w",
+            "row",
+            "c",
+            "inf",
+            "-nan",
+            "float32",
+            "complex128",
+            "cpu",
+            "<f4",
+            "|O",
+            "00",
+            "AAEC",
+            "cuda:0",
+            "meta",
+            "",
+            "os.system",
+        ]
+    ),  # fmt: skip
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.sampled_from(_FIELDS + ["$"]), inner, max_size=4),
+        st.builds(
+            lambda tag, fields: {"$": tag, **fields},
+            st.sampled_from(_TAGS),
+            st.dictionaries(st.sampled_from(_FIELDS), inner, max_size=4),
+        ),
+    ),
+    max_leaves=16,
+)
+
+
+@settings(
+    max_examples=1500 if LONG else 150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(node=_json)
+def test_fuzzed_tree_loads_or_raises_format_error(tmp_path, node):
+    entries, meta, data = _valid(tmp_path)
+    meta[hdr.META_TREE] = json.dumps(
+        {"$": "dict", "v": {"w": {"$": "tensor", "key": "w"}, "x": node}}
+    )
+    path = forge(tmp_path / "fuzz.tk", entries, meta, data)
+    for mmap in (False, True):
+        try:
+            torchkeep.load(path, mmap=mmap)
+        except torchkeep.TorchkeepError:
+            pass

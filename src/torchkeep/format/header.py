@@ -8,6 +8,7 @@ stores its format version, typed tree and checksums in that metadata (see docs/f
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,11 +167,13 @@ def _entry(key: str, value: Any, where: str) -> EntryInfo:
     begin, end = offsets
     if not 0 <= begin <= end:
         raise FormatError(f"{at}: data_offsets {offsets} are negative or reversed")
-    numel = 1
+    # Zero dimensions do not excuse the others: torch computes strides from the non-zero ones.
+    span = ITEMSIZE[dtype]
     for d in shape:
-        numel *= d
-        if numel * ITEMSIZE[dtype] > 2**63:
-            raise FormatError(f"{at}: shape {shape} overflows")
+        span *= max(d, 1)
+        if span >= 2**63:
+            raise FormatError(f"{at}: shape {shape} overflows a 64-bit byte count")
+    numel = math.prod(shape)
     if numel * ITEMSIZE[dtype] != end - begin:
         raise FormatError(
             f"{at}: shape {shape} of {dtype} needs {numel * ITEMSIZE[dtype]} bytes but "
