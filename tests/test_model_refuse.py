@@ -75,6 +75,12 @@ def test_local_class_and_hidden_module_are_refused(tmp_path) -> None:
         torchkeep.save_model(model, tmp_path / "m.tk")
 
 
+def test_parametrized_modules_are_refused(tmp_path) -> None:
+    model = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))
+    with pytest.raises(UnsupportedValueError, match="remove_parametrizations"):
+        torchkeep.save_model(model, tmp_path / "m.tk", drop_hooks=True)
+
+
 def test_hooks_are_refused_unless_dropped(tmp_path) -> None:
     model = nn.Sequential(nn.Linear(2, 2))
     model[0].register_forward_hook(lambda mod, args, out: out)

@@ -127,3 +127,13 @@ def test_non_finite_and_odd_plain_attributes(tmp_path) -> None:
     loaded = torchkeep.load_model(tmp_path / "m.tk")
     assert loaded.limits == model.limits and loaded.table == model.table
     assert torch.equal(loaded.lookup, model.lookup)
+
+
+def test_recurrent_flat_weights_stay_the_parameters(zoo, tmp_path) -> None:
+    model, x = zoo.build("recurrent")
+    torchkeep.save_model(model, tmp_path / "m.tk")
+    loaded = torchkeep.load_model(tmp_path / "m.tk")
+    own = [getattr(loaded, name) for name in loaded._flat_weights_names]
+    assert all(a is b for a, b in zip(loaded._flat_weights, own, strict=True))
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model.eval()(x)[0])

@@ -89,16 +89,20 @@ ZOO_SOURCE = textwrap.dedent(
             return nn.MultiheadAttention(8, 2, batch_first=True), torch.randn(2, 5, 8)
         if kind == "net":
             return Net(), torch.randint(0, 11, (2, 7))
+        if kind == "recurrent":
+            return nn.LSTM(4, 5, 2, batch_first=True, bidirectional=True), torch.randn(2, 3, 4)
         raise ValueError(kind)
 
 
     def run(model, x):
         if isinstance(model, nn.MultiheadAttention):
             return model(x, x, x)[0]
+        if isinstance(model, nn.RNNBase):
+            return model(x)[0]
         return model(x)
 
 
-    KINDS = ["seed", "sequential", "transformer", "attention", "net"]
+    KINDS = ["seed", "sequential", "transformer", "attention", "net", "recurrent"]
     '''
 )
 

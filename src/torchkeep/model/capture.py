@@ -11,6 +11,7 @@ written, naming the attribute path.
 from __future__ import annotations
 
 import operator
+import sys
 import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -48,6 +49,16 @@ def class_path(cls: type) -> str:
         raise UnsupportedValueError(
             f"class {cls.__module__}.{qual} is defined inside a function and cannot be found "
             "again when loading; define it at module level"
+        )
+    module = sys.modules.get(cls.__module__)
+    found: Any = module
+    for part in qual.split("."):
+        found = vars(found).get(part) if hasattr(found, "__dict__") else None
+    if found is not cls:
+        raise UnsupportedValueError(
+            f"class {cls.__module__}.{qual} cannot be found again by its name (created "
+            "dynamically, e.g. by torch.nn.utils.parametrize); remove the parametrizations "
+            "(parametrize.remove_parametrizations) before saving, or save the state_dict"
         )
     return f"{cls.__module__}:{qual}"
 
@@ -95,7 +106,7 @@ class _Capturer:
         node["non_persistent"] = sorted(mod._non_persistent_buffers_set & set(mod._buffers))
         node["modules"] = {name: self._child(child, _join(prefix, name))
                            for name, child in mod._modules.items()}  # fmt: skip
-        node["attrs"], node["functions"] = self._attrs(mod, prefix)
+        node["attrs"], node["functions"], node["tensor_attrs"] = self._attrs(mod, prefix)
         args = init_args(mod, node["attrs"])
         if args is not None:
             node["init_args"] = args
@@ -136,14 +147,19 @@ class _Capturer:
             refs[name] = first
         return refs
 
-    def _attrs(self, mod: nn.Module, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+    def _attrs(self, mod: nn.Module, prefix: str) -> tuple[dict, dict, dict]:
+        """(plain attributes, function references, references to the module tree's tensors)."""
         attrs: dict[str, Any] = {}
         functions: dict[str, str] = {}
-        for name, value in mod.__dict__.items():
+        refs: dict[str, Any] = {}
+        for name, value in _state(mod, prefix).items():
             if name in INTERNALS:
                 continue
             path = _join(prefix, name)
-            if callable(value) and not isinstance(value, (type, torch.dtype)):
+            ref = self._tensor_ref(value)
+            if ref is not None:
+                refs[name] = ref
+            elif callable(value) and not isinstance(value, (type, torch.dtype)):
                 if isinstance(value, nn.Module):
                     raise UnsupportedValueError(
                         f"{path}: a module stored outside _modules (object.__setattr__) cannot "
@@ -153,7 +169,33 @@ class _Capturer:
             else:
                 check_plain(value, path)
                 attrs[name] = value
-        return attrs, functions
+        return attrs, functions, refs
+
+    def _tensor_ref(self, value: Any) -> dict | None:
+        """An attribute that is (a list of) parameters/buffers already saved: keep the identity.
+
+        E.g. ``nn.LSTM._flat_weights`` lists the LSTM's own parameters.
+        """
+        if isinstance(value, torch.Tensor):
+            key = self.tensor_keys.get(id(value))
+            return {"key": key} if key is not None else None
+        if type(value) in (list, tuple) and value:
+            keys = [None if v is None else self.tensor_keys.get(id(v), "") for v in value]
+            if any(keys) and all(k != "" for k in keys):
+                return {"keys": keys, "tuple": type(value) is tuple}
+        return None
+
+
+def _state(mod: nn.Module, prefix: str) -> dict[str, Any]:
+    """What pickling would store: the class's ``__getstate__`` (drops e.g. RNN weak references)."""
+    state = mod.__getstate__()
+    if not isinstance(state, dict):
+        raise UnsupportedValueError(
+            f"{prefix or '<root>'}: {type(mod).__qualname__}.__getstate__ returns a "
+            f"{type(state).__qualname__}, not a dict; such modules cannot be saved as whole "
+            "models; save the state_dict instead"
+        )
+    return state
 
 
 def check_plain(value: Any, path: str, depth: int = 0) -> None:

@@ -154,6 +154,8 @@ class Rebuilder:
             if callable(inspect.getattr_static(cls, _attr_name(name, self.file, path), None)):
                 raise FormatError(f"{self.file}: {attr_path} would replace a method of {cls}")
             state[name] = resolve_function(ref, self.file, attr_path)
+        for name, ref in _mapping(node.get("tensor_attrs"), self.file, path).items():
+            state[_attr_name(name, self.file, path)] = self._tensor_attr(ref, f"{path}.{name}")
         obj = cls.__new__(cls)
         obj.__setstate__(state)
         self.built[path] = obj
@@ -179,10 +181,27 @@ class Rebuilder:
             if key is None:
                 out[name] = None
                 continue
+            where = f"{path}.{name}" if path else name
             if not isinstance(key, str) or key not in self.tensors:
-                raise FormatError(f"{self.file}: {path or '<root>'}.{name} refers to no tensor")
+                raise FormatError(f"{self.file}: {where} refers to no tensor")
             out[name] = self._param(key) if parameter else self.tensors[key]
         return out
+
+    def _tensor(self, key: Any, path: str) -> torch.Tensor:
+        if not isinstance(key, str) or key not in self.tensors:
+            raise FormatError(f"{self.file}: {path} refers to no tensor")
+        tensor = self.tensors[key]
+        return self._param(key) if isinstance(tensor, nn.Parameter) else tensor
+
+    def _tensor_attr(self, ref: Any, path: str) -> Any:
+        """A (list of) tensor(s) of the module tree referenced by an attribute, same objects."""
+        if isinstance(ref, dict) and set(ref) == {"key"}:
+            return self._tensor(ref["key"], path)
+        keys = ref.get("keys") if isinstance(ref, dict) and set(ref) == {"keys", "tuple"} else None
+        if isinstance(keys, list):
+            items = [None if k is None else self._tensor(k, path) for k in keys]
+            return tuple(items) if ref["tuple"] is True else items
+        raise FormatError(f"{self.file}: tensor attribute {path} is malformed")
 
     def _param(self, key: str) -> nn.Parameter:
         """One Parameter object per saved tensor, so tied weights stay tied."""
