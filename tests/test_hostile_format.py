@@ -529,3 +529,20 @@ def test_fuzzed_tree_loads_or_raises_format_error(tmp_path, node):
             torchkeep.load(path, mmap=mmap)
         except torchkeep.TorchkeepError:
             pass
+
+
+def test_cuda_saved_tensor_needs_map_location_on_cpu_host(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    entries, meta, data = _valid()
+    tree = json.loads(meta[hdr.META_TREE])
+    tree["v"]["w"]["device"] = "cuda:0"
+    meta[hdr.META_TREE] = json.dumps(tree)
+    path = forge(tmp_path / "cuda.tk", entries, meta, data)
+    with pytest.raises(torchkeep.TorchkeepError, match="map_location"):
+        torchkeep.load(path)
+    for where in ("cpu", {"cuda:0": "cpu"}):
+        out = torchkeep.load(path, map_location=where)
+        assert out["w"].device.type == "cpu" and out["step"] == 7
+    with pytest.raises(torchkeep.TorchkeepError):
+        torchkeep.load(path, map_location={"cuda:0": "cuda:1"})

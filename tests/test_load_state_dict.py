@@ -187,7 +187,7 @@ def test_corrupt_file_is_refused(tmp_path):
     blob = bytearray(path.read_bytes())
     blob[-3] ^= 0x10
     path.write_bytes(bytes(blob))
-    with pytest.raises(torchkeep.CorruptionError):
+    with pytest.raises(torchkeep.CorruptionError, match="partly overwritten"):
         torchkeep.load_state_dict(make_model(2), path)
     torchkeep.load_state_dict(make_model(2), path, verify=False)
 

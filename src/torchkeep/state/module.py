@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import StateDictMismatchError, TorchkeepError
+from ..errors import CorruptionError, StateDictMismatchError, TorchkeepError
+from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.reader import FileReader, materialize
 from ..format.tree import TAG
 from ..readers import detect
@@ -152,14 +153,19 @@ def _node_shape_dtype(reader: FileReader, node: dict) -> tuple[tuple, torch.dtyp
 
 
 def _node_dtype(reader: FileReader, node: dict) -> torch.dtype:
-    from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-
     if "dtype" in node:
         return dtype_from_name(node["dtype"])
     return SAFETENSORS_TO_TORCH[reader.entry(node["key"]).dtype]
 
 
 def _load_file(
+    model: nn.Module, reader: FileReader, *, strict: bool, verify: bool, key: str | None
+) -> LoadReport:
+    with paused_gc():  # per-tensor planning allocates many small objects
+        return _load_file_inner(model, reader, strict=strict, verify=verify, key=key)
+
+
+def _load_file_inner(
     model: nn.Module, reader: FileReader, *, strict: bool, verify: bool, key: str | None
 ) -> LoadReport:
     nodes, note = _file_sources(reader, key)
@@ -178,9 +184,15 @@ def _load_file(
                 direct.append((nodes[skey]["key"], data))
             else:
                 rest.append((tkey, skey))
-        reader.read_many(direct, verify)
-        for tkey, skey in rest:
-            _fill(reader, nodes[skey], targets[tkey], verify, skey)
+        try:
+            reader.read_many(direct, verify)
+            for tkey, skey in rest:
+                _fill(reader, nodes[skey], targets[tkey], verify, skey)
+        except CorruptionError as exc:
+            raise CorruptionError(
+                f"{exc}. The model was partly overwritten before the damage was found: "
+                "reload it from a good checkpoint before using it"
+            ) from exc
         report.loaded.extend(plan)
     return report
 
