@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from .format.writer import PreparedFile, prepare, write_prepared
@@ -109,7 +110,10 @@ class Stager:
             if src.dtype != torch.uint8:
                 src = src.view(torch.uint8)
             dst = buf[entry.begin : entry.end]
-            dst.copy_(src, non_blocking=self.pinned and src.device.type == "cuda")
+            if src.device.type == "cpu":
+                np.copyto(dst.numpy(), src.numpy())  # plain memcpy: several times torch's copy_
+            else:
+                dst.copy_(src, non_blocking=self.pinned)
             entry.source = dst
         if on_cuda:
             torch.cuda.synchronize()
