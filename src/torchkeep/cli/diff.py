@@ -16,7 +16,7 @@ from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json, progress_bar
 
-_CHUNK = 1 << 18  # elements compared at a time: bounds the float64 temporaries (2 MB each)
+_CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries (8 MB each)
 
 
 def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> dict:
@@ -25,6 +25,8 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) 
     Works through the flattened tensors chunk by chunk, so memory stays bounded whatever their
     size. NaNs at the same positions count as equal.
     """
+    if a.dtype == b.dtype and not a.is_complex() and torch.equal(a, b):
+        return {"equal": True, "max_abs_diff": 0.0, "rel_l2_diff": 0.0}  # the common case, fast
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
     fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
     equal, max_abs, diff_sq, norm_sq = True, 0.0, 0.0, 0.0
@@ -36,8 +38,8 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) 
         delta = torch.nan_to_num(delta, nan=math.inf)  # NaN on one side only: infinitely apart
         if delta.numel():
             max_abs = max(max_abs, float(delta.max()))
-        diff_sq += float((delta[delta.isfinite()] ** 2).sum())
-        norm_sq += float((torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).abs() ** 2).sum())
+        diff_sq += float(torch.where(delta.isfinite(), delta, 0).square().sum())
+        norm_sq += float(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0).abs().square().sum())
         if atol == 0 and rtol == 0:
             same = torch.where(both_nan, True, x == y)
         else:
