@@ -16,6 +16,7 @@ import torch
 
 from .. import knobs
 from ..errors import CorruptionError, FormatError
+from ..gcpause import paused_gc
 from . import checksum, header
 from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from .header import EntryInfo, Header
@@ -33,9 +34,10 @@ class FileReader:
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self.size = os.fstat(self._fd).st_size
-            self.header = self._read_header()
-            self.checksums = self._read_checksums()
-            self.tree = self._read_tree()
+            with paused_gc():  # a header can hold tens of thousands of small dicts
+                self.header = self._read_header()
+                self.checksums = self._read_checksums()
+                self.tree = self._read_tree()
         except BaseException:
             os.close(self._fd)
             raise
@@ -144,7 +146,8 @@ class FileReader:
         Neighbouring small entries are read with one call. Raises :class:`CorruptionError`
         naming the first entry whose checksum does not match.
         """
-        jobs = plan_reads(self, items)
+        with paused_gc():
+            jobs = plan_reads(self, items)
         if not jobs:
             return
         with contextlib.suppress(OSError, AttributeError):

@@ -8,11 +8,8 @@ the final header, identical in length, is written over the placeholder.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +19,7 @@ import torch
 
 from .. import knobs
 from ..errors import UnsupportedValueError
+from ..gcpause import paused_gc
 from ..storage.io import FileOps, write_all
 from . import checksum, header
 from .layout import Entry, plan_entries
@@ -81,23 +79,6 @@ class PreparedFile:
     @property
     def total_bytes(self) -> int:
         return len(self._placeholder) + self.data_bytes
-
-
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building many small objects.
-
-    Encoding 20,000 tensors allocates ~100,000 dicts and lists; every few hundred allocations
-    the collector would walk all of them again, which more than doubles the per-tensor cost.
-    Nothing here creates reference cycles, so pausing it loses nothing.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def prepare(obj: Any, metadata: dict[str, str] | None = None) -> PreparedFile:

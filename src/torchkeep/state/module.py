@@ -18,6 +18,7 @@ from ..errors import CorruptionError, StateDictMismatchError, TorchkeepError
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.reader import FileReader, materialize
 from ..format.tree import TAG
+from ..gcpause import paused_gc
 from ..readers import detect
 from .keys import match_keys
 from .report import LoadReport

@@ -1,0 +1,202 @@
+"""The contenders: one function per (library, operation), each timed by the worker.
+
+Saves include making the file durable: torchkeep fsyncs itself; ``torch.save`` and
+``safetensors.save_file`` do not, so their file (and directory) is fsynced inside the timed
+region; DCP's filesystem writer fsyncs by default (``sync_files=True``). Async saves report the
+time the caller was blocked and the time until the checkpoint was durable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from workloads import flatten
+
+warnings.filterwarnings("ignore")  # DCP warns that it runs without a process group
+
+SaveFn = Callable[[Any, str], dict]
+LoadFn = Callable[[nn.Module, Any, str], dict]
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file (or every file of a directory) and its parent directory."""
+    paths = [path]
+    if os.path.isdir(path):
+        paths = [os.path.join(path, n) for n in os.listdir(path)] + [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_cache(path: str) -> None:
+    """Evict a file's (or a directory's files') pages from the page cache."""
+    paths = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+# ------------------------------------------------------------------------------------ saves
+
+
+def save_ceiling(obj: Any, path: str) -> dict:
+    """The disk ceiling: the same bytes, from memory, with plain os.write + fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for t in flatten(obj).values():
+            view = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+            while view.nbytes:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {}
+
+
+def save_torchkeep(obj: Any, path: str) -> dict:
+    import torchkeep
+
+    torchkeep.save(obj, path)
+    return {}
+
+
+def save_torchkeep_async(obj: Any, path: str) -> dict:
+    import torchkeep
+
+    t0 = time.perf_counter()
+    handle = torchkeep.save_async(obj, path)
+    blocked = time.perf_counter() - t0
+    handle.wait()
+    return {"blocked": blocked}
+
+
+def save_torch(obj: Any, path: str) -> dict:
+    torch.save(obj, path)
+    fsync_path(path)
+    return {}
+
+
+def save_safetensors(obj: Any, path: str) -> dict:
+    from safetensors.torch import save_file
+
+    save_file(flatten(obj), path)
+    fsync_path(path)
+    return {}
+
+
+def save_dcp(obj: Any, path: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(obj, checkpoint_id=path)
+    fsync_path(path)  # directory entries; DCP fsyncs its files itself
+    return {}
+
+
+def save_dcp_async(obj: Any, path: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    t0 = time.perf_counter()
+    future = dcp.async_save(obj, checkpoint_id=path)
+    blocked = time.perf_counter() - t0
+    future.result()
+    fsync_path(path)
+    return {"blocked": blocked}
+
+
+# ------------------------------------------------------------------------------------ loads
+
+
+def load_torchkeep(verify: bool) -> LoadFn:
+    def run(model: nn.Module, obj: Any, path: str) -> dict:
+        import torchkeep
+
+        if model is None:  # whole-object load (checkpoint with optimizer)
+            torchkeep.load(path, verify=verify)
+        else:
+            torchkeep.load_state_dict(model, path, verify=verify)
+        return {}
+
+    return run
+
+
+def load_torch(mmap: bool) -> LoadFn:
+    def run(model: nn.Module, obj: Any, path: str) -> dict:
+        state = torch.load(path, mmap=mmap, weights_only=True)
+        if model is not None:
+            model.load_state_dict(state)
+        del state
+        return {}
+
+    return run
+
+
+def load_safetensors(model: nn.Module, obj: Any, path: str) -> dict:
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    if model is not None:
+        model.load_state_dict(state)
+    del state
+    return {}
+
+
+def load_dcp(model: nn.Module, obj: Any, path: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(model.state_dict(), checkpoint_id=path)  # in place into the model's tensors
+    return {}
+
+
+#: family -> (file suffix, {save op name: fn}, {load op name: fn})
+FAMILIES: dict[str, tuple[str, dict[str, SaveFn], dict[str, LoadFn]]] = {
+    "ceiling": (".bin", {"disk ceiling (os.write+fsync)": save_ceiling}, {}),
+    "torchkeep": (
+        ".tk",
+        {"torchkeep.save": save_torchkeep, "torchkeep.save_async": save_torchkeep_async},
+        {
+            "torchkeep verify=False": load_torchkeep(False),
+            "torchkeep verify=True": load_torchkeep(True),
+        },
+    ),
+    "torch": (
+        ".pt",
+        {"torch.save": save_torch},
+        {"torch.load": load_torch(False), "torch.load mmap=True": load_torch(True)},
+    ),
+    "safetensors": (
+        ".safetensors",
+        {"safetensors.save_file": save_safetensors},
+        {"safetensors.load_file": load_safetensors},
+    ),
+    "dcp": (
+        ".dcp",
+        {"dcp.save": save_dcp, "dcp.async_save": save_dcp_async},
+        {"dcp.load": load_dcp},
+    ),
+}

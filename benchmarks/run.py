@@ -1,0 +1,137 @@
+"""`make bench`: torchkeep against torch.save/load, safetensors, DCP and the disk ceiling.
+
+Every row is measured in this run, in a fresh subprocess per (repetition, workload, contender
+family) so peak RSS is the contender's own; families are alternated (rotated) between
+repetitions; the table reports medians (and best runs for the ceiling ratio). Saves include
+fsync. Loads are measured with the file in the page cache ("warm") and, for LLM-like and
+one-huge, evicted with posix_fadvise(DONTNEED) before each run ("cold").
+
+    python benchmarks/run.py            # full run (~15 min)
+    python benchmarks/run.py --quick    # smaller sizes, for development
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from report import aggregate, plot, summary  # noqa: E402
+
+MB = 1 << 20
+ALL = ["ceiling", "torchkeep", "torch", "safetensors", "dcp"]
+SCALE_OPS = [
+    "disk ceiling (os.write+fsync)",
+    "torchkeep.save",
+    "torchkeep verify=True",
+    "torch.save",
+    "torch.load mmap=True",
+    "safetensors.save_file",
+    "safetensors.load_file",
+]
+LAZY_KEY = "blocks.12.up.weight"
+
+
+def plan(quick: bool) -> list[tuple[dict, int]]:
+    """(spec, repetitions) for each workload; quick runs shrink the big ones."""
+    big = 256 * MB if quick else 0
+    both = ["warm", "cold"]
+    specs = [
+        ({"workload": "llm", "size": big, "caches": both, "families": ALL}, 3),
+        ({"workload": "optim", "size": big, "families": ALL}, 3),
+        ({"workload": "small", "families": ALL}, 3),
+        ({"workload": "huge", "size": big, "caches": both, "families": ALL}, 3),
+    ]
+    sizes = [64, 128, 256] if quick else [64, 128, 256, 512, 1024, 2048]
+    for mb in sizes:
+        spec = {"workload": "scale", "size": mb * MB, "ops": SCALE_OPS}
+        spec["families"] = ["ceiling", "torchkeep", "torch", "safetensors"]
+        specs.append((spec, 1 if mb >= 1024 else 2))
+    return specs
+
+
+def run_worker(spec: dict, family: str, directory: str) -> list[dict]:
+    job = {k: v for k, v in spec.items() if k != "families"}
+    job.update(family=family, dir=directory)
+    if spec["workload"] == "llm" and family == "torchkeep":
+        job["lazy"] = LAZY_KEY if not spec.get("size") else "blocks.0.up.weight"
+    cmd = [sys.executable, os.path.join(HERE, "worker.py"), json.dumps(job)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  ! {spec['workload']}/{family} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return []
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM; Linux {platform.release()}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, for development")
+    ap.add_argument("--dir", default=None, help="where checkpoint files go (default: a temp dir)")
+    ap.add_argument("--out", default=os.path.join(HERE, "out"), help="results directory")
+    ap.add_argument("--plot", default=None, help="PNG path (default: <out>/perf.png)")
+    ap.add_argument("--only", nargs="*", help="workloads to run (llm optim small huge scale)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    directory = args.dir or tempfile.mkdtemp(prefix="torchkeep-bench-", dir=os.getcwd())
+    os.makedirs(directory, exist_ok=True)
+    rows: list[dict] = []
+    started = time.time()
+    try:
+        for spec, reps in plan(args.quick):
+            if args.only and spec["workload"] not in args.only:
+                continue
+            families = spec["families"]
+            for rep in range(reps):
+                order = families[rep % len(families) :] + families[: rep % len(families)]
+                for family in order:
+                    got = run_worker(spec, family, directory)
+                    rows.extend(got)
+                    print(
+                        f"  {spec['workload']}{spec.get('size') or ''} rep {rep} {family}: "
+                        f"{len(got)} rows ({time.time() - started:.0f} s)",
+                        flush=True,
+                    )
+    finally:
+        if not args.dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with open(os.path.join(args.out, f"bench-{stamp}.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    text = (
+        f"Command: `{command}` ({time.time() - started:.0f} s)\n\nMachine: {machine()}\n\n"
+        + summary(rows)
+    )
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text)
+    print(text)
+    plot(aggregate(rows), args.plot or os.path.join(args.out, "perf.png"))
+
+
+if __name__ == "__main__":
+    main()

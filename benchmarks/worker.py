@@ -1,0 +1,119 @@
+"""One benchmark subprocess: build a workload, run one contender family's ops, print JSON lines.
+
+Run by ``run.py`` in a fresh interpreter per (repetition, workload, family), so peak RSS is the
+family's own. Before each op the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
+so "peak extra RSS" is the op's high-water mark minus the RSS it started from.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from contenders import FAMILIES, drop_cache, remove  # noqa: E402
+from workloads import add_optimizer, build_model, checkpoint_bytes  # noqa: E402
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(fn, *args) -> dict:
+    """Time ``fn(*args)`` and its peak RSS above the starting RSS."""
+    gc.collect()
+    exact = _reset_peak()
+    rss0 = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    extra = fn(*args)
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    out = {"seconds": seconds, "peak_extra": max(0, peak - rss0) if exact else None}
+    out.update(extra or {})
+    return out
+
+
+def lazy_access(path: str, key: str) -> dict:
+    """Open a file lazily and read one named tensor; median of 21 tries (warm cache)."""
+    from safetensors import safe_open
+
+    import torchkeep
+
+    def tk() -> None:
+        with torchkeep.open_file(path) as reader:
+            reader.read_entry(key)
+
+    def st() -> None:
+        with safe_open(path, "pt") as f:
+            f.get_tensor(key)
+
+    out = {}
+    for name, fn in (
+        ("torchkeep.open_file+read_entry", tk),
+        ("safetensors.safe_open+get_tensor", st),
+    ):
+        times = []
+        for _ in range(21):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def main(spec: dict) -> None:
+    workload, family = spec["workload"], spec["family"]
+    model = build_model(workload, spec.get("size", 0), fill=True)
+    obj = add_optimizer(model) if workload == "optim" else model.state_dict()
+    nbytes = checkpoint_bytes(obj)
+    suffix, saves, loads = FAMILIES[family]
+    path = os.path.join(spec["dir"], f"{workload}{spec.get('size', '')}{suffix}")
+
+    def emit(op: str, kind: str, result: dict, cache: str = "") -> None:
+        row = {"workload": workload, "size": spec.get("size", 0), "family": family, "op": op}
+        row.update(kind=kind, bytes=nbytes, cache=cache, **result)
+        print(json.dumps(row), flush=True)
+
+    only = spec.get("ops")
+    for op, fn in saves.items():
+        if only and op not in only:
+            continue
+        remove(path)
+        emit(op, "save", measure(fn, obj, path))
+    if spec.get("lazy"):
+        for op, seconds in lazy_access(path, spec["lazy"]).items():
+            emit(op, "lazy", {"seconds": seconds, "peak_extra": None})
+    target = None if workload == "optim" else model
+    if workload == "optim" and family == "dcp":
+        loads = {}  # DCP loads in place into an existing state dict; covered on LLM-like
+    for cache in spec.get("caches", ["warm"]):
+        for op, fn in loads.items():
+            if only and op not in only:
+                continue
+            if cache == "cold":
+                drop_cache(path)  # "warm": the file was just written and is still cached
+            emit(op, "load", measure(fn, target, obj, path), cache)
+    if not spec.get("keep"):
+        remove(path)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
