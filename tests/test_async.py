@@ -180,3 +180,14 @@ def test_unobserved_failure_reported_at_exit(tmp_path) -> None:
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert "background save" in proc.stderr and "failed" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_staged_in_pinned_memory(tmp_path) -> None:
+    weight = torch.arange(4096, dtype=torch.float32, device="cuda")
+    handle = torchkeep.save_async({"w": weight}, tmp_path / "g.tk")
+    weight.zero_()
+    handle.wait()
+    assert asyncsave._DEFAULT.stager.pinned
+    loaded = torchkeep.load(tmp_path / "g.tk", map_location="cpu")
+    assert torch.equal(loaded["w"], torch.arange(4096, dtype=torch.float32))

@@ -108,3 +108,19 @@ def test_errors_before_writing_and_on_foreign_files(tmp_path) -> None:
         torchkeep.load_checkpoint(tmp_path / "plain.tk", {"w": 0})
     with pytest.raises(TorchkeepError, match="dict of name"):
         torchkeep.save_checkpoint(tmp_path / "x.tk", [1, 2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_rng_and_optimizer_state_device(tmp_path) -> None:
+    model = nn.Linear(4, 2).cuda()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 4, device="cuda")).sum().backward()
+    opt.step()
+    torchkeep.save_checkpoint(tmp_path / "g.tk", {"model": model, "optimizer": opt})
+    expected = torch.rand(3, device="cuda")
+    fresh_model = nn.Linear(4, 2).cuda()
+    fresh = {"model": fresh_model, "optimizer": torch.optim.AdamW(fresh_model.parameters())}
+    torchkeep.load_checkpoint(tmp_path / "g.tk", fresh)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+    for slot in fresh["optimizer"].state.values():
+        assert slot["exp_avg"].device.type == "cuda"
