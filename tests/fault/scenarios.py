@@ -92,7 +92,8 @@ def check_after_fault(kind: str, target: str, old: int, new: int, scale: int = 1
     """Assert the state after an interrupted save of ``new`` over ``old``; returns what is seen."""
     seen = committed(kind, target, scale)
     if kind == "step":
-        if old not in seen or not set(seen) <= {old - 1, old, new}:
+        # Retention interrupted by the fault may leave extra older steps; never newer ones.
+        if old not in seen or max(seen) > new:
             raise AssertionError(f"{target}: steps {seen} after a fault (old {old}, new {new})")
     elif seen not in ([old], [new]):
         raise AssertionError(f"{target}: holds {seen}, expected old {old} or new {new}")
