@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import test_model_zoo
@@ -137,3 +139,32 @@ def test_recurrent_flat_weights_stay_the_parameters(zoo, tmp_path) -> None:
     assert all(a is b for a, b in zip(loaded._flat_weights, own, strict=True))
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model.eval()(x)[0])
+
+
+_plain = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from([torch.float16, torch.int64, torch.bool]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=4) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(value=_plain)
+def test_plain_attributes_round_trip_exactly(tmp_path, value) -> None:
+    model = nn.ReLU()
+    model.extra_config = value
+    torchkeep.save_model(model, tmp_path / "m.tk")
+    loaded = torchkeep.load_model(tmp_path / "m.tk")
+    assert loaded.extra_config == value
+    assert repr(loaded.extra_config) == repr(value)  # types too (tuple vs list, int vs float)

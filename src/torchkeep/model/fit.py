@@ -19,6 +19,7 @@ import ast
 import functools
 import inspect
 import textwrap
+import warnings
 from typing import Any
 
 import torch
@@ -37,7 +38,8 @@ def _shapes(module: nn.Module) -> dict[str, tuple]:
 
 
 def _build_meta(cls: type, args: dict[str, Any]) -> nn.Module:
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return cls(**args)
 
 

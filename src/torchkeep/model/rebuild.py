@@ -71,9 +71,14 @@ class ClassResolver:
 
     def resolve(self, ref: Any, path: str) -> type:
         module, qual = _split(ref, "class", self.file, path)
-        cls = self.by_name.get(f"{module}:{qual}", self.by_name.get(qual))
+        cls = self.by_name.get(f"{module}:{qual}")
         if cls is None:
-            cls = self._lookup(module, qual, path)
+            try:
+                cls = self._lookup(module, qual, path)
+            except ClassNotAllowedError:
+                if qual not in self.by_name:  # a passed class of that name (it moved)
+                    raise
+                cls = self.by_name[qual]
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ClassNotAllowedError(
                 f"{self.file}: module {path or '<root>'} names {module}.{qual}, which is not an "
