@@ -17,6 +17,8 @@ import torchkeep
 from _compare import assert_same
 from torchkeep.format.reader import FileReader
 
+pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+
 MMAP = pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
 
 ST_DTYPES = [
