@@ -138,6 +138,9 @@ def test_ls_and_prune(fx: dict, tmp_path) -> None:
     assert kept == {10: [], 20: ["best"], 30: ["last"]}
     assert listing["steps"][0]["metrics"] == {"val_loss": 0.9}
     assert listing["leftovers"] == [leftover]
+    info = json.loads(run("inspect", str(run_dir), "--json"))
+    assert info["step"] == 30 and info["steps"] == [10, 20, 30]
+    assert any("incomplete save" in note for note in info["notes"])
     text = run("ls", str(run_dir), "--keep-last", "1")
     assert "prunable" in text and "incomplete" in text
     dry = json.loads(run("prune", str(run_dir), "--keep-last", "1", "--keep-best", "1",

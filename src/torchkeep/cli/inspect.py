@@ -79,7 +79,7 @@ def checksum_status(view: CheckpointView, verify: bool) -> dict | None:
 
 def summary(view: CheckpointView, verify: bool = True) -> dict[str, Any]:
     """The ``--json`` object of ``inspect``."""
-    return {
+    info: dict[str, Any] = {
         "path": view.path,
         "format": view.format,
         "num_tensors": len(view.refs),
@@ -92,11 +92,18 @@ def summary(view: CheckpointView, verify: bool = True) -> dict[str, Any]:
         "checksums": checksum_status(view, verify),
         "notes": list(view.notes),
     }
+    steps = getattr(view, "steps", None)
+    if steps:  # a run directory: what is shown is its newest step
+        info["step"] = steps[-1].step
+        info["steps"] = [s.step for s in steps]
+    return info
 
 
 def _print(info: dict[str, Any], limit: int) -> None:
     console = out()
     console.print(f"[bold]{info['path']}[/bold]  format: [cyan]{info['format']}[/cyan]")
+    if "step" in info:
+        console.print(f"newest of {len(info['steps'])} steps: step {info['step']}")
     console.print(
         f"{info['num_tensors']} tensors, {info['num_params']:,} parameters, "
         f"{human(info['total_bytes'])} ({info['total_bytes']:,} bytes)"

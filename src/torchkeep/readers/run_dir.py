@@ -86,7 +86,15 @@ class RunView(CheckpointView):
             raise FormatError(f"{path}: run directory holds no committed step")
         self.trusted = trusted
         self.latest = open_step(self.steps[-1].path, trusted)
-        super().__init__(path, "torchkeep-run", self.latest.skeleton, self.latest.notes)
+        notes = list(self.latest.notes)
+        try:
+            from ..manager import list_leftovers
+
+            notes += [f"{p}: incomplete save (ignored; swept on the next run)"
+                      for p in list_leftovers(path)]  # fmt: skip
+        except ImportError:
+            pass
+        super().__init__(path, "torchkeep-run", self.latest.skeleton, notes)
         self.refs = self.latest.refs
         self.checksum_algorithm = self.latest.checksum_algorithm
         self.step = self.steps[-1].step

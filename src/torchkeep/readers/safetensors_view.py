@@ -47,6 +47,8 @@ class FileView(CheckpointView):
         self.reader = FileReader(path)
         try:
             fmt = "torchkeep" if self.reader.is_torchkeep else "safetensors"
+            if self.reader.metadata.get("torchkeep_kind") == "model":
+                fmt = "torchkeep-model"  # torchkeep.save_model: structure and weights
             skeleton = self._skeleton()
             super().__init__(path, fmt, skeleton)
         except BaseException:
