@@ -53,7 +53,9 @@ def _notes(source: list[str], target: list[str]) -> list[str]:
     src, tgt = _wrappers_in(source), _wrappers_in(target)
     for segment, origin in WRAPPERS.items():
         if segment in src and segment not in tgt:
-            notes.append(f"normalized keys: removed the '{segment}.' prefix ({origin}) of the checkpoint")
+            notes.append(
+                f"normalized keys: removed the '{segment}.' prefix ({origin}) of the checkpoint"
+            )
         elif segment in tgt and segment not in src:
             notes.append(f"normalized keys: added the '{segment}.' prefix ({origin}) of the model")
     return notes or ["normalized keys across module wrappers"]

@@ -35,7 +35,9 @@ class LoadReport:
             ("shape mismatch", k, f"checkpoint {list(a)} vs model {list(b)}")
             for k, a, b in self.shape_mismatches
         ]
-        rows += [("dtype cast", k, f"checkpoint {a} -> model {b}") for k, a, b in self.dtype_changes]
+        rows += [
+            ("dtype cast", k, f"checkpoint {a} -> model {b}") for k, a, b in self.dtype_changes
+        ]
         return rows
 
     def table(self, limit: int = 40) -> str:
