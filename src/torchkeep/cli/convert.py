@@ -55,7 +55,7 @@ def convert_cmd(
     """
     shard = core.parse_size(max_shard_size) if max_shard_size else None
     with open_view(src, trusted=trusted) as view:
-        if shard is None and fmt is None and _whole_model(view, dst):
+        if shard is None and fmt in (None, core.TORCHKEEP) and _whole_model(view, dst):
             out().print(f"wrote {dst}: whole model from {view.format} (torchkeep model file)")
             return
         with progress_bar("converting", view.total_bytes) as advance:
