@@ -36,6 +36,20 @@ class Sized(nn.Module):
         return self.out(self.fc(x))
 """
 
+V1 += """
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        if not hasattr(self, "seen"):
+            self.seen = 0
+        self.seen += 1
+        return self.lin(x) * self.seen
+"""
+
 V2 = (
     V1.replace("self.linear = nn.Linear", "self.fc = nn.Linear")
     .replace("self.linear(x)", "self.fc(x)")
@@ -72,7 +86,9 @@ def test_unchanged_class_loads(versions, tmp_path) -> None:
     v1, _ = versions
     torchkeep.save_model(v1.Sized(3), tmp_path / "m.tk")
     torchkeep.save_model(v1.Model(6), tmp_path / "seed.tk")
+    torchkeep.save_model(v1.Counter(), tmp_path / "lazy.tk")  # attribute made by forward
     assert type(torchkeep.load_model(tmp_path / "m.tk")).__name__ == "Sized"
+    assert torchkeep.load_model(tmp_path / "lazy.tk")(torch.ones(1, 2)).shape == (1, 2)
     assert type(torchkeep.load_model(tmp_path / "seed.tk")).__name__ == "Model"
 
 

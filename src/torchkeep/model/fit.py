@@ -86,26 +86,42 @@ def _constructor_rows(cls: type, args: dict, built: nn.Module, prefix: str, repo
     ]
 
 
+def _is_probe(node: ast.AST) -> bool:
+    """``hasattr(self, "name")`` / ``getattr(...)`` / ``setattr(...)`` with a literal name."""
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("hasattr", "getattr", "setattr")
+        and len(node.args) >= 2
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _forward_names(cls: type) -> frozenset[str] | None:
-    """``self.NAME`` reads in the class's own ``forward``; None when the source is unavailable."""
+    """``self.NAME`` reads in the class's own ``forward``; None when the source is unavailable.
+
+    Names ``forward`` also assigns, or probes with ``hasattr``/``getattr``, are left out (they
+    may be created lazily); a class with its own ``__getattr__`` is not checked at all.
+    """
     forward = cls.__dict__.get("forward")
-    if forward is None:
+    if forward is None or any(
+        "__getattr__" in vars(k) for k in cls.__mro__[: cls.__mro__.index(nn.Module)]
+    ):
         return None
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
         return None
-    names = set()
+    reads, lazy = set(), set()
     for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id == "self"
-            and isinstance(node.ctx, ast.Load)
-        ):
-            names.add(node.attr)
-    return frozenset(names)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id == "self":
+                (reads if isinstance(node.ctx, ast.Load) else lazy).add(node.attr)
+        elif _is_probe(node):
+            lazy.add(node.args[1].value)
+    return frozenset(reads - lazy)
 
 
 def _source_rows(cls: type, built: nn.Module, node: dict, prefix: str, report: LoadReport):
