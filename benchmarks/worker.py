@@ -92,9 +92,9 @@ def main(spec: dict) -> None:
         row.update(kind=kind, bytes=nbytes, cache=cache, **result)
         print(json.dumps(row), flush=True)
 
-    only = spec.get("ops")
+    only, skip = spec.get("ops"), spec.get("skip", [])
     for op, fn in saves.items():
-        if only and op not in only:
+        if (only and op not in only) or op in skip:
             continue
         remove(path)
         emit(op, "save", measure(fn, obj, path))

@@ -204,3 +204,40 @@ def test_noncontiguous_and_views_saved_exactly(tmp_path, monkeypatch):
     back = torchkeep.load(path)
     for k in obj:
         assert torch.equal(back[k], obj[k]), k
+
+
+@pytest.mark.parametrize(
+    "obj,meta",
+    [
+        ({}, {}),
+        ({"w": torch.ones(3), 'é"k': torch.zeros(2, dtype=torch.bfloat16)}, {"note": 'q"ü'}),
+        (
+            {"torchkeep.header_checksum": torch.ones(1), "x": [1, "0000000000000000"]},
+            {"v": '"torchkeep.checksums":"x"'},
+        ),
+    ],
+)
+def test_patched_final_header_equals_full_encoding(obj, meta):
+    """The final header is patched into the placeholder; it must equal a full re-encoding."""
+    import json as _json
+
+    from torchkeep.format import checksum, header
+    from torchkeep.format.writer import prepare
+
+    prepared = prepare(obj, meta)
+    sums = {e.key: f"{i:016x}" for i, e in enumerate(prepared.entries)}
+    entries = {
+        e.key: {"dtype": e.st_dtype, "shape": e.shape, "data_offsets": [e.begin, e.end]}
+        for e in prepared.entries
+    }
+    full = {
+        header.META_FORMAT: "pt",
+        **meta,
+        header.META_VERSION: header.FORMAT_VERSION,
+        header.META_TREE: _json.dumps(prepared.tree, separators=(",", ":")),
+        header.META_CHECKSUMS: _json.dumps(
+            {"algorithm": checksum.ALGORITHM, "tensors": sums}, separators=(",", ":")
+        ),
+    }
+    full[header.META_HEADER_SUM] = header.header_digest(entries, full)
+    assert prepared.header_bytes(sums) == header.encode_header(entries, full)
