@@ -9,6 +9,7 @@ works on it too) plus one entry, ``__torchkeep_model__``, holding the module des
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -43,6 +44,12 @@ def save_model(
     any byte is written. torch.compile / DataParallel / DDP wrappers are removed.
     """
     described = capture(model, drop_hooks=drop_hooks)
+    if described.hooks_dropped:
+        warnings.warn(
+            f"save_model({os.fspath(path)!r}): hooks not saved: "
+            + ", ".join(described.hooks_dropped[:8]),
+            stacklevel=2,
+        )
     if MODEL_ENTRY in described.tensors:
         raise TorchkeepError(f"the model has a tensor named {MODEL_ENTRY!r}; rename it")
     entry = {"version": LAYOUT_VERSION, "root": described.root, "extra": described.extra}

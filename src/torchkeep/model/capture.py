@@ -42,13 +42,13 @@ class Capture:
     hooks_dropped: list[str] = field(default_factory=list)
 
 
-def class_path(cls: type) -> str:
+def class_path(cls: type, where: str = "<root>") -> str:
     """``module:qualname`` of a class; refuses classes that cannot be found again by name."""
     qual = cls.__qualname__
     if "<locals>" in qual or "<" in cls.__module__:
         raise UnsupportedValueError(
-            f"class {cls.__module__}.{qual} is defined inside a function and cannot be found "
-            "again when loading; define it at module level"
+            f"{where}: class {cls.__module__}.{qual} is defined inside a function and cannot "
+            "be found again when loading; define it at module level"
         )
     module = sys.modules.get(cls.__module__)
     found: Any = module
@@ -56,7 +56,7 @@ def class_path(cls: type) -> str:
         found = vars(found).get(part) if hasattr(found, "__dict__") else None
     if found is not cls:
         raise UnsupportedValueError(
-            f"class {cls.__module__}.{qual} cannot be found again by its name (created "
+            f"{where}: class {cls.__module__}.{qual} cannot be found again by its name (created "
             "dynamically, e.g. by torch.nn.utils.parametrize); remove the parametrizations "
             "(parametrize.remove_parametrizations) before saving, or save the state_dict"
         )
@@ -67,7 +67,9 @@ def safe_function(namespace: str, fn: Any) -> bool:
     """Builtin ops of ``torch``/``operator``; Python functions only from torch.nn.functional."""
     if isinstance(fn, type) or not callable(fn):
         return False
-    return namespace == "torch.nn.functional" or isinstance(fn, types.BuiltinFunctionType)
+    if isinstance(fn, types.BuiltinFunctionType):
+        return True
+    return namespace == "torch.nn.functional" and getattr(fn, "__module__", None) == namespace
 
 
 def function_ref(fn: Any, path: str) -> str:
@@ -97,7 +99,8 @@ class _Capturer:
     def module(self, mod: nn.Module, prefix: str) -> dict:
         self.module_paths[id(mod)] = prefix
         where = prefix or "<root>"
-        node: dict[str, Any] = {"class": class_path(type(mod)), "training": bool(mod.training)}
+        node: dict[str, Any] = {"class": class_path(type(mod), where)}
+        node["training"] = mod.training is True
         self._hooks(mod, where)
         node["params"] = self._tensors(mod._parameters, prefix, persistent=set(mod._parameters))
         node["buffers"] = self._tensors(

@@ -120,7 +120,8 @@ def resolve_function(ref: Any, file: str, path: str) -> Any:
     """The allow-listed function a saved ``namespace:name`` reference names."""
     module, name = _split(ref, "function", file, path)
     namespaces = dict(FUNCTION_NAMESPACES)
-    fn = vars(namespaces[module]).get(name) if module in namespaces and _NAME.match(name) else None
+    known = module in namespaces and _NAME.match(name) and not name.startswith("_")
+    fn = vars(namespaces[module]).get(name) if known else None
     if fn is None or not safe_function(module, fn):
         raise ClassNotAllowedError(
             f"{file}: attribute {path} names the function {module}.{name}; only functions of "
