@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -104,6 +106,8 @@ def test_whole_model_file_is_a_state_dict_file(zoo, tmp_path) -> None:
         assert reader.metadata[KIND_KEY] == "model"
         keys = set(reader.keys())
     assert set(model.state_dict()) - keys == {"heads.lm.weight"}  # tied: stored once (alias)
+    stock = safetensors.torch.load_file(path)  # interoperable: stock safetensors opens it
+    assert torch.equal(stock["emb.weight"], model.emb.weight.detach())
     fresh = zoo.Net()
     report = torchkeep.load_state_dict(fresh, path)
     assert report.ok
@@ -168,3 +172,13 @@ def test_plain_attributes_round_trip_exactly(tmp_path, value) -> None:
     loaded = torchkeep.load_model(tmp_path / "m.tk")
     assert loaded.extra_config == value
     assert repr(loaded.extra_config) == repr(value)  # types too (tuple vs list, int vs float)
+
+
+def test_corruption_is_detected(tmp_path) -> None:
+    path = tmp_path / "m.tk"
+    torchkeep.save_model(nn.Linear(64, 64), path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # a weight byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(torchkeep.CorruptionError):
+        torchkeep.load_model(path)
