@@ -26,7 +26,9 @@ SAMPLES = STEPS_PER_EPOCH * BATCH
 
 
 # ------------------------------------------------------------------------ the training script
-def _train(run_dir: str, log: str, out: str, workers: int, kill_step: int, kill_op: int) -> None:
+def _train(
+    run_dir: str, log: str, out: str, workers: int, kill_step: int, kill_op: int, async_save: bool
+) -> None:
     import numpy as np
     import torch
     from torch import nn
@@ -83,7 +85,7 @@ def _train(run_dir: str, log: str, out: str, workers: int, kill_step: int, kill_
             self._tick()
             return super().replace(src, dst)
 
-    mgr = torchkeep.CheckpointManager(run_dir, keep_last=2)
+    mgr = torchkeep.CheckpointManager(run_dir, keep_last=2, async_save=async_save)
     mgr.restore(state)
     with open(log, "a") as logf:
         while state["step"] < TOTAL_STEPS:
@@ -100,8 +102,9 @@ def _train(run_dir: str, log: str, out: str, workers: int, kill_step: int, kill_
                 logf.flush()
                 if step % SAVE_EVERY == 0 or step == TOTAL_STEPS:
                     if step == kill_step and kill_op:
-                        with use_ops(KillAt()):
+                        with use_ops(KillAt()):  # async: the kill hits the background write
                             mgr.save(step, state)
+                            mgr.wait()
                         os.kill(os.getpid(), signal.SIGKILL)  # the save had fewer ops
                     else:
                         mgr.save(step, state)
@@ -116,13 +119,18 @@ def _train(run_dir: str, log: str, out: str, workers: int, kill_step: int, kill_
 
 
 # ----------------------------------------------------------------------------------- the test
-def _run(tmp, name: str, workers: int, kill_step: int = 0, kill_op: int = 0) -> tuple[str, str]:
+def _run(
+    tmp, name: str, workers: int, kill_step: int = 0, kill_op: int = 0, async_save: bool = False
+) -> tuple[str, str]:
     run_dir, log, out = (os.path.join(tmp, f"{name}.{s}") for s in ("run", "log", "tk"))
-    cmd = [sys.executable, __file__, run_dir, log, out, str(workers), str(kill_step), str(kill_op)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    head = [sys.executable, __file__, run_dir, log, out, str(workers)]
+    tail = [str(int(async_save))]
+    proc = subprocess.run(
+        [*head, str(kill_step), str(kill_op), *tail], capture_output=True, text=True, timeout=120
+    )
     if kill_step:
         assert proc.returncode == -signal.SIGKILL, proc.stderr
-        proc = subprocess.run(cmd[:-2] + ["0", "0"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([*head, "0", "0", *tail], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return log, out
 
@@ -166,24 +174,16 @@ def test_killed_run_resumes_bit_identical(tmp_path, workers: int, long_run: bool
     # make test: every kind with 0 workers, in-save and mid-epoch with 2 (worker start is slow)
     trials = 9 if long_run else 3 if workers == 0 else 2
     for n, (kind, step, op) in enumerate(_kill_points(rng, trials, 0 if workers == 0 else 2)):
-        log, out = _run(tmp_path, f"t{n}", workers, step, op)
+        async_save = (n + workers // 2) % 2 == 1  # nw=0: epoch boundary, nw=2: in-save
+        log, out = _run(tmp_path, f"t{n}", workers, step, op, async_save)
         seen = _losses(log)
         assert sorted(seen) == sorted(reference), (kind, step, op)
         for s, values in seen.items():
-            assert set(values) == set(reference[s]), f"{kind} kill at step {step} op {op}: step {s}"
+            where = f"{kind} kill at step {step} op {op} async={async_save}: step {s}"
+            assert set(values) == set(reference[s]), where
         params = torchkeep.load(out)
         for key, value in ref_params.items():
             assert torch.equal(params[key], value), (kind, step, op, key)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    for arg in ("run_dir", "log", "out"):
-        parser.add_argument(arg)
-    for arg in ("workers", "kill_step", "kill_op"):
-        parser.add_argument(arg, type=int)
-    a = parser.parse_args()
-    _train(a.run_dir, a.log, a.out, a.workers, a.kill_step, a.kill_op)
 
 
 # ------------------------------------------- in-process data-loader resume (fast, many cases)
@@ -227,3 +227,13 @@ def test_loader_resume_exact_across_epochs(tmp_path, with_generator: bool, posit
     fresh = _loader(with_generator)
     torchkeep.load_checkpoint(tmp_path / "l.tk", {"loader": fresh})
     assert _batches(fresh, 3)[: len(expected)] == expected
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    for arg in ("run_dir", "log", "out"):
+        parser.add_argument(arg)
+    for arg in ("workers", "kill_step", "kill_op", "async_save"):
+        parser.add_argument(arg, type=int)
+    a = parser.parse_args()
+    _train(a.run_dir, a.log, a.out, a.workers, a.kill_step, a.kill_op, bool(a.async_save))
