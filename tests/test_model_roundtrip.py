@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import safetensors.torch
 import torch
@@ -182,3 +184,31 @@ def test_corruption_is_detected(tmp_path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(torchkeep.CorruptionError):
         torchkeep.load_model(path)
+
+
+def _golden_model() -> nn.Module:
+    """The model in tests/golden/v1_model_sequential.tk, built by hand (deterministic weights)."""
+    model = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.ReLU(),
+        nn.BatchNorm1d(4),
+        nn.TransformerEncoderLayer(4, 1, 8, dropout=0.0, batch_first=True),
+    )
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape) * (i % 3 + 1) / 4)
+        model[2].running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        model[2].running_var.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+        model[2].num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def test_golden_whole_model_file_still_loads() -> None:
+    golden = Path(__file__).parent / "golden" / "v1_model_sequential.tk"
+    loaded = torchkeep.load_model(golden)
+    expected = _golden_model()
+    assert int(loaded[2].num_batches_tracked) == 7
+    assert loaded[3].activation is torch.nn.functional.relu
+    x = torch.linspace(-2, 2, 6).reshape(2, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected(x))
