@@ -239,3 +239,14 @@ def test_second_writer_gets_lock_error_until_first_dies(tmp_path) -> None:
     mgr.save(2, {"w": torch.zeros(2)})  # SIGKILL released the lock
     mgr.close()
     assert [s.step for s in list_steps(tmp_path)] == [1, 2]
+
+
+def test_mismatch_in_a_later_object_modifies_nothing(tmp_path) -> None:
+    path = tmp_path / "two.tk"
+    first, second = nn.Linear(2, 2), nn.Linear(3, 1)
+    torchkeep.save_checkpoint(path, {"a": first, "b": second})
+    target_a = nn.Linear(2, 2)
+    before = target_a.weight.detach().clone()
+    with pytest.raises(StateDictMismatchError, match=r"(?s)state\['b'\].*weight"):
+        torchkeep.load_checkpoint(path, {"a": target_a, "b": nn.Linear(4, 1)})
+    assert torch.equal(target_a.weight, before)

@@ -16,7 +16,10 @@ from torch import nn
 
 from ..errors import StateDictMismatchError, TorchkeepError
 from .loader import capture_generators, is_stateful_loader, settle
+from .module import _check as check_report
+from .module import _plan as plan_load
 from .module import load_state_dict as load_module
+from .report import LoadReport
 from .rng import capture_rng, restore_rng
 
 FORMAT = "torchkeep.training-state/1"
@@ -78,6 +81,8 @@ def restore(
     """
     objects, values = _check_tree(tree, source)
     _check_keys(objects, values, state, source)
+    for name in objects:  # shapes of modules and optimizers, before anything is modified
+        _precheck(name, state[name], objects[name], source)
     ordered = sorted(objects, key=lambda n: not isinstance(state[n], nn.Module))
     loaders = tree.get("loaders") if isinstance(tree.get("loaders"), dict) else {}
     for name in ordered:
@@ -143,8 +148,6 @@ def _restore_object(name: str, target: Any, saved: Any, source: str) -> None:
         except StateDictMismatchError as exc:
             raise StateDictMismatchError(f"{source}: state[{name!r}]: {exc}", exc.report) from exc
         return
-    if isinstance(target, torch.optim.Optimizer):
-        _check_optimizer(name, target, saved, source)
     try:
         target.load_state_dict(saved)
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
@@ -154,6 +157,18 @@ def _restore_object(name: str, target: Any, saved: Any, source: str) -> None:
         ) from exc
     if isinstance(target, torch.optim.Optimizer):
         _state_to_param_devices(target)
+
+
+def _precheck(name: str, target: Any, saved: Any, source: str) -> None:
+    if isinstance(target, torch.optim.Optimizer):
+        _check_optimizer(name, target, saved, source)
+    elif isinstance(target, nn.Module):
+        if not isinstance(saved, dict):
+            raise StateDictMismatchError(f"{source}: state[{name!r}]: saved value is no state dict")
+        report = LoadReport(source=f"{source}: state[{name!r}]")
+        sources = {k: (tuple(v.shape), v.dtype) for k, v in saved.items() if torch.is_tensor(v)}
+        plan_load(report, dict(target.state_dict(keep_vars=True)), sources)
+        check_report(report, strict=True)
 
 
 def _check_optimizer(name: str, opt: torch.optim.Optimizer, saved: Any, source: str) -> None:
