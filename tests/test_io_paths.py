@@ -241,3 +241,13 @@ def test_patched_final_header_equals_full_encoding(obj, meta):
     }
     full[header.META_HEADER_SUM] = header.header_digest(entries, full)
     assert prepared.header_bytes(sums) == header.encode_header(entries, full)
+
+
+@pytest.mark.parametrize("early", [0, 1])
+def test_early_writeback_on_and_off(tmp_path, monkeypatch, early):
+    monkeypatch.setattr(knobs, "EARLY_WRITEBACK", early)
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", 1 << 20)  # two 1 MiB chunks take the writeback path
+    sd = {"w": torch.arange(512 * 1024, dtype=torch.float32), "b": torch.ones(3)}
+    path = tmp_path / "m.tk"
+    torchkeep.save(sd, path)
+    _assert_same(load_file(str(path)), sd)

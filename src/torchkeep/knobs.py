@@ -28,5 +28,8 @@ IO_THREADS = _env_int("IO_THREADS", 4)
 SMALL_TENSOR_BYTES = _env_int("SMALL_TENSOR_BYTES", 256 * 1024)
 #: Size of one staging batch of small tensors (also the read batch of small tensors on load).
 BATCH_BYTES = _env_int("BATCH_BYTES", 8 * 1024 * 1024)
+#: Start each written chunk's writeback right away (Linux sync_file_range), so the disk works
+#: while later chunks are copied and the closing fsync has little left to do. 0 disables.
+EARLY_WRITEBACK = _env_int("EARLY_WRITEBACK", 1)
 #: Header is padded to a multiple of this many bytes so tensor data starts aligned.
 HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)
