@@ -124,3 +124,33 @@ def test_cuda_rng_and_optimizer_state_device(tmp_path) -> None:
     assert torch.equal(torch.rand(3, device="cuda"), expected)
     for slot in fresh["optimizer"].state.values():
         assert slot["exp_avg"].device.type == "cuda"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.ReduceLROnPlateau(opt),  # holds inf
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.9**e),
+        lambda opt: torch.optim.lr_scheduler.SequentialLR(
+            opt,
+            [
+                torch.optim.lr_scheduler.ConstantLR(opt),
+                torch.optim.lr_scheduler.ExponentialLR(opt, 0.9),
+            ],
+            milestones=[2],
+        ),
+    ],
+)
+def test_scheduler_zoo_round_trips(tmp_path, make) -> None:
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = make(opt)
+    for _ in range(3):
+        opt.step()
+        sched.step(1.0) if isinstance(
+            sched, torch.optim.lr_scheduler.ReduceLROnPlateau
+        ) else sched.step()
+    torchkeep.save_checkpoint(tmp_path / "s.tk", {"s": sched}, rng=False)
+    fresh = make(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    torchkeep.load_checkpoint(tmp_path / "s.tk", {"s": fresh}, rng=False)
+    assert repr(fresh.state_dict()) == repr(sched.state_dict())
