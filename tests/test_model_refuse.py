@@ -94,9 +94,21 @@ def test_hooks_are_refused_unless_dropped(tmp_path) -> None:
     assert torch.equal(loaded(x), model(x))
 
 
-def test_not_a_module(tmp_path) -> None:
+def test_not_a_module_and_torchscript(tmp_path) -> None:
     with pytest.raises(UnsupportedValueError, match="expects an nn.Module"):
         torchkeep.save_model({"w": torch.zeros(1)}, tmp_path / "m.tk")
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(UnsupportedValueError, match="torch.jit.save"):
+        torchkeep.save_model(torch.jit.script(model), tmp_path / "m.tk")
+    torchkeep.save_model(model, tmp_path / "m.tk")  # scripting left caches on the original
+    assert type(torchkeep.load_model(tmp_path / "m.tk")[0]) is nn.Linear
+
+
+def test_dunder_attribute_is_refused_at_save_time(tmp_path) -> None:
+    model = nn.Linear(2, 2)
+    model.__dict__["__weird__"] = 1
+    with pytest.raises(UnsupportedValueError, match="__weird__"):
+        torchkeep.save_model(model, tmp_path / "m.tk")
 
 
 # ------------------------------------------------------------------------------- load time

@@ -26,6 +26,8 @@ from .fit import init_args
 
 #: ``Module.__init__``'s own bookkeeping; these are rebuilt fresh, never stored as attributes.
 INTERNALS = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}
+#: Caches torch adds to a module's ``__dict__`` at run time (TorchScript overloads); not saved.
+RUNTIME_ONLY = frozenset({"__overloads__"})
 STRUCTURE = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
 #: Namespaces whose functions may be referenced by name (resolved without importing anything).
 FUNCTION_NAMESPACES = (("torch.nn.functional", F), ("torch", torch), ("operator", operator))
@@ -156,9 +158,14 @@ class _Capturer:
         functions: dict[str, str] = {}
         refs: dict[str, Any] = {}
         for name, value in _state(mod, prefix).items():
-            if name in INTERNALS:
+            if name in INTERNALS or name in RUNTIME_ONLY:
                 continue
             path = _join(prefix, name)
+            if name.startswith("__") or not name.isidentifier():
+                raise UnsupportedValueError(
+                    f"{path}: attribute names that are not identifiers or start with '__' are "
+                    "not saved (they could shadow Python internals on load); rename it"
+                )
             ref = self._tensor_ref(value)
             if ref is not None:
                 refs[name] = ref
@@ -253,6 +260,11 @@ def capture(model: nn.Module, *, drop_hooks: bool = False) -> Capture:
         raise UnsupportedValueError(
             f"save_model expects an nn.Module, got {type(model).__qualname__}; use "
             "torchkeep.save for state dicts and other objects"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedValueError(
+            "save_model got a TorchScript module; its code lives in C++, not in Python classes. "
+            "Save it with torch.jit.save, or save the original (unscripted) module"
         )
     capturer = _Capturer(drop_hooks)
     capturer.out.root = capturer.module(unwrap(model), "")
