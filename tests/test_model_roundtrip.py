@@ -122,6 +122,8 @@ def test_shared_submodule_and_wrappers(tmp_path) -> None:
     torchkeep.save_model(nn.DataParallel(model), tmp_path / "m.tk")  # wrapper removed
     loaded = torchkeep.load_model(tmp_path / "m.tk", map_location="cpu")
     assert type(loaded) is nn.Sequential and loaded[0] is loaded[2]
+    torchkeep.save_model(torch.compile(model), tmp_path / "c.tk")  # not compiled until called
+    assert type(torchkeep.load_model(tmp_path / "c.tk")) is nn.Sequential
     x = torch.randn(2, 3)
     assert torch.equal(loaded(x), model(x))
 
