@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torchkeep
 from _compare import assert_same
 from torchkeep.format.reader import FileReader
 
+LONG = os.environ.get("TORCHKEEP_LONG") == "1"
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 
 MMAP = pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
@@ -295,7 +297,20 @@ def test_optimizer_resumes_bit_identically(tmp_path, make_opt, mmap):
 
 # ------------------------------------------------------------------------------ property test
 
-_DTYPES_FOR_PROPERTY = [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex128]
+_DTYPES_FOR_PROPERTY = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float8_e5m2,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex128,
+]
+
+
+def _strided(t: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return t.t() if transpose and t.dim() == 2 else t
+
 
 leaves = st.one_of(
     st.none(),
@@ -303,28 +318,40 @@ leaves = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=8),
-    st.sampled_from([torch.float16, torch.int8, torch.device("cpu")]),
+    st.binary(max_size=8),
+    st.complex_numbers(allow_nan=False),
+    st.sampled_from([torch.float16, torch.int8, torch.device("cpu"), torch.Size([2, 0])]),
     st.builds(
-        lambda d, shape: sample(d, tuple(shape)),
-        st.sampled_from(_DTYPES_FOR_PROPERTY),
-        st.lists(st.integers(0, 3), max_size=3),
+        _strided,
+        st.builds(
+            lambda d, shape: sample(d, tuple(shape)),
+            st.sampled_from(_DTYPES_FOR_PROPERTY),
+            st.lists(st.integers(0, 3), max_size=3),
+        ),
+        st.booleans(),
     ),
     st.builds(lambda n: np.arange(n, dtype=np.float32), st.integers(0, 4)),
+    st.builds(np.int32, st.integers(-(2**31), 2**31 - 1)),
+    st.builds(np.float64, st.floats()),
 )
-keys = st.one_of(st.text(max_size=6), st.integers(-3, 3))
+keys = st.one_of(st.text(max_size=6), st.integers(-3, 3), st.none(), st.tuples(st.integers()))
 trees = st.recursive(
     leaves,
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.lists(inner, max_size=4).map(tuple),
         st.dictionaries(keys, inner, max_size=4),
+        st.dictionaries(st.text(max_size=4), inner, max_size=4).map(collections.OrderedDict),
+        st.frozensets(st.one_of(st.integers(), st.text(max_size=3)), max_size=3),
     ),
     max_leaves=12,
 )
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=600 if LONG else 60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(obj=trees)
 def test_property_round_trip(tmp_path, obj):
@@ -332,7 +359,9 @@ def test_property_round_trip(tmp_path, obj):
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=250 if LONG else 25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(obj=trees)
 def test_property_round_trip_shared(tmp_path, obj):
