@@ -50,6 +50,7 @@ VALUES = {
     "tensor-subclass": torch.ones(2).as_subclass(type("MyTensor", (torch.Tensor,), {})),
     "ellipsis": ...,
     "generator": (i for i in range(2)),
+    "huge-int": 10**5000,
 }
 
 

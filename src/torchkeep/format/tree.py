@@ -25,6 +25,8 @@ from .dtypes import dtype_from_name, dtype_name
 TAG = "$"
 #: Flattened keys that cannot name a tensor (the safetensors header reserves ``__metadata__``).
 RESERVED_KEYS = frozenset({"__metadata__"})
+#: Largest int stored in the tree: Python refuses to parse ints over 4300 digits by default.
+MAX_INT_BITS = 14_000
 
 
 @dataclass
@@ -60,7 +62,12 @@ class _Encoder:
     def encode(self, obj: Any, path: str, parts: list[str]) -> Any:
         if obj is None or type(obj) in (bool, str):
             return obj
-        if isinstance(obj, int) and type(obj) is int:
+        if type(obj) is int:
+            if obj.bit_length() > MAX_INT_BITS:
+                raise UnsupportedValueError(
+                    f"{path or '<root>'}: an int of {obj.bit_length()} bits is too large for "
+                    "JSON readers (over ~4000 digits); store it as bytes or a string"
+                )
             return obj
         if type(obj) is float:
             return obj if math.isfinite(obj) else {TAG: "float", "v": _float_text(obj)}
