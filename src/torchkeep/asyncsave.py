@@ -150,7 +150,7 @@ class AsyncSaver:
     def start(
         self,
         job: Callable[[], Any],
-        prepared: list[PreparedFile],
+        prepared: PreparedFile,
         description: str,
         *,
         background: bool,
@@ -158,13 +158,13 @@ class AsyncSaver:
         """Run ``job`` after the previous save finished; snapshot ``prepared`` if in background."""
         with self._lock:
             self.wait_previous()
+            if background:
+                self.stager.stage(prepared)  # may raise: then no save is in flight
             handle = SaveHandle(description)
             self._current = handle
             if not background:
                 handle._run(job)
                 return handle
-            for item in prepared:
-                self.stager.stage(item)
             thread = threading.Thread(
                 target=handle._run, args=(job,), name="torchkeep-save", daemon=False
             )
@@ -215,11 +215,11 @@ def save_async(
     """
     path = os.path.abspath(os.fspath(path))
     prepared = prepare(obj, metadata)
-    return _DEFAULT.start(lambda: write_file(prepared, path), [prepared], path, background=True)
+    return _DEFAULT.start(lambda: write_file(prepared, path), prepared, path, background=True)
 
 
 def save_blocking(obj: Any, path: str, *, metadata: dict[str, str] | None = None) -> None:
     """The synchronous save: the same pipeline run inline, without a snapshot copy."""
     path = os.path.abspath(os.fspath(path))
     prepared = prepare(obj, metadata)
-    _DEFAULT.start(lambda: write_file(prepared, path), [prepared], path, background=False).wait()
+    _DEFAULT.start(lambda: write_file(prepared, path), prepared, path, background=False).wait()

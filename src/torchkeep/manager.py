@@ -232,7 +232,7 @@ class CheckpointManager:
             return path
 
         handle = self._saver.start(
-            job, [prepared], f"{self.directory} step {step}", background=self.async_save
+            job, prepared, f"{self.directory} step {step}", background=self.async_save
         )
         self._handle, self._reported = handle, False
         if not self.async_save:
