@@ -230,6 +230,17 @@ def test_reserved_metadata_key_is_not_a_tensor_key(tmp_path):
     assert_same(obj, torchkeep.load(path))
 
 
+def test_unencodable_key_gets_an_escaped_entry_name(tmp_path):
+    obj = {"\ud800": torch.ones(2), "a": {"\udfff": [torch.zeros(1)]}}
+    path = tmp_path / "s.tk"
+    torchkeep.save(obj, path)
+    with safe_open(str(path), "pt") as handle:
+        assert set(handle.keys()) == {"\\ud800", "a.\\udfff.0"}
+    assert_same(obj, torchkeep.load(path))
+    with pytest.raises(torchkeep.UnsupportedValueError, match="surrogates"):
+        torchkeep.save({}, path, metadata={"k": "\ud800"})
+
+
 def test_save_overwrites_and_leaves_no_temp(tmp_path):
     path = tmp_path / "o.tk"
     torchkeep.save({"v": 1}, path)

@@ -57,7 +57,10 @@ class _Encoder:
 
     def unique_key(self, parts: list[str]) -> str:
         """Dot-joined path, made unique with ``#2``, ``#3``... (and never a reserved name)."""
-        return claim_key(self._keys, ".".join(parts) or "tensor")
+        base = ".".join(parts) or "tensor"
+        # Header keys must be valid UTF-8: lone surrogates become visible \udXXX escapes.
+        base = base.encode("utf-8", "backslashreplace").decode("utf-8")
+        return claim_key(self._keys, base)
 
     def encode(self, obj: Any, path: str, parts: list[str]) -> Any:
         if obj is None or type(obj) in (bool, str):

@@ -108,6 +108,14 @@ def prepare(obj: Any, metadata: dict[str, str] | None = None) -> PreparedFile:
         return _prepare(obj, metadata)
 
 
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _prepare(obj: Any, metadata: dict[str, str] | None) -> PreparedFile:
     user = dict(metadata or {})
     for key, value in user.items():
@@ -115,6 +123,10 @@ def _prepare(obj: Any, metadata: dict[str, str] | None) -> PreparedFile:
             raise UnsupportedValueError(f"metadata[{key!r}]: metadata must map str to str")
         if key.startswith("torchkeep.") or key == header.META_FORMAT:
             raise UnsupportedValueError(f"metadata[{key!r}]: this key is reserved by torchkeep")
+        if not (_utf8_ok(key) and _utf8_ok(value)):
+            raise UnsupportedValueError(
+                f"metadata[{key!r}]: lone surrogates cannot be stored as UTF-8; fix the string"
+            )
     tree, leaves = encode(obj)
     prepared = PreparedFile(plan_entries(leaves), tree, user)
     prepared.header_bytes()  # build the placeholder header now, still without the collector
