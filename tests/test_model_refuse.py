@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import test_model_zoo
@@ -152,6 +154,7 @@ def test_function_references_outside_the_allow_list_are_refused(tmp_path, ref) -
         {"modules": {"a": {"shared": "nowhere"}}},
         {"class": "torch.nn:Linear; import os"},
         {"class": "torch.nn:__class__"},
+        {"class": "torch.nn:LSTM", "attrs": {"_all_weights": [[1]]}},
     ],
 )
 def test_malformed_descriptions_are_format_errors(tmp_path, extra) -> None:
@@ -213,3 +216,38 @@ def test_hostile_files_run_nothing_in_a_fresh_process(tmp_path) -> None:
     assert result["results"] == ["ClassNotAllowedError"] * len(roots)
     assert result == {**result, "events": [], "sentinel": False, "http": False}
     assert issubclass(ClassNotAllowedError, TorchkeepError)
+
+
+_classes = st.sampled_from(
+    ["torch.nn:Linear", "torch.nn:ReLU", "torch.nn:LSTM", "torch.nn:MultiheadAttention",
+     "torch.nn:Sequential", "torch.nn:BatchNorm1d", "os:system", "x", "a:b:c", 3]
+)  # fmt: skip
+_values = st.none() | st.integers(-3, 3) | st.text(max_size=3) | st.lists(st.integers(), max_size=2)
+_names = st.sampled_from(["weight", "bias", "in_features", "_all_weights", "num_layers", "x"])
+
+
+@st.composite
+def _nodes(draw, depth=0):
+    node = {"class": draw(_classes), "training": draw(st.booleans())}
+    node["attrs"] = draw(st.dictionaries(_names, _values, max_size=3))
+    node["params"] = draw(st.dictionaries(_names, st.sampled_from(["w", "nope", None]), max_size=2))
+    node["functions"] = draw(
+        st.dictionaries(_names, st.sampled_from(["torch:relu", "x"]), max_size=1)
+    )
+    if depth < 2:
+        node["modules"] = draw(
+            st.dictionaries(st.sampled_from(["0", "1"]), _nodes(depth + 1), max_size=2)
+        )
+    return node
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(root=_nodes())
+def test_random_descriptions_fail_only_with_torchkeep_errors(tmp_path, root) -> None:
+    path = hostile(tmp_path / "h.tk", root, {"w": torch.ones(2, 2)})
+    try:
+        torchkeep.load_model(path)
+    except TorchkeepError:
+        pass

@@ -163,7 +163,14 @@ class Rebuilder:
         for name, ref in _mapping(node.get("tensor_attrs"), self.file, path).items():
             state[_attr_name(name, self.file, path)] = self._tensor_attr(ref, f"{path}.{name}")
         obj = cls.__new__(cls)
-        obj.__setstate__(state)
+        try:
+            obj.__setstate__(state)
+        except Exception as exc:  # noqa: BLE001 - the class rejected the saved state
+            raise FormatError(
+                f"{self.file}: module {path or '<root>'} ({cls.__qualname__}) rejects its saved "
+                f"state ({type(exc).__name__}: {exc}); the file is damaged or was written for "
+                "another version of the class"
+            ) from exc
         self.built[path] = obj
         return obj
 
