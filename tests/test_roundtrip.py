@@ -139,6 +139,16 @@ def test_non_contiguous_and_views(tmp_path, mmap):
     assert out["row"][0] == 1234.0
 
 
+@MMAP
+def test_conjugate_and_negative_views_are_materialized(tmp_path, mmap):
+    z = torch.randn(3, dtype=torch.complex64)
+    obj = {"zc": z.conj(), "z": z, "zc1": z.conj()[1:], "neg": torch._neg_view(z)}
+    out = roundtrip(obj, tmp_path, mmap=mmap)
+    for key, value in obj.items():
+        assert torch.equal(out[key], value.resolve_conj().resolve_neg()), key
+        assert not out[key].is_conj() and not out[key].is_neg()
+
+
 def test_view_without_its_base_stores_only_the_view(tmp_path):
     big = torch.randn(1000, 100)
     torchkeep.save({"slice": big[10:12]}, tmp_path / "v.tk")

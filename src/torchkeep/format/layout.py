@@ -38,8 +38,9 @@ def plan_entries(leaves: list[TensorLeaf]) -> list[Entry]:
     groups: dict[tuple, list[TensorLeaf]] = {}
     for leaf in leaves:
         t = leaf.tensor
-        if t.numel() == 0:
-            groups[("empty", id(leaf))] = [leaf]
+        if t.numel() == 0 or t.is_conj() or t.is_neg():
+            # Lazy conjugate/negative views are materialized: they cannot alias their base.
+            groups[("own", id(leaf))] = [leaf]
         else:
             groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(leaf)
     taken = set(RESERVED_KEYS) | {leaf.key for leaf in leaves}
