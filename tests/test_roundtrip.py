@@ -149,6 +149,21 @@ def test_conjugate_and_negative_views_are_materialized(tmp_path, mmap):
         assert not out[key].is_conj() and not out[key].is_neg()
 
 
+@MMAP
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.complex128, torch.float8_e4m3fn, torch.bool], ids=str
+)
+def test_views_sharing_a_base_that_is_not_saved(tmp_path, dtype, mmap):
+    base = sample(dtype, (5, 6))
+    obj = {"row": base[1], "col": base[:, 2], "block": base[2:4, 1:3], "ex": base[0:1].expand(3, 6)}
+    out = roundtrip(obj, tmp_path, mmap=mmap)
+    assert_same(obj, out)
+    storage = out["row"].untyped_storage().data_ptr()
+    assert all(out[k].untyped_storage().data_ptr() == storage for k in obj)
+    with safe_open(str(tmp_path / "x.tk"), "pt") as handle:
+        assert len(list(handle.keys())) == 1  # one covering region
+
+
 def test_view_without_its_base_stores_only_the_view(tmp_path):
     big = torch.randn(1000, 100)
     torchkeep.save({"slice": big[10:12]}, tmp_path / "v.tk")
