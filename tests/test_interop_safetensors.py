@@ -110,3 +110,24 @@ def test_ordered_state_dict_round_trips_through_stock(tmp_path):
     assert list(torchkeep.load(tmp_path / "o.tk")) == list(sd)
     stock = load_file(str(tmp_path / "o.tk"))
     assert all(torch.equal(stock[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mmap"])
+def test_misaligned_foreign_file_loads(tmp_path, mmap):
+    """Other writers may place an F32 right after 3 bytes of U8: still loads, by copy if needed."""
+    import json
+    import struct
+
+    entries = {
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+        "c": {"dtype": "F64", "shape": [1], "data_offsets": [11, 19]},
+    }
+    head = json.dumps(entries).encode()
+    data = bytes([1, 2, 3]) + struct.pack("<ff", 1.5, 2.5) + struct.pack("<d", 3.25)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+    out = torchkeep.load(path, mmap=mmap)
+    assert out["a"].tolist() == [1, 2, 3] and out["b"].tolist() == [1.5, 2.5]
+    assert out["c"].tolist() == [3.25]
+    assert load_file(str(path))["b"].tolist() == [1.5, 2.5]
