@@ -456,7 +456,7 @@ def iter_tensor_nodes(root: Any, where: str = "") -> list[tuple[str, dict]]:
             elif tag == "dict" and isinstance(node.get("items"), list):
                 for pair in node["items"]:
                     if isinstance(pair, list) and len(pair) == 2:
-                        visit(pair[1], path, depth + 1)
+                        visit(pair[1], f"{path}[{pair[0]!r}]", depth + 1)
             elif isinstance(node.get("v"), list):
                 for i, v in enumerate(node["v"]):
                     visit(v, f"{path}[{i}]", depth + 1)
