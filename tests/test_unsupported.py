@@ -6,6 +6,7 @@ import collections
 import enum
 import io
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +22,12 @@ class Custom:
 
 class Color(enum.IntEnum):
     RED = 1
+
+
+def _quantized() -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated, still constructible
+        return torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)
 
 
 def checkpoint_with(value) -> dict:
@@ -45,7 +52,7 @@ VALUES = {
     "object-array": np.array([Custom()], dtype=object),
     "string-array": np.array(["a", "b"]),
     "sparse": torch.eye(3).to_sparse(),
-    "quantized": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8),
+    "quantized": _quantized(),
     "meta-tensor": torch.empty(2, device="meta"),
     "tensor-subclass": torch.ones(2).as_subclass(type("MyTensor", (torch.Tensor,), {})),
     "ellipsis": ...,
