@@ -175,6 +175,8 @@ def main(manifest_path: str) -> None:
             points = run_dir_entry_points(info["path"])
         else:
             points = file_entry_points(info["path"], scratch)
+        if "entries" in info:
+            points = {k: v for k, v in points.items() if k in info["entries"]}
         for entry, call in points.items():
             outcome, typed, message = attempt(call)
             results.append(

@@ -1,0 +1,82 @@
+"""Issue 5: hostile headers, trees and the fuzz regression corpus, through every entry point
+(library and CLI) in a fresh process under RLIMIT_AS, a per-call time bound and the audit hook.
+
+tests/test_hostile_format.py checks the error types in-process; this suite adds the bounds:
+no case may allocate its way past the memory cap, hang past the time bound, or run code.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from forge import hostile_files
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: Valid files in disguise: they decode to harmless values and may load.
+MAY_LOAD = {"tree_complex_huge_ints", "tree_bytes_not_hex", "tree_device_bogus"}
+#: A legal stride-0 view exposing 2**62 elements of one stored float. The library loads it
+#: lazily and fine; `torchkeep diff` on it never returns (not run here) and `torchkeep convert`
+#: raises an untyped OverflowError. Kept out of the main sweep until the CLI bounds it.
+GIANT_VIEW = "tree_view_2_62_elements"
+
+
+#: Entry points that read only the header and data (not the typed tree): a well-formed file
+#: with a hostile tree passes them; the tree is refused when something decodes it.
+LAZY = {"verify", "open_file", "cli scan"}
+
+
+def _acceptable(result: dict) -> bool:
+    """A typed refusal, or a load where loading is legitimate (fuzz corpus: only no crash)."""
+    if result["typed"]:
+        return True
+    case, entry = result["case"], result["entry"]
+    legit = case in MAY_LOAD or case.startswith("corpus/")
+    legit = legit or (case.startswith("tree_") and entry in LAZY)
+    return result["outcome"] == "ok" and legit
+
+
+def run_guarded(cases: dict, tmp_path) -> list[dict]:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    manifest = tmp_path / "manifest.json"
+    sentinel = str(tmp_path / "SENTINEL")
+    manifest.write_text(json.dumps({"cases": cases, "sentinel": sentinel, "scratch": str(scratch)}))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "guarded_load.py"), str(manifest)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_hostile_files_are_refused_within_bounds(tmp_path) -> None:
+    cases = {}
+    for name, blob in hostile_files().items():
+        if name == GIANT_VIEW:
+            continue
+        path = tmp_path / name
+        path.write_bytes(blob)
+        cases[name] = {"path": str(path)}
+    for path in sorted(glob.glob(os.path.join(HERE, "corpus", "*.bin"))):
+        cases["corpus/" + os.path.basename(path)] = {"path": path}
+    results = run_guarded(cases, tmp_path)
+    bad = [r for r in results if r["events"] or r["sentinel"] or not _acceptable(r)]
+    assert bad == [], json.dumps(bad[:10], indent=1)
+    assert len(results) >= 14 * len(cases)
+
+
+@pytest.mark.xfail(strict=True, reason="CLI convert raises OverflowError on a 2**62-element view")
+def test_giant_stride0_view_through_cli_convert(tmp_path) -> None:
+    path = tmp_path / GIANT_VIEW
+    path.write_bytes(hostile_files()[GIANT_VIEW])
+    cases = {GIANT_VIEW: {"path": str(path), "entries": ["load", "cli inspect", "cli convert"]}}
+    results = run_guarded(cases, tmp_path)
+    assert all(r["typed"] or r["outcome"] == "ok" for r in results), results

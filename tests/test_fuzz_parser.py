@@ -1,0 +1,159 @@
+"""Issue 5 fuzzing in ``make test``: hypothesis drives the header parser and the typed-tree
+decoder with random bytes, mutated real files, random JSON headers, and random typed trees in
+files whose checksums are valid (so the tree reaches the decoder). The only allowed outcomes
+are a successful load or a TorchkeepError; anything else is a bug (the campaign in
+tests/fuzz_campaign.py keeps what it finds in tests/hostile/corpus/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchkeep
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "hostile"))
+from forge import raw_file, torchkeep_file  # noqa: E402
+
+LONG = os.environ.get("TORCHKEEP_LONG") == "1"
+EXAMPLES = 2000 if LONG else 120
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "X9", 3, None]
+TAGS = ["dict", "tuple", "set", "frozenset", "float", "size", "np_scalar", "bytes", "bytearray",
+        "complex", "slice", "dtype", "device", "tensor", "ndarray", "nope", 7]  # fmt: skip
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+JSON = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+NODE = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.fixed_dictionaries(
+            {"$": st.sampled_from(TAGS)},
+            optional={
+                "v": st.one_of(inner, st.lists(inner, max_size=3), st.dictionaries(
+                    st.text(max_size=4), inner, max_size=3)),
+                "key": st.sampled_from(["t", "u", "nope", 1]),
+                "shape": st.lists(st.integers(-2, 2**40), max_size=4),
+                "dtype": st.sampled_from(["float32", "uint8", "int64", "bogus", 1]),
+                "np_dtype": st.sampled_from(["<f4", "|O", "V8", "<c8", "x"]),
+                "device": st.sampled_from(["cpu", "cuda:0", "meta", "", 3]),
+                "view": st.fixed_dictionaries({
+                    "shape": st.lists(st.integers(-1, 2**33), max_size=3),
+                    "stride": st.lists(st.integers(-1, 2**33), max_size=3),
+                    "offset": st.integers(-1, 10),
+                }),
+                "param": st.booleans(),
+                "requires_grad": st.booleans(),
+                "ordered": st.booleans(),
+            },
+        ),
+    ),
+    max_leaves=12,
+)  # fmt: skip
+TENSORS = {"t": ("F32", [4], bytes(range(16))), "u": ("U8", [3], b"abc")}
+
+
+def _exercise(path: str) -> None:
+    """Every read path a file can take; only TorchkeepError may escape."""
+    try:
+        out = torchkeep.load(path)
+        assert out is not None or out is None
+        with torchkeep.open_file(path) as reader:
+            for key in reader.keys():
+                reader.read_entry(key)
+        torchkeep.verify(path)
+        torchkeep.load_state_dict(torch.nn.Linear(2, 2), path, strict=False)
+    except torchkeep.TorchkeepError:
+        pass
+
+
+def _check(tmp_path, blob: bytes) -> None:
+    path = os.path.join(tmp_path, "fuzz.tk")
+    with open(path, "wb") as handle:
+        handle.write(blob)
+    _exercise(path)
+
+
+@pytest.fixture(scope="module")
+def good_blob(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("fuzz") / "good.tk"
+    torchkeep.save({"weight": torch.randn(3, 2), "step": 4, "names": ("a", b"b", 1.5)}, path)
+    return path.read_bytes()
+
+
+@SETTINGS
+@given(blob=st.binary(max_size=600))
+def test_random_bytes(tmp_path, blob: bytes) -> None:
+    _check(tmp_path, blob)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_mutated_real_file(tmp_path, good_blob: bytes, data: st.DataObject) -> None:
+    blob = bytearray(good_blob)
+    for _ in range(data.draw(st.integers(1, 6))):
+        at = data.draw(st.integers(0, len(blob) - 1))
+        op = data.draw(st.sampled_from(["flip", "set", "cut", "insert"]))
+        if op == "flip":
+            blob[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif op == "set":
+            blob[at] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del blob[at : at + data.draw(st.integers(1, 64))]
+        else:
+            blob[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+        if not blob:
+            break
+    _check(tmp_path, bytes(blob))
+
+
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(DTYPES),
+        "shape": st.one_of(st.lists(st.integers(-3, 2**64), max_size=5), JSON),
+        "data_offsets": st.one_of(st.lists(st.integers(-5, 64), max_size=3), JSON),
+    }
+)
+
+
+@SETTINGS
+@given(
+    entries=st.dictionaries(st.text(max_size=8), st.one_of(ENTRY, JSON), max_size=4),
+    meta=st.one_of(st.none(), JSON, st.dictionaries(st.text(max_size=8), JSON, max_size=3)),
+    data=st.binary(max_size=64),
+)
+def test_random_json_header(tmp_path, entries: dict, meta: object, data: bytes) -> None:
+    body = dict(entries)
+    if meta is not None:
+        body["__metadata__"] = meta
+    _check(tmp_path, raw_file(json.dumps(body).encode(), data))
+
+
+@SETTINGS
+@given(tree=NODE)
+def test_random_typed_tree_with_valid_checksums(tmp_path, tree: object) -> None:
+    _check(tmp_path, torchkeep_file(tree, TENSORS))
