@@ -83,7 +83,7 @@ def _exercise(path: str) -> None:
         out = torchkeep.load(path)
         assert out is not None or out is None
         with torchkeep.open_file(path) as reader:
-            for key in reader.keys():
+            for key in reader.keys():  # noqa: SIM118 - FileReader is not iterable
                 reader.read_entry(key)
         torchkeep.verify(path)
         torchkeep.load_state_dict(torch.nn.Linear(2, 2), path, strict=False)
