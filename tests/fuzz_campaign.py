@@ -27,6 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "hostile", "corpus")
 sys.path.insert(0, os.path.join(HERE, "hostile"))
 SCRATCH = os.path.join(tempfile.mkdtemp(prefix="tk-fuzz-"), "input.tk")
+TOKENS = [b"{", b"}", b"[", b"]", b'"', b",", b":", b"-1", b"1e999", b"null", b'"$"', b'"key"',
+          b'"view"', b"18446744073709551616"]  # fmt: skip
 TENSORS = {"t": ("F32", [4], bytes(range(16))), "u": ("U8", [3], b"abc")}
 
 
@@ -107,8 +109,7 @@ def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
         elif op == 2:
             del out[at : at + rng.randint(1, 32)]
         elif op == 3:
-            out[at:at] = rng.choice([b"{", b"}", b"[", b"]", b'"', b",", b":", b"-1", b"1e999",
-                                     b"null", b'"$"', b'"key"', b'"view"', b"18446744073709551616"])  # fmt: skip
+            out[at:at] = rng.choice(TOKENS)
         elif op == 4:
             other = rng.choice(pool)
             lo = rng.randrange(len(other) + 1)
