@@ -90,7 +90,8 @@ def seeds() -> list[bytes]:
 
     path = SCRATCH + ".seed"
     torchkeep.save({"w": torch.randn(3, 2), "step": 4, "t": (1.5, b"x", {"a": [None]})}, path)
-    blob = open(path, "rb").read()
+    with open(path, "rb") as handle:
+        blob = handle.read()
     with FileReader(path) as reader:
         tree = reader.header.metadata["torchkeep.tree"]
     header = blob[8 : 8 + int.from_bytes(blob[:8], "little")]
