@@ -56,7 +56,7 @@ def plan(quick: bool) -> list[tuple[dict, int]]:
     for mb in sizes:
         spec = {"workload": "scale", "size": mb * MB, "ops": SCALE_OPS}
         spec["families"] = ["ceiling", "torchkeep", "torch", "safetensors"]
-        specs.append((spec, 1 if mb >= 1024 else 2))
+        specs.append((spec, 2 if mb >= 1024 else 3))
     return specs
 
 

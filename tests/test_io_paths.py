@@ -251,3 +251,18 @@ def test_early_writeback_on_and_off(tmp_path, monkeypatch, early):
     path = tmp_path / "m.tk"
     torchkeep.save(sd, path)
     _assert_same(load_file(str(path)), sd)
+
+
+def test_lone_tensor_split_across_threads(tmp_path, monkeypatch):
+    from torchkeep.format import parallel_read
+
+    _knobs(monkeypatch, 1 << 20, 16, 64, 3)
+    monkeypatch.setattr(parallel_read, "SPLIT_MIN_BYTES", 100)
+    sd = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(2)}
+    path = tmp_path / "m.tk"
+    torchkeep.save(sd, path)
+    with FileReader(path) as r:
+        assert torch.equal(r.read_entry("w"), sd["w"])  # 4000 bytes in three ~1334-byte reads
+        _flip_byte(path, r.header.data_start + r.entry("w").begin + 3990)
+        with pytest.raises(CorruptionError, match="'w'"):
+            r.read_entry("w")

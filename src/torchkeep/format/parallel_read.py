@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 #: Most buffers in one ``preadv`` call (Linux IOV_MAX is 1024).
 MAX_IOV = 512
+#: A lone tensor is split into per-thread reads only down to this size.
+SPLIT_MIN_BYTES = 4 << 20
 
 
 @dataclass
@@ -68,13 +70,17 @@ def plan_reads(reader: FileReader, items: list[tuple[str, torch.Tensor]]) -> lis
         info = reader.entry(key)
         placed.append((start + info.begin, key, dest_view(out, info.nbytes, key)))
     placed.sort(key=lambda p: p[0])
+    chunk = knobs.CHUNK_BYTES
+    if len(placed) == 1:  # one tensor (lazy access): split it so the pool reads it in parallel
+        split = -(-placed[0][2].nbytes // max(1, knobs.IO_THREADS))
+        chunk = min(chunk, max(SPLIT_MIN_BYTES, split))
     jobs: list[ReadJob] = []
     batch: ReadJob | None = None
     for offset, key, view in placed:
         size = view.nbytes
-        if size > knobs.CHUNK_BYTES:
+        if size > chunk:
             batch = None
-            jobs.extend(_chunk_jobs(offset, key, view))
+            jobs.extend(_chunk_jobs(offset, key, view, chunk))
             continue
         if batch is None or not _fits(batch, offset, size):
             batch = ReadJob(offset=offset, end=offset)
@@ -96,8 +102,8 @@ def _fits(batch: ReadJob, offset: int, size: int) -> bool:
     )
 
 
-def _chunk_jobs(offset: int, key: str, view: memoryview) -> list[ReadJob]:
-    step = max(1, knobs.CHUNK_BYTES)
+def _chunk_jobs(offset: int, key: str, view: memoryview, chunk: int) -> list[ReadJob]:
+    step = max(1, chunk)
     jobs = []
     for lo in range(0, view.nbytes, step):
         piece = view[lo : lo + step]
@@ -137,6 +143,12 @@ def _do_job(reader: FileReader, job: ReadJob, verify: bool) -> list[tuple[str, s
 def run_reads(reader: FileReader, jobs: list[ReadJob], verify: bool) -> None:
     """Run ``jobs`` on a thread pool with bounded look-ahead; checks checksums in file order."""
     hashers: dict[str, Any] = {}
+    if len(jobs) == 1:  # nothing to overlap: skip the pool
+        for key, actual in _do_job(reader, jobs[0], verify):
+            reader._check(key, actual)
+        if verify and jobs[0].chunk_of is not None:
+            _hash_chunk(reader, hashers, jobs[0])
+        return
     pending: deque[tuple[ReadJob, Future]] = deque()
     todo = iter(jobs)
     threads = max(1, knobs.IO_THREADS)
