@@ -90,10 +90,14 @@ def list_steps(directory: str | os.PathLike) -> list[StepInfo]:
             continue
         meta = _read_meta(path)
         stamp = meta.get("time")
-        if not isinstance(stamp, (int, float)):
-            stamp = os.path.getmtime(path)
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-        steps.append(StepInfo(int(match[1]), path, float(stamp), _dir_size(path), metrics))
+        try:
+            if not isinstance(stamp, (int, float)):
+                stamp = os.path.getmtime(path)
+            size = _dir_size(path)
+        except FileNotFoundError:  # retention deleted it while we listed: not a step anymore
+            continue
+        steps.append(StepInfo(int(match[1]), path, float(stamp), size, metrics))
     return sorted(steps, key=lambda s: s.step)
 
 
