@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 
 
@@ -25,6 +26,8 @@ class FileOps:
 
     def preallocate(self, fd: int, size: int) -> None:
         """Reserve ``size`` bytes so a full disk fails early; silently skipped where unsupported."""
+        if size > sys.maxsize:  # no file can be this large (a hostile or absurd size hint)
+            raise OSError(errno.EFBIG, f"cannot reserve {size} bytes: larger than any file")
         if size <= 0 or not hasattr(os, "posix_fallocate"):
             return
         try:
