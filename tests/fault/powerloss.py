@@ -5,6 +5,9 @@ the file is fsynced; directory entries (creations, renames, deletions) survive o
 directory is fsynced. A crash after operation ``p`` therefore leaves, for each file, its synced
 bytes plus possibly some of the unsynced writes (a prefix, the last one torn), and for each
 directory either its synced entries or (metadata journaled ahead of data) its current ones.
+A third directory model follows an ordered metadata journal (ext4): any directory fsync makes
+every earlier metadata operation durable, and a crash keeps a prefix of the later ones
+(``journal:J`` keeps the first J operations).
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ class SimFS:
         self.root_path = os.path.abspath(root)
         self.root = _snapshot(self.root_path)
         self.fds: dict[int, Inode] = {}
+        self._initial = {id(d): (d, dict(d.current)) for d in _dirs(self.root)}
+        self.journal: list[tuple] = []  # ("link", path, node) / ("move", src, dst) / ("drop", p)
+        self.journal_synced = 0
+
+    def journal_modes(self) -> list[str]:
+        """The ``journal:J`` directory modes of the current crash point (strict prefixes)."""
+        return [f"journal:{j}" for j in range(self.journal_synced, len(self.journal))]
 
     def _parent(self, path: str) -> tuple[Dir, str]:
         rel = os.path.relpath(os.path.abspath(path), self.root_path)
@@ -81,6 +91,7 @@ class SimFS:
             path, fd = args
             parent, name = self._parent(path)
             parent.current[name] = self.fds[fd] = Inode()
+            self.journal.append(("link", path, parent.current[name]))
         elif kind == "preallocate":
             fd, size = args
             if size > 0:
@@ -94,21 +105,55 @@ class SimFS:
             src_parent, src_name = self._parent(args[0])
             dst_parent, dst_name = self._parent(args[1])
             dst_parent.current[dst_name] = src_parent.current.pop(src_name)
+            self.journal.append(("move", args[0], args[1]))
         elif kind == "fsync_dir":
             node = self._node(args[0])
             node.synced = dict(node.current)
+            self.journal_synced = len(self.journal)
         elif kind in ("unlink", "rmtree"):
             parent, name = self._parent(args[0])
             parent.current.pop(name)
+            self.journal.append(("drop", args[0]))
         elif kind == "mkdir":
             parent, name = self._parent(args[0])
             parent.current[name] = Dir()
+            self.journal.append(("link", args[0], parent.current[name]))
         elif kind != "close":
             raise ValueError(f"unknown operation {kind!r}")
 
     def materialize(self, out: str, dir_mode: str, data_mode: str) -> None:
         """Write the crash state chosen by the two modes into the empty directory ``out``."""
-        _write_tree(self.root, out, dir_mode, data_mode)
+        if dir_mode.startswith("journal:"):
+            entries = self._journal_entries(int(dir_mode.split(":")[1]))
+            _write_tree(self.root, out, lambda d: entries.get(id(d), {}), data_mode)
+        else:
+            _write_tree(self.root, out, lambda d: getattr(d, dir_mode), data_mode)
+
+    def _journal_entries(self, count: int) -> dict[int, dict]:
+        """Directory entries after the initial state plus the first ``count`` journal ops."""
+        entries = {key: dict(initial) for key, (_, initial) in self._initial.items()}
+
+        def parent_of(path: str) -> tuple[dict, str]:
+            parts = os.path.relpath(os.path.abspath(path), self.root_path).split(os.sep)
+            node = self.root
+            for part in parts[:-1]:
+                node = entries[id(node)][part]
+            return entries[id(node)], parts[-1]
+
+        for op, *args in self.journal[:count]:
+            if op == "link":
+                table, name = parent_of(args[0])
+                table[name] = args[1]
+                if isinstance(args[1], Dir):
+                    entries.setdefault(id(args[1]), {})
+            elif op == "move":
+                src, src_name = parent_of(args[0])
+                dst, dst_name = parent_of(args[1])
+                dst[dst_name] = src.pop(src_name)
+            else:
+                table, name = parent_of(args[0])
+                table.pop(name)
+        return entries
 
 
 def _snapshot(path: str) -> Dir:
@@ -124,13 +169,20 @@ def _snapshot(path: str) -> Dir:
     return node
 
 
-def _write_tree(node: Dir, out: str, dir_mode: str, data_mode: str) -> None:
-    entries = node.synced if dir_mode == "synced" else node.current
-    for name, child in entries.items():
+def _dirs(node: Dir) -> list[Dir]:
+    found = [node]
+    for child in node.current.values():
+        if isinstance(child, Dir):
+            found += _dirs(child)
+    return found
+
+
+def _write_tree(node: Dir, out: str, entries_of, data_mode: str) -> None:
+    for name, child in entries_of(node).items():
         path = os.path.join(out, name)
         if isinstance(child, Dir):
             os.mkdir(path)
-            _write_tree(child, path, dir_mode, data_mode)
+            _write_tree(child, path, entries_of, data_mode)
         else:
             with open(path, "wb") as handle:
                 handle.write(child.content(data_mode))
@@ -145,5 +197,6 @@ def crash_states(sim: SimFS, log: list[tuple]) -> Iterator[tuple[int, str, str]]
     for p in range(len(log) + 1):
         if p:
             sim.apply(log[p - 1])
-        for dir_mode, data_mode in itertools.product(DIR_MODES, DATA_MODES):
+        modes = list(DIR_MODES) + sim.journal_modes()
+        for dir_mode, data_mode in itertools.product(modes, DATA_MODES):
             yield p, dir_mode, data_mode

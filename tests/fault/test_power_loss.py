@@ -51,7 +51,8 @@ def test_every_power_loss_state_is_old_or_new(kind: str, tmp_path) -> None:
         if p == len(log) and (dir_mode, data_mode) == ("synced", "synced"):
             assert 3 in seen, f"{where}: the save returned but the new version is not durable"
         checked += 1
-    assert checked == 6 * (len(log) + 1)
+    assert checked > 6 * (len(log) + 1)  # plus the journal-prefix states
+    print(f"{kind}: {checked} power-loss states")
 
 
 def test_model_catches_a_missing_fsync(tmp_path, monkeypatch) -> None:
