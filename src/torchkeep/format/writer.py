@@ -52,8 +52,12 @@ class PreparedFile:
         return json.dumps(self.tree, separators=(",", ":"), allow_nan=False)
 
     @cached_property
+    def _placeholder_meta(self) -> dict[str, str]:
+        return self._metadata(None)
+
+    @cached_property
     def _placeholder(self) -> bytes:
-        return header.encode_header(self._entries_json, self._metadata(None))
+        return header.encode_header(self._entries_json, self._placeholder_meta)
 
     def header_bytes(self, sums: dict[str, str] | None = None) -> bytes:
         """Serialized header; placeholders for the checksums when ``sums`` is None."""
@@ -82,9 +86,8 @@ class PreparedFile:
         meta = self._metadata(sums)
         meta[header.META_HEADER_SUM] = header.header_digest(self._entries_json, meta)
         raw = self._placeholder
-        placeholder_meta = self._metadata(None)
         for name in (header.META_CHECKSUMS, header.META_HEADER_SUM):
-            old, new = _field(name, placeholder_meta[name]), _field(name, meta[name])
+            old, new = _field(name, self._placeholder_meta[name]), _field(name, meta[name])
             at = raw.find(old)
             if at < 0 or len(old) != len(new):  # cannot happen with fixed-width fields
                 raise AssertionError(f"torchkeep header field {name} not found for patching")
