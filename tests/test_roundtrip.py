@@ -407,7 +407,9 @@ def test_property_round_trip_shared(tmp_path, obj):
         "shared": shared,
         "again": shared,
         "row": shared[1],
-        "copy": copy.copy(obj),
+        # A shallow copy shares the leaves. Tensors get a view: torch's own copy.copy fails on
+        # float8 tensors (AttributeError inside torch/_utils.py), which is not ours to test.
+        "copy": obj[...] if isinstance(obj, torch.Tensor) else copy.copy(obj),
     }
     out = roundtrip(wrapped, tmp_path, mmap=True)
     assert_same(wrapped, out)

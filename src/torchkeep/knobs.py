@@ -33,3 +33,6 @@ BATCH_BYTES = _env_int("BATCH_BYTES", 8 * 1024 * 1024)
 EARLY_WRITEBACK = _env_int("EARLY_WRITEBACK", 1)
 #: Header is padded to a multiple of this many bytes so tensor data starts aligned.
 HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)
+#: Most elements a saved view may expose. Views are lazy, but a hostile stride-0 view of 2**62
+#: elements would make any later pass over it (diff, convert, clone) run for ever.
+MAX_VIEW_ELEMENTS = _env_int("MAX_VIEW_ELEMENTS", 2**32)

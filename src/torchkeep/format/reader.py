@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from typing import Any
 
@@ -308,7 +309,13 @@ def _apply_view(view: Any, flat: torch.Tensor) -> torch.Tensor:
     offset = view.get("offset")
     if len(shape) != len(stride) or type(offset) is not int or offset < 0:
         raise ValueError("view needs shape and stride of equal rank and a non-negative offset")
-    if any(n == 0 for n in shape):
+    numel = math.prod(shape)
+    if numel > knobs.MAX_VIEW_ELEMENTS:
+        raise ValueError(
+            f"view exposes {numel} elements, over the {knobs.MAX_VIEW_ELEMENTS} limit "
+            "(TORCHKEEP_MAX_VIEW_ELEMENTS)"
+        )
+    if numel == 0:
         if offset > flat.numel():
             raise ValueError("view offset out of range")
     else:
