@@ -10,6 +10,7 @@ equal those of an uninterrupted run. The model uses dropout, AdamW, an LR schedu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -119,19 +120,39 @@ def _train(
 
 
 # ----------------------------------------------------------------------------------- the test
+def _text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _spawn(args: list[str], err: str) -> int:
+    """Run one training process in its own session; kill its orphaned loader workers after."""
+    with open(err, "a") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            return proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # workers outlive a SIGKILLed parent
+            proc.wait()
+
+
 def _run(
     tmp, name: str, workers: int, kill_step: int = 0, kill_op: int = 0, async_save: bool = False
 ) -> tuple[str, str]:
-    run_dir, log, out = (os.path.join(tmp, f"{name}.{s}") for s in ("run", "log", "tk"))
-    head = [sys.executable, __file__, run_dir, log, out, str(workers)]
+    run_dir, log, out, err = (os.path.join(tmp, f"{name}.{s}") for s in ("run", "log", "tk", "err"))
+    head = [run_dir, log, out, str(workers)]
     tail = [str(int(async_save))]
-    proc = subprocess.run(
-        [*head, str(kill_step), str(kill_op), *tail], capture_output=True, text=True, timeout=120
-    )
     if kill_step:
-        assert proc.returncode == -signal.SIGKILL, proc.stderr
-        proc = subprocess.run([*head, "0", "0", *tail], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+        rc = _spawn([*head, str(kill_step), str(kill_op), *tail], err)
+        assert rc == -signal.SIGKILL, _text(err)
+    rc = _spawn([*head, "0", "0", *tail], err)
+    assert rc == 0, _text(err)
     return log, out
 
 
