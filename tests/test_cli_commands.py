@@ -189,3 +189,24 @@ def test_compare_tensors_chunked_matches_direct() -> None:
     assert row["max_abs_diff"] == pytest.approx(float(delta.max()))
     assert row["rel_l2_diff"] == pytest.approx(float(delta.norm() / x.double().norm()))
     assert not row["equal"] and diff_mod.compare_tensors(x, y, 1e-2, 0)["equal"]
+
+
+def test_ls_uses_the_policy_the_manager_recorded(tmp_path) -> None:
+    import torch
+
+    from torchkeep.manager import CheckpointManager
+
+    run_dir = tmp_path / "run"
+    losses = {1: 0.5, 2: 0.2, 3: 0.4, 4: 0.6, 5: 0.7}
+    with CheckpointManager(run_dir, keep_last=2, keep_best=1, monitor="val_loss") as mgr:
+        for step, loss in losses.items():
+            mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"val_loss": loss})
+    listing = json.loads(run("ls", str(run_dir), "--json"))
+    assert listing["policy"]["keep_last"] == 2 and listing["policy"]["monitor"] == "val_loss"
+    assert {row["step"]: row["kept"] for row in listing["steps"]} == {
+        2: ["best"],
+        4: ["last"],
+        5: ["last"],
+    }
+    explicit = json.loads(run("ls", str(run_dir), "--json", "--keep-last", "1"))
+    assert {row["step"]: row["kept"] for row in explicit["steps"]}[4] == []

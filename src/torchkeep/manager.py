@@ -50,6 +50,7 @@ class StepInfo:
     time: float
     size: int
     metrics: dict = field(default_factory=dict)
+    policy: dict | None = None  # retention policy of the manager that saved it (meta.json)
 
 
 def step_dirname(step: int) -> str:
@@ -97,7 +98,8 @@ def list_steps(directory: str | os.PathLike) -> list[StepInfo]:
             size = _dir_size(path)
         except FileNotFoundError:  # retention deleted it while we listed: not a step anymore
             continue
-        steps.append(StepInfo(int(match[1]), path, float(stamp), size, metrics))
+        policy = meta.get("policy") if isinstance(meta.get("policy"), dict) else None
+        steps.append(StepInfo(int(match[1]), path, float(stamp), size, metrics, policy))
     return sorted(steps, key=lambda s: s.step)
 
 
@@ -141,7 +143,12 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def write_step(
-    directory: str, step: int, prepared: PreparedFile, metrics: dict, stamp: float
+    directory: str,
+    step: int,
+    prepared: PreparedFile,
+    metrics: dict,
+    stamp: float,
+    policy: dict | None = None,
 ) -> str:
     """Write one step into a temporary directory and commit it by rename; returns its path."""
     from . import __version__
@@ -159,6 +166,8 @@ def write_step(
             "files": files,
             "torchkeep_version": __version__,
         }
+        if policy is not None:
+            meta["policy"] = policy
         _write_json(os.path.join(tmp, META_FILE), meta)
         commit_dir(tmp, target)
     except BaseException:
@@ -231,7 +240,7 @@ class CheckpointManager:
         stamp = time.time()
 
         def job() -> str:
-            path = write_step(self.directory, step, prepared, clean, stamp)
+            path = write_step(self.directory, step, prepared, clean, stamp, self.policy)
             retention.prune(self.directory, **self.policy, lock=False)
             return path
 

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from .. import retention
-from ..errors import CheckpointNotFoundError, FormatError
+from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
 from .render import human, opt, out, print_json
 
 POLICY_OPTIONS = [
@@ -43,6 +43,8 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
         raise FormatError(f"{run_dir}: is a file; ls and prune take a run directory")
     manager = _manager()
     steps = manager.list_steps(run_dir)
+    if not any(v is not None for k, v in policy.items() if k != "mode"):
+        policy = recorded_policy(steps) or policy
     reasons = retention.kept_reasons(steps, **policy)
     rows = [
         {
@@ -55,7 +57,26 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
         }
         for s in steps
     ]
-    return {"path": run_dir, "steps": rows, "leftovers": list(manager.list_leftovers(run_dir))}
+    return {
+        "path": run_dir,
+        "policy": policy,
+        "steps": rows,
+        "leftovers": list(manager.list_leftovers(run_dir)),
+    }
+
+
+def recorded_policy(steps: list[Any]) -> dict[str, Any] | None:
+    """The retention policy the manager recorded with the newest step (None if it did not)."""
+    names = {"keep_last", "keep_best", "monitor", "mode", "keep_every"}
+    for step in reversed(steps):
+        policy = getattr(step, "policy", None)
+        if isinstance(policy, dict) and set(policy) == names:
+            try:
+                retention.validate_policy(**policy)
+            except (TorchkeepError, TypeError, ValueError):  # a damaged record is not trusted
+                return None
+            return policy
+    return None
 
 
 def _when(stamp: Any) -> str:
@@ -72,7 +93,8 @@ def _when(stamp: Any) -> str:
 def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
     """List the committed steps of RUN_DIR with time, size, metrics and why each is kept.
 
-    The policy options show which steps that policy would keep (default: all kept).
+    The policy options show which steps that policy would keep; without them, the policy
+    the manager recorded with the newest step is used (all kept when none was recorded).
     Incomplete leftovers (interrupted saves) are flagged.
 
     \b
