@@ -42,7 +42,9 @@ def plan_entries(leaves: list[TensorLeaf]) -> list[Entry]:
             # Lazy conjugate/negative views are materialized: they cannot alias their base.
             groups[("own", id(leaf))] = [leaf]
         else:
-            groups.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(leaf)
+            # The storage's address, without building a storage object per tensor (hot path).
+            base = t.data_ptr() - t.storage_offset() * t.element_size()
+            groups.setdefault((t.is_cuda, t.get_device(), base), []).append(leaf)
     taken = set(RESERVED_KEYS) | {leaf.key for leaf in leaves}
     entries: list[Entry] = []
     for group in groups.values():
@@ -73,7 +75,11 @@ def _plan_group(group: list[TensorLeaf], taken: set[str]) -> list[Entry]:
 
 
 def _whole_entry(leaf: TensorLeaf) -> Entry:
-    t = leaf.tensor.detach().resolve_conj().resolve_neg()
+    t = leaf.tensor
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
     st = storage_dtype(t.dtype, leaf.path or "<root>")
     source = t.contiguous()
     shape = list(t.shape)

@@ -151,7 +151,8 @@ class _Encoder:
                 f"{path or '<root>'}: tensor subclass {type(t).__qualname__} is not supported; "
                 "save a plain tensor (for DTensor use torchkeep.distributed)"
             )
-        if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+        device = t.device
+        if t.layout != torch.strided or t.is_quantized or device.type == "meta":
             raise UnsupportedValueError(
                 f"{path or '<root>'}: {t.layout} / quantized / meta tensors cannot be saved; "
                 "convert to a dense, materialized tensor first"
@@ -160,12 +161,12 @@ class _Encoder:
         if not parts and not path:
             parts = ["tensor"]
         self.leaves.append(TensorLeaf(self.unique_key(parts), path, t, node))
-        if isinstance(t, torch.nn.Parameter):
+        if type(t) is torch.nn.Parameter:
             node["param"] = True
         if t.requires_grad:
             node["requires_grad"] = True
-        if t.device.type != "cpu":
-            node["device"] = str(t.device)
+        if device.type != "cpu":
+            node["device"] = str(device)
         return node
 
     def _ndarray(self, arr: np.ndarray, path: str, parts: list[str]) -> dict:
