@@ -67,6 +67,26 @@ def header_digest(entries: dict[str, Any], metadata: dict[str, str]) -> str:
     return checksum.digest(canonical.encode("utf-8"))
 
 
+def torchkeep_metadata(
+    tree_text: str, sums: dict[str, str], user: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The ``__metadata__`` of a torchkeep file, its header checksum still a placeholder.
+
+    The one place that decides the metadata keys and their order; both writers (whole-object
+    and streaming) call it, then fill in :data:`META_HEADER_SUM` with :func:`header_digest`.
+    """
+    return {
+        META_FORMAT: "pt",
+        **(user or {}),
+        META_VERSION: FORMAT_VERSION,
+        META_TREE: tree_text,
+        META_CHECKSUMS: json.dumps(
+            {"algorithm": checksum.ALGORITHM, "tensors": sums}, separators=(",", ":")
+        ),
+        META_HEADER_SUM: checksum.PLACEHOLDER,
+    }
+
+
 def encode_header(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
     """Serialize a header, padded with spaces so the data section starts aligned."""
     body = {METADATA_KEY: metadata, **entries}

@@ -23,6 +23,7 @@ from ..storage.local import atomic_file
 from . import checksum, header
 from .dtypes import TORCH_TO_SAFETENSORS, dtype_name, storage_dtype
 from .tree import encode
+from .writer import byte_view
 
 
 @dataclass
@@ -40,12 +41,6 @@ class StreamEntry:
     @property
     def itemsize(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
-
-
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """Zero-copy byte view of a contiguous CPU tensor."""
-    flat = tensor.reshape(-1)
-    return memoryview((flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).numpy())
 
 
 def layout(entries: list[StreamEntry], plain: bool) -> None:
@@ -79,20 +74,13 @@ def _torchkeep_header(
     entries: list[StreamEntry], tree: Any, user: dict[str, str], sums: dict[str, str] | None
 ) -> bytes:
     final = sums is not None
-    sums = sums or {e.key: checksum.PLACEHOLDER for e in entries}
+    if sums is None:
+        sums = {e.key: checksum.PLACEHOLDER for e in entries}
     table = _header_entries(entries)
-    meta = {
-        header.META_FORMAT: "pt",
-        **user,
-        header.META_VERSION: header.FORMAT_VERSION,
-        header.META_TREE: json.dumps(tree, separators=(",", ":"), allow_nan=False),
-        header.META_CHECKSUMS: json.dumps(
-            {"algorithm": checksum.ALGORITHM, "tensors": sums}, separators=(",", ":")
-        ),
-    }
-    meta[header.META_HEADER_SUM] = (
-        header.header_digest(table, meta) if final else checksum.PLACEHOLDER
-    )
+    tree_text = json.dumps(tree, separators=(",", ":"), allow_nan=False)
+    meta = header.torchkeep_metadata(tree_text, sums, user)
+    if final:
+        meta[header.META_HEADER_SUM] = header.header_digest(table, meta)
     return header.encode_header(table, meta)
 
 

@@ -66,16 +66,7 @@ class PreparedFile:
     def _metadata(self, sums: dict[str, str] | None) -> dict[str, str]:
         if sums is None:
             sums = dict.fromkeys(self._entries_json, checksum.PLACEHOLDER)
-        return {
-            header.META_FORMAT: "pt",
-            **self.user_metadata,
-            header.META_VERSION: header.FORMAT_VERSION,
-            header.META_TREE: self._tree_text,
-            header.META_CHECKSUMS: json.dumps(
-                {"algorithm": checksum.ALGORITHM, "tensors": sums}, separators=(",", ":")
-            ),
-            header.META_HEADER_SUM: checksum.PLACEHOLDER,
-        }
+        return header.torchkeep_metadata(self._tree_text, sums, self.user_metadata)
 
     def _final(self, sums: dict[str, str]) -> bytes:
         """The placeholder header with the two checksum fields filled in.
