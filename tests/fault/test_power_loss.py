@@ -55,17 +55,23 @@ def test_every_power_loss_state_is_old_or_new(kind: str, tmp_path) -> None:
     print(f"{kind}: {checked} power-loss states")
 
 
-def test_model_catches_a_missing_fsync(tmp_path, monkeypatch) -> None:
-    """The simulation must fail a save that renames before fsyncing (proves it has teeth)."""
+def _record_save_without(tmp_path, monkeypatch, op: str) -> tuple[str, SimFS, FaultOps]:
+    """Save version 1, then record saving version 2 with FileOps.<op> made a no-op (the bug)."""
     live = tmp_path / "live"
     live.mkdir()
     target = str(live / "ckpt.tk")
     save_version("file", target, 1)
     sim = SimFS(str(live))
     recorder = FaultOps(keep_data=True)
-    monkeypatch.setattr(FaultOps, "fsync", lambda self, fd: None)  # the bug under test
+    monkeypatch.setattr(FaultOps, op, lambda self, arg: None)
     with use_ops(recorder):
         save_version("file", target, 2)
+    return target, sim, recorder
+
+
+def test_model_catches_a_missing_fsync(tmp_path, monkeypatch) -> None:
+    """The simulation must fail a save that renames before fsyncing (proves it has teeth)."""
+    target, sim, recorder = _record_save_without(tmp_path, monkeypatch, "fsync")
     failures = 0
     for p, dir_mode, data_mode in crash_states(sim, recorder.log):
         state = tmp_path / f"s{p}{dir_mode}{data_mode}"
@@ -81,15 +87,7 @@ def test_model_catches_a_missing_fsync(tmp_path, monkeypatch) -> None:
 
 def test_model_catches_a_missing_directory_fsync(tmp_path, monkeypatch) -> None:
     """Without the directory fsync the completed save is not durable: the model must see it."""
-    live = tmp_path / "live"
-    live.mkdir()
-    target = str(live / "ckpt.tk")
-    save_version("file", target, 1)
-    sim = SimFS(str(live))
-    recorder = FaultOps(keep_data=True)
-    monkeypatch.setattr(FaultOps, "fsync_dir", lambda self, path: None)  # the bug under test
-    with use_ops(recorder):
-        save_version("file", target, 2)
+    target, sim, recorder = _record_save_without(tmp_path, monkeypatch, "fsync_dir")
     for record in recorder.log:
         sim.apply(record)
     state = tmp_path / "state"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from guard import run_guarded
 from pickles import write_corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,19 +79,7 @@ def test_every_entry_point_refuses_every_payload(corpus, tmp_path) -> None:
     }
     for name in ("plain_popen.pkl", "plain_exec.pkl", "torch_zip_nested.pt"):
         cases[f"control {name}"] = {"path": paths[name], "trusted_control": True}
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"cases": cases, "sentinel": sentinel, "scratch": str(scratch)}))
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "guarded_load.py"), str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=str(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_guarded(cases, tmp_path, sentinel=sentinel, timeout=900)
     controls = [r for r in results if r["entry"] == "load trusted"]
     assert len(controls) == 3 and all(r["events"] for r in controls), controls
     results = [r for r in results if r["entry"] != "load trusted"]

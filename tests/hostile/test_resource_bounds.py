@@ -10,10 +10,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 
 from forge import hostile_files
+from guard import run_guarded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Valid files in disguise: they decode to harmless values and may load.
@@ -36,23 +35,6 @@ def _acceptable(result: dict) -> bool:
     legit = case in MAY_LOAD or case.startswith("corpus/")
     legit = legit or (case.startswith("tree_") and entry in LAZY)
     return result["outcome"] == "ok" and legit
-
-
-def run_guarded(cases: dict, tmp_path) -> list[dict]:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    manifest = tmp_path / "manifest.json"
-    sentinel = str(tmp_path / "SENTINEL")
-    manifest.write_text(json.dumps({"cases": cases, "sentinel": sentinel, "scratch": str(scratch)}))
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "guarded_load.py"), str(manifest)],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        cwd=str(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_hostile_files_are_refused_within_bounds(tmp_path) -> None:
