@@ -22,17 +22,23 @@ from torchkeep import knobs  # noqa: E402
 from torchkeep.format import header  # noqa: E402
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
-BASIC = GOLDEN / "v1_basic.tk"
-#: Deliberately broken copies of BASIC that must keep failing, and the error each raises.
+#: Every format version ever written; each one's basic file must keep loading.
+VERSIONS = ("1", "2")
+BASIC = GOLDEN / f"v{header.FORMAT_VERSION}_basic.tk"
+#: Deliberately broken copies of each version's basic file that must keep failing.
 BROKEN = {
-    "v1_basic_data_bitflip.tk": torchkeep.CorruptionError,
-    "v1_basic_header_tampered.tk": torchkeep.CorruptionError,
-    "v1_basic_truncated.tk": torchkeep.FormatError,
+    f"v{v}_basic_{name}.tk": error
+    for v in VERSIONS
+    for name, error in (
+        ("data_bitflip", torchkeep.CorruptionError),
+        ("header_tampered", torchkeep.CorruptionError),
+        ("truncated", torchkeep.FormatError),
+    )
 }
 
 
 def golden_object() -> dict:
-    """A small object touching every node kind of format version 1."""
+    """A small object touching every node kind of the format (versions 1 and 2 share them)."""
     weight = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 4
     state = collections.OrderedDict(
         [("fc.weight", weight), ("fc.bias", torch.tensor([0.5, -1.0, 2.0]))]
@@ -81,12 +87,14 @@ def test_golden_bytes_are_stable(tmp_path):
     )
 
 
-def test_golden_file_still_loads(tmp_path):
-    out = torchkeep.load(BASIC)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_golden_file_still_loads(version):
+    path = GOLDEN / f"v{version}_basic.tk"
+    out = torchkeep.load(path)
     assert_same(golden_object(), out)
     assert out["tied"].data_ptr() == out["model_state"]["fc.weight"].data_ptr()
     assert out["row"].untyped_storage().data_ptr() == out["tied"].untyped_storage().data_ptr()
-    assert torchkeep.verify(BASIC) == []
+    assert torchkeep.verify(path) == []
 
 
 def test_golden_header_layout():
@@ -95,7 +103,7 @@ def test_golden_header_layout():
     assert (8 + length) % 64 == 0  # data section starts aligned
     with torchkeep.open_file(BASIC) as reader:
         meta = reader.metadata
-        assert meta[header.META_VERSION] == "1" and meta["format"] == "pt"
+        assert meta[header.META_VERSION] == header.FORMAT_VERSION and meta["format"] == "pt"
         assert set(meta) == {
             "format",
             header.META_VERSION,
@@ -117,11 +125,12 @@ def _regenerate() -> None:
     blob = bytearray(BASIC.read_bytes())
     flipped = bytearray(blob)
     flipped[-20] ^= 0x01  # inside the last tensor's data
-    (GOLDEN / "v1_basic_data_bitflip.tk").write_bytes(flipped)
+    version = f"v{header.FORMAT_VERSION}"
+    (GOLDEN / f"{version}_basic_data_bitflip.tk").write_bytes(flipped)
     tampered = bytes(blob).replace(b'\\"lr\\":0.1', b'\\"lr\\":0.9', 1)
     assert tampered != bytes(blob)
-    (GOLDEN / "v1_basic_header_tampered.tk").write_bytes(tampered)
-    (GOLDEN / "v1_basic_truncated.tk").write_bytes(bytes(blob[:-7]))
+    (GOLDEN / f"{version}_basic_header_tampered.tk").write_bytes(tampered)
+    (GOLDEN / f"{version}_basic_truncated.tk").write_bytes(bytes(blob[:-7]))
 
 
 if __name__ == "__main__":

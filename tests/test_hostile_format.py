@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import torchkeep
 from torchkeep import knobs
 from torchkeep.errors import CorruptionError, FormatError
+from torchkeep.format import checksum
 from torchkeep.format import header as hdr
 from torchkeep.format.reader import FileReader
 
@@ -208,8 +209,11 @@ def forge(path, entries: dict, meta: dict, data: bytes, reseal: bool = True):
     """Write a torchkeep file with a recomputed (valid) header checksum."""
     meta = dict(meta)
     if reseal:
-        meta[hdr.META_HEADER_SUM] = hdr.header_digest(entries, meta)
-    return raw_file(path, json.dumps({"__metadata__": meta, **entries}).encode(), data)
+        meta[hdr.META_HEADER_SUM] = checksum.PLACEHOLDER
+    body = json.dumps({"__metadata__": meta, **entries}).encode()
+    if reseal:
+        body = hdr.seal(struct.pack("<Q", len(body)) + body)[8:]
+    return raw_file(path, body, data)
 
 
 def _tree_edit(edit):
@@ -276,7 +280,7 @@ META_CASES = {
     "dtype-override-on-f32": _tree_edit(lambda t: t["v"]["w"].update(dtype="float64")),
     "raw-shape-mismatch": _tree_edit(lambda t: t["v"]["c"].update(shape=[3])),
     "raw-dtype-not-a-dtype": _tree_edit(lambda t: t["v"]["c"].update(dtype="Tensor")),
-    "version-unknown": _set_meta(hdr.META_VERSION, "2"),
+    "version-unknown": _set_meta(hdr.META_VERSION, "99"),
     "version-missing": _set_meta(hdr.META_VERSION, None),
     "checksums-missing": _set_meta(hdr.META_CHECKSUMS, None),
     "checksums-not-json": _set_meta(hdr.META_CHECKSUMS, "]["),
@@ -314,6 +318,30 @@ def test_header_checksum_covers_entries(tmp_path):
     entries["w"]["shape"] = [4, 3]  # still consistent for safetensors, not for torchkeep
     path = forge(tmp_path / "bad.tk", entries, meta, data, reseal=False)
     assert_rejected(path, CorruptionError)
+
+
+def test_header_checksum_key_hidden_behind_an_escape_is_corruption(tmp_path):
+    """A header whose checksum key is spelled with a JSON escape parses to the same metadata,
+    but the stored bytes hold no checksum field: version 2 refuses it."""
+    entries, meta, data = _valid(tmp_path)
+    path = forge(tmp_path / "ok.tk", entries, meta, data)
+    blob = path.read_bytes()
+    hidden = blob.replace(b'"torchkeep.header_checksum"', b'"torchkeep\\u002eheader_checksum"', 1)
+    assert hidden != blob
+    (n,) = struct.unpack("<Q", blob[:8])
+    body = hidden[8 : 8 + n + len(hidden) - len(blob)]
+    raw_file(tmp_path / "bad.tk", body, hidden[8 + len(body) :])
+    assert "header checksum" in str(assert_rejected(tmp_path / "bad.tk", CorruptionError))
+
+
+def test_header_checksum_covers_padding(tmp_path):
+    """Version 2 hashes the stored header bytes, padding included."""
+    path, blob = _saved(tmp_path)
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert blob[8 + n - 1 : 8 + n] == b" "  # the default 64-byte alignment pads this header
+    padded = blob[: 8 + n - 1] + b"\n" + blob[8 + n :]  # still valid JSON whitespace
+    (tmp_path / "bad.tk").write_bytes(padded)
+    assert_rejected(tmp_path / "bad.tk", CorruptionError)
 
 
 # ------------------------------------------------------------------------ truncation, bits

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import torchkeep
+from torchkeep.format.header import FORMAT_VERSION
 from torchkeep.format.reader import FileReader
 
 
@@ -35,7 +36,7 @@ def test_stock_safe_open_reads_every_tensor_by_flattened_key(tmp_path):
         for key, value in expected.items():
             assert torch.equal(handle.get_tensor(key), value), key
         meta = handle.metadata()
-    assert meta["format"] == "pt" and meta["torchkeep.version"] == "1"
+    assert meta["format"] == "pt" and meta["torchkeep.version"] == FORMAT_VERSION
     assert torch.equal(
         load_file(str(path))["model_state.0.weight"], ckpt["model_state"]["0.weight"]
     )

@@ -44,8 +44,8 @@ def torchkeep_file(tree: object, tensors: dict[str, tuple[str, list[int], bytes]
         header.META_TREE: tree_text,
         header.META_CHECKSUMS: json.dumps({"algorithm": checksum.ALGORITHM, "tensors": sums}),
     }
-    meta[header.META_HEADER_SUM] = header.header_digest(entries, meta)
-    return header.encode_header(entries, meta) + b"".join(blobs)
+    meta[header.META_HEADER_SUM] = checksum.PLACEHOLDER
+    return header.seal(header.encode_header(entries, meta)) + b"".join(blobs)
 
 
 def _tensor(key: str, **extra: object) -> dict:

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .dtypes import dtype_name, storage_dtype
+from .dtypes import TORCH_TO_SAFETENSORS, dtype_name, storage_dtype
 from .tree import RESERVED_KEYS, TensorLeaf, claim_key
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One tensor entry of the safetensors header and the memory it is written from."""
 
@@ -80,7 +80,7 @@ def _whole_entry(leaf: TensorLeaf) -> Entry:
         t = t.detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
-    st = storage_dtype(t.dtype, leaf.path or "<root>")
+    st = TORCH_TO_SAFETENSORS.get(t.dtype) or storage_dtype(t.dtype, leaf.path or "<root>")
     source = t.contiguous()
     shape = list(t.shape)
     if st == "U8" and t.dtype != torch.uint8:

@@ -79,17 +79,14 @@ class FileReader:
         if not self.is_torchkeep:
             return {}
         version = meta.get(header.META_VERSION)
-        if version != header.FORMAT_VERSION:
+        if version not in header.READABLE_VERSIONS:
             raise FormatError(
                 f"{self.path}: torchkeep format version {version!r} is not supported by this "
-                f"torchkeep (reads version {header.FORMAT_VERSION}); upgrade torchkeep"
+                f"torchkeep (reads versions {', '.join(header.READABLE_VERSIONS)}); "
+                "upgrade torchkeep"
             )
         stored = meta.get(header.META_HEADER_SUM)
-        entries = {
-            k: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-            for k, e in self.header.entries.items()
-        }
-        if stored != header.header_digest(entries, meta):
+        if stored is None or stored != self._header_digest(version):
             raise CorruptionError(
                 f"{self.path}: the header checksum does not match (the header is corrupt); "
                 "restore this file from a good copy"
@@ -105,6 +102,16 @@ class FileReader:
         ):
             raise FormatError(f"{self.path}: checksum table does not list exactly the tensors")
         return tensors
+
+    def _header_digest(self, version: str) -> str | None:
+        """The header checksum this file should carry, computed as its version defines it."""
+        if version == "1":
+            entries = {
+                k: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+                for k, e in self.header.entries.items()
+            }
+            return header.canonical_digest(entries, self.header.metadata)
+        return header.raw_digest(self.header.raw)
 
     def _read_tree(self) -> Any:
         if not self.is_torchkeep:

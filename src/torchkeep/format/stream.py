@@ -76,12 +76,10 @@ def _torchkeep_header(
     final = sums is not None
     if sums is None:
         sums = {e.key: checksum.PLACEHOLDER for e in entries}
-    table = _header_entries(entries)
     tree_text = json.dumps(tree, separators=(",", ":"), allow_nan=False)
     meta = header.torchkeep_metadata(tree_text, sums, user)
-    if final:
-        meta[header.META_HEADER_SUM] = header.header_digest(table, meta)
-    return header.encode_header(table, meta)
+    encoded = header.encode_header(_header_entries(entries), meta)
+    return header.seal(encoded) if final else encoded
 
 
 def _write_data(

@@ -29,7 +29,7 @@ RESERVED_KEYS = frozenset({"__metadata__"})
 MAX_INT_BITS = 14_000
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorLeaf:
     """A tensor found while encoding; ``node`` is completed later by the layout planner."""
 
@@ -58,8 +58,8 @@ class _Encoder:
     def unique_key(self, parts: list[str]) -> str:
         """Dot-joined path, made unique with ``#2``, ``#3``... (and never a reserved name)."""
         base = ".".join(parts) or "tensor"
-        # Header keys must be valid UTF-8: lone surrogates become visible \udXXX escapes.
-        base = base.encode("utf-8", "backslashreplace").decode("utf-8")
+        if not base.isascii():  # header keys must be valid UTF-8: lone surrogates become \udXXX
+            base = base.encode("utf-8", "backslashreplace").decode("utf-8")
         return claim_key(self._keys, base)
 
     def encode(self, obj: Any, path: str, parts: list[str]) -> Any:
@@ -152,7 +152,8 @@ class _Encoder:
                 "save a plain tensor (for DTensor use torchkeep.distributed)"
             )
         device = t.device
-        if t.layout != torch.strided or t.is_quantized or device.type == "meta":
+        device_type = device.type
+        if t.layout != torch.strided or t.is_quantized or device_type == "meta":
             raise UnsupportedValueError(
                 f"{path or '<root>'}: {t.layout} / quantized / meta tensors cannot be saved; "
                 "convert to a dense, materialized tensor first"
@@ -165,7 +166,7 @@ class _Encoder:
             node["param"] = True
         if t.requires_grad:
             node["requires_grad"] = True
-        if device.type != "cpu":
+        if device_type != "cpu":
             node["device"] = str(device)
         return node
 

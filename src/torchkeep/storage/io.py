@@ -40,6 +40,16 @@ class FileOps:
         """Write some of ``data`` at ``offset``; returns the count (may be short)."""
         return os.pwrite(fd, data, offset)
 
+    def pwritev(self, fd: int, views: list, offset: int) -> int:
+        """Write ``views`` back to back at ``offset`` in one call; returns the count (may be short).
+
+        A subclass that intercepts :meth:`pwrite` (a fault injector) sees a vectored write as
+        one ``pwrite`` of the joined bytes, so overriding ``pwrite`` alone covers every write.
+        """
+        if type(self).pwrite is not FileOps.pwrite or not hasattr(os, "pwritev"):
+            return self.pwrite(fd, memoryview(b"".join(views)), offset)
+        return os.pwritev(fd, views, offset)
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
@@ -81,6 +91,32 @@ def write_all(ops: FileOps, fd: int, data: memoryview, offset: int) -> None:
         if written <= 0:
             raise OSError(errno.EIO, "write made no progress")
         done += written
+
+
+def writev_all(ops: FileOps, fd: int, views: list, offset: int) -> None:
+    """Write every buffer of ``views`` (non-empty, contiguous memoryviews or NumPy arrays) back
+    to back at ``offset``, resuming after short writes."""
+    pending, first = views, 0
+    while first < len(pending):
+        try:
+            written = ops.pwritev(fd, pending[first:], offset)
+        except InterruptedError:
+            continue
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        offset += written
+        while first < len(pending) and written >= pending[first].nbytes:
+            written -= pending[first].nbytes
+            first += 1
+        if written:  # a buffer was written in part: continue with its tail
+            pending = [_bytes_of(pending[first])[written:], *pending[first + 1 :]]
+            first = 0
+
+
+def _bytes_of(buffer: object) -> memoryview:
+    """A flat byte view of any contiguous buffer (a NumPy array, bytes, a memoryview)."""
+    view = memoryview(buffer)  # type: ignore[arg-type]
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 DEFAULT_OPS = FileOps()
