@@ -148,11 +148,11 @@ def reject_constant(name: str) -> Any:
 
 
 def no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)  # built in C; a shorter dict than list means a key came twice
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {key!r}")
     return out
 
 
@@ -214,7 +214,43 @@ def _is_int(x: Any) -> bool:
     return type(x) is int
 
 
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+_SPAN_LIMIT = 2**63
+
+
 def _entry(key: str, value: Any, where: str) -> EntryInfo:
+    """Validate one entry: a fast path for well-formed entries (20,000-tensor headers), and
+    :func:`_entry_checked` for anything it does not accept, which names the problem."""
+    if type(value) is dict and value.keys() == _ENTRY_KEYS:
+        dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+        itemsize = ITEMSIZE.get(dtype, 0) if type(dtype) is str else 0
+        if (
+            itemsize
+            and type(shape) is list
+            and len(shape) <= knobs.MAX_RANK
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
+            begin, end = offsets
+            span = numel = itemsize
+            for d in shape:
+                if type(d) is not int or d < 0 or span >= _SPAN_LIMIT:
+                    break
+                span *= d if d > 1 else 1
+                numel *= d
+            else:
+                if (
+                    span < _SPAN_LIMIT
+                    and type(begin) is int
+                    and type(end) is int
+                    and 0 <= begin <= end
+                    and numel == end - begin
+                ):
+                    return EntryInfo(dtype, tuple(shape), begin, end)
+    return _entry_checked(key, value, where)
+
+
+def _entry_checked(key: str, value: Any, where: str) -> EntryInfo:
     at = f"{where}: tensor {key!r}"
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
         raise FormatError(f"{at}: entry must have exactly dtype, shape and data_offsets")
