@@ -60,9 +60,9 @@ def plan(quick: bool) -> list[tuple[dict, int]]:
     return specs
 
 
-def run_worker(spec: dict, family: str, directory: str) -> list[dict]:
+def run_worker(spec: dict, family: str, directory: str, prefault: bool = False) -> list[dict]:
     job = {k: v for k, v in spec.items() if k != "families"}
-    job.update(family=family, dir=directory)
+    job.update(family=family, dir=directory, prefault=prefault)
     if spec["workload"] == "llm" and family == "torchkeep":
         job["lazy"] = LAZY_KEY if not spec.get("size") else "blocks.0.up.weight"
     cmd = [sys.executable, os.path.join(HERE, "worker.py"), json.dumps(job)]
@@ -96,6 +96,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "out"), help="results directory")
     ap.add_argument("--plot", default=None, help="PNG path (default: <out>/perf.png)")
     ap.add_argument("--only", nargs="*", help="workloads to run (llm optim small huge scale)")
+    ap.add_argument(
+        "--prefault",
+        action="store_true",
+        help="touch and release 2x the checkpoint's memory before each op (see worker.prefault)",
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     directory = args.dir or tempfile.mkdtemp(prefix="torchkeep-bench-", dir=os.getcwd())
@@ -110,7 +115,7 @@ def main() -> None:
             for rep in range(reps):
                 order = families[rep % len(families) :] + families[: rep % len(families)]
                 for family in order:
-                    got = run_worker(spec, family, directory)
+                    got = run_worker(spec, family, directory, args.prefault)
                     rows.extend(got)
                     print(
                         f"  {spec['workload']}{spec.get('size') or ''} rep {rep} {family}: "
@@ -123,7 +128,10 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with open(os.path.join(args.out, f"bench-{stamp}.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    command = "python benchmarks/run.py" + (" --quick" if args.quick else "")
+    flags = [f for f, on in (("--quick", args.quick), ("--prefault", args.prefault)) if on]
+    if args.only:
+        flags.append("--only " + " ".join(args.only))
+    command = " ".join(["python benchmarks/run.py", *flags])
     text = (
         f"Command: `{command}` ({time.time() - started:.0f} s)\n\nMachine: {machine()}\n\n"
         + summary(rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
 import os
 import statistics
 import sys
@@ -37,8 +38,35 @@ def _reset_peak() -> bool:
         return False
 
 
+def prefault(nbytes: int) -> None:
+    """Touch and release ``nbytes`` of memory so the next op starts from host-backed pages.
+
+    On the VMs this benchmark runs on, memory the guest frees is soon handed back to the host
+    (free page reporting), and the next first touch of a page costs ~1-3 s per GB, 10-30x bare
+    metal. A save then pays that for every page-cache page it fills and every copy it makes, and
+    results depend on the VM's state more than on the code. Touching and releasing twice the
+    checkpoint size just before each op puts backed pages on the free lists for every contender
+    alike. Opt-in (``run.py --prefault``): it also changes the timing of the host's reclaim, and
+    docs/performance.md shows runs with and without it.
+    """
+    if nbytes <= 0:
+        return
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    buf = mmap.mmap(-1, nbytes, flags=flags)
+    try:
+        if not getattr(mmap, "MAP_POPULATE", 0):
+            for offset in range(0, nbytes, mmap.PAGESIZE):
+                buf[offset] = 1
+    finally:
+        buf.close()
+
+
+PREFAULT = {"bytes": 0}  # set by main() from the job spec
+
+
 def measure(fn, *args) -> dict:
     """Time ``fn(*args)`` and its peak RSS above the starting RSS."""
+    prefault(PREFAULT["bytes"])
     gc.collect()
     exact = _reset_peak()
     rss0 = _status_kb("VmRSS")
@@ -99,6 +127,8 @@ def main(spec: dict) -> None:
     model = build_model(workload, spec.get("size", 0), fill=True)
     obj = add_optimizer(model) if workload == "optim" else model.state_dict()
     nbytes = checkpoint_bytes(obj)
+    if spec.get("prefault"):
+        PREFAULT["bytes"] = min(max(2 * nbytes, 64 << 20), 8 << 30)
     suffix, saves, loads = FAMILIES[family]
     path = os.path.join(spec["dir"], f"{workload}{spec.get('size', '')}{suffix}")
 

@@ -21,13 +21,17 @@ from torchkeep.manager import list_leftovers, list_steps
 from torchkeep.storage.io import FileOps, use_ops
 
 
-def test_caller_may_mutate_tensors_once_save_async_returns(tmp_path) -> None:
-    weight = torch.arange(1000, dtype=torch.float32)
-    handle = torchkeep.save_async({"w": weight, "n": 3}, tmp_path / "a.tk")
+@pytest.mark.parametrize("numel", [1000, 1 << 19], ids=["memcpy", "threaded-copy"])
+def test_caller_may_mutate_tensors_once_save_async_returns(tmp_path, numel) -> None:
+    weight = torch.arange(numel, dtype=torch.float32)
+    bias = torch.ones(7, dtype=torch.bfloat16)
+    handle = torchkeep.save_async({"w": weight, "b": bias, "n": 3}, tmp_path / "a.tk")
     weight.add_(1)  # training continues: the snapshot must not see this
+    bias.mul_(2)
     assert handle.wait() == str(tmp_path / "a.tk") and handle.done()
     loaded = torchkeep.load(tmp_path / "a.tk")
-    assert torch.equal(loaded["w"], torch.arange(1000, dtype=torch.float32)) and loaded["n"] == 3
+    assert torch.equal(loaded["w"], torch.arange(numel, dtype=torch.float32)) and loaded["n"] == 3
+    assert torch.equal(loaded["b"], torch.ones(7, dtype=torch.bfloat16))
 
 
 def test_one_in_flight_and_last_save_wins(tmp_path) -> None:
