@@ -82,12 +82,14 @@ def test_roundtrip_across_knobs(tmp_path, monkeypatch, chunk, small, batch, thre
     batch=st.integers(1, 700),
     threads=st.integers(1, 4),
     keep=st.integers(0, 2**12 - 1),
+    piece=st.integers(1, 900),
 )
-def test_property_partial_loads(tmp_path_factory, sizes, chunk, small, batch, threads, keep):
+def test_property_partial_loads(tmp_path_factory, sizes, chunk, small, batch, threads, keep, piece):
     """Any knob values, any subset of keys (gaps between batched entries) load exactly."""
     saved = (knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES, knobs.IO_THREADS)
+    saved_piece = knobs.READ_PIECE_BYTES
     knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES = chunk, small, batch
-    knobs.IO_THREADS = threads
+    knobs.IO_THREADS, knobs.READ_PIECE_BYTES = threads, piece
     try:
         sd = _state(sizes, seed=len(sizes))
         path = tmp_path_factory.mktemp("p") / "m.tk"
@@ -99,6 +101,7 @@ def test_property_partial_loads(tmp_path_factory, sizes, chunk, small, batch, th
         _assert_same(dict(model.state_dict()), subset)
     finally:
         knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES, knobs.IO_THREADS = saved
+        knobs.READ_PIECE_BYTES = saved_piece
 
 
 class FailingOps(FileOps):
@@ -194,6 +197,23 @@ def test_corruption_named_from_worker_threads(tmp_path, monkeypatch, victim):
         torchkeep.load_state_dict(model, path, verify=True)
     torchkeep.load_state_dict(model, path, verify=False)  # unverified load still reads it
     assert not torch.equal(getattr(model, victim), sd[victim])
+
+
+@pytest.mark.parametrize("at", [5, 1500, 3999])  # first, a middle and the last piece of t0
+def test_corruption_found_in_any_piece_of_a_verified_read(tmp_path, monkeypatch, at):
+    _knobs(monkeypatch, 1 << 20, 1 << 20, 1 << 20, 2)  # one batch holding every tensor
+    monkeypatch.setattr(knobs, "READ_PIECE_BYTES", 256)  # t0 (4,000 bytes) is read in pieces
+    sd = {"t0": torch.arange(1000, dtype=torch.float32), "e": torch.zeros(0)}
+    sd.update({f"t{i}": torch.full((4,), float(i)) for i in range(1, 5)})
+    path = tmp_path / "m.tk"
+    torchkeep.save(sd, path)
+    model = Flat(sd)
+    torchkeep.load_state_dict(model, path, verify=True)
+    _assert_same(dict(model.state_dict()), sd)
+    with FileReader(path) as r:
+        _flip_byte(path, r.header.data_start + r.entry("t0").begin + at)
+    with pytest.raises(CorruptionError, match="'t0'"):
+        torchkeep.load_state_dict(Flat(sd), path, verify=True)
 
 
 def test_truncated_after_open_raises_format_error(tmp_path, monkeypatch):

@@ -26,6 +26,9 @@ IO_THREADS = _env_int("IO_THREADS", 4)
 #: Tensors up to this size are copied into a staging batch and written together (per-tensor
 #: cost: one memcpy and one hash instead of a syscall and a thread hand-off).
 SMALL_TENSOR_BYTES = _env_int("SMALL_TENSOR_BYTES", 256 * 1024)
+#: Verified loads read in pieces of this size and hash each piece while it is still in the CPU
+#: cache, instead of reading a whole batch and hashing it again from memory.
+READ_PIECE_BYTES = _env_int("READ_PIECE_BYTES", 1024 * 1024)
 #: Size of one staging batch of small tensors (also the read batch of small tensors on load).
 BATCH_BYTES = _env_int("BATCH_BYTES", 8 * 1024 * 1024)
 #: Start each written chunk's writeback right away (Linux sync_file_range), so the disk works
