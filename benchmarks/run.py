@@ -6,8 +6,9 @@ repetitions; the table reports medians (and best runs for the ceiling ratio). Sa
 fsync. Loads are measured with the file in the page cache ("warm") and, for LLM-like and
 one-huge, evicted with posix_fadvise(DONTNEED) before each run ("cold").
 
-    python benchmarks/run.py            # full run (~15 min)
+    python benchmarks/run.py            # full run (~12 min)
     python benchmarks/run.py --quick    # smaller sizes, for development
+    python benchmarks/run.py --prefault # every op starts from host-backed memory (VMs)
 """
 
 from __future__ import annotations
