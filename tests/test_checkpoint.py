@@ -154,3 +154,81 @@ def test_scheduler_zoo_round_trips(tmp_path, make) -> None:
     fresh = make(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
     torchkeep.load_checkpoint(tmp_path / "s.tk", {"s": fresh}, rng=False)
     assert repr(fresh.state_dict()) == repr(sched.state_dict())
+
+
+def test_modules_are_read_straight_into_parameters(tmp_path, monkeypatch) -> None:
+    """Module weights skip the materialized tree: no read_entry for them, same data_ptr after;
+    every other object is read (and verified) as before."""
+    from torchkeep.format.reader import FileReader
+
+    path = tmp_path / "ckpt.tk"
+    saved = _training_state(2)
+    torchkeep.save_checkpoint(path, saved)
+    fresh = _training_state(0)
+    before = {k: p.data_ptr() for k, p in fresh["model"].state_dict().items()}
+    read: list[str] = []
+    original = FileReader.read_entry
+
+    def spy(self, key, verify=True):
+        read.append(key)
+        return original(self, key, verify)
+
+    monkeypatch.setattr(FileReader, "read_entry", spy)
+    torchkeep.load_checkpoint(path, fresh)
+    assert read and not [k for k in read if k.startswith("objects.model.")], read
+    assert any(k.startswith("objects.optimizer.") for k in read)
+    for key, value in saved["model"].state_dict().items():
+        assert torch.equal(fresh["model"].state_dict()[key], value), key
+        assert fresh["model"].state_dict()[key].data_ptr() == before[key], key
+
+
+def test_corrupt_module_weight_is_caught_by_the_direct_read(tmp_path) -> None:
+    from torchkeep.format.reader import FileReader
+
+    path = tmp_path / "ckpt.tk"
+    torchkeep.save_checkpoint(path, _training_state(1))
+    with FileReader(path) as reader:
+        at = reader.header.data_start + reader.entry("objects.model.0.weight").begin + 2
+    blob = bytearray(path.read_bytes())
+    blob[at] ^= 0x10
+    path.write_bytes(bytes(blob))
+    with pytest.raises(torchkeep.CorruptionError, match="objects.model.0.weight"):
+        torchkeep.load_checkpoint(path, _training_state(0))
+    state = _training_state(0)
+    torchkeep.load_checkpoint(path, state, verify=False)  # unverified: loads the damaged bytes
+
+
+def test_object_named_like_a_module_prefix_is_not_mistaken_for_it(tmp_path) -> None:
+    """``model.ema`` (a plain stateful object) next to module ``model``: each restores its own."""
+
+    class Counter:
+        def __init__(self, n: int) -> None:
+            self.n = torch.tensor([float(n)])
+
+        def state_dict(self) -> dict:
+            return {"n": self.n}
+
+        def load_state_dict(self, sd: dict) -> None:
+            self.n = sd["n"].clone()
+
+    path = tmp_path / "ckpt.tk"
+    saved = _training_state(1)
+    torchkeep.save_checkpoint(path, {"model": saved["model"], "model.ema": Counter(7)})
+    fresh = {"model": _training_state(0)["model"], "model.ema": Counter(0)}
+    torchkeep.load_checkpoint(path, fresh)
+    assert torch.equal(fresh["model.ema"].n, torch.tensor([7.0]))
+    for key, value in saved["model"].state_dict().items():
+        assert torch.equal(fresh["model"].state_dict()[key], value), key
+
+
+def test_module_shape_mismatch_leaves_every_object_untouched(tmp_path) -> None:
+    path = tmp_path / "ckpt.tk"
+    torchkeep.save_checkpoint(path, _training_state(1))
+    fresh = _training_state(0)
+    fresh["model"][0] = nn.Linear(3, 5)  # a different architecture
+    weights = {k: v.clone() for k, v in fresh["model"].state_dict().items()}
+    with pytest.raises(StateDictMismatchError, match="model"):
+        torchkeep.load_checkpoint(path, fresh)
+    for key, value in fresh["model"].state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert fresh["epoch"] == 0

@@ -7,12 +7,16 @@ values written back, RNG state), for users who manage their own file names.
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
+
+from torch import nn
 
 from .asyncsave import save_blocking
 from .format.reader import FileReader
 from .state.capture import capture, restore
+from .state.module import load_from_reader
+from .state.report import LoadReport
 
 PathLike = str | os.PathLike
 
@@ -43,7 +47,37 @@ def load_checkpoint(
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
     """
     path = os.fspath(path)
+    modules = {name for name, value in state.items() if isinstance(value, nn.Module)}
     with FileReader(path) as reader:
-        tree = reader.load(map_location="cpu", verify=verify)
-    restore(tree, state, rng=rng, source=path)
+        if not reader.is_torchkeep:  # a plain safetensors file cannot be a training state
+            tree = reader.load(map_location="cpu", verify=verify)
+            restore(tree, state, rng=rng, source=path)
+            return state
+        # Module weights are mapped placeholders here (their shapes are checked before
+        # anything changes), then read straight into the parameters: no second copy.
+        tree = reader.load(
+            map_location="cpu", verify=verify, placeholders=_module_paths(modules, state)
+        )
+
+        def load_module(name: str, module: nn.Module) -> LoadReport:
+            return load_from_reader(module, reader, ("objects", name), strict=True, verify=verify)
+
+        restore(tree, state, rng=rng, source=path, load_module=load_module)
     return state
+
+
+def _module_paths(modules: set[str], state: MutableMapping[str, Any]) -> Callable[[str], bool]:
+    """Whether a tree path lies in a module's saved state dict (``objects.<name>.``...).
+
+    A path belongs to the longest object name it starts with, so an object named ``model.ema``
+    is not mistaken for part of a module named ``model``.
+    """
+    names = sorted((str(n) for n in state), key=len, reverse=True)
+
+    def inside_module(path: str) -> bool:
+        for name in names:
+            if path.startswith(f"objects.{name}."):
+                return name in modules
+        return False
+
+    return inside_module

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -229,18 +230,29 @@ class FileReader:
 
     # -- the whole object ------------------------------------------------------------------------
     def load(
-        self, map_location: MapLocation = None, mmap: bool = False, verify: bool = True
+        self,
+        map_location: MapLocation = None,
+        mmap: bool = False,
+        verify: bool = True,
+        placeholders: Callable[[str], bool] | None = None,
     ) -> Any:
-        """Rebuild the saved object; tensors shared at save time come back shared."""
-        cache: dict[tuple[str, str], torch.Tensor] = {}
+        """Rebuild the saved object; tensors shared at save time come back shared.
 
-        def base(key: str, device: torch.device) -> torch.Tensor:
-            token = (key, str(device))
+        Tensors at paths where ``placeholders(path)`` is true come back as unverified, mapped,
+        CPU views of the file: for a caller that only needs their shapes now and reads them
+        into place itself later (``load_checkpoint`` restoring a module).
+        """
+        cache: dict[tuple[str, str, bool], torch.Tensor] = {}
+
+        def base(key: str, device: torch.device, lazy: bool) -> torch.Tensor:
+            token = (key, str(device), lazy)
             if token not in cache:
-                cpu_key = (key, "cpu")
+                cpu_key = (key, "cpu", lazy)
                 if cpu_key not in cache:
                     cache[cpu_key] = (
-                        self.map_entry(key, verify) if mmap else self.read_entry(key, verify)
+                        self.map_entry(key, verify and not lazy)
+                        if mmap or lazy
+                        else self.read_entry(key, verify)
                     )
                 if device.type != "cpu":
                     cache[token] = cache[cpu_key].to(device)
@@ -248,8 +260,9 @@ class FileReader:
 
         def resolve(node: dict, path: str) -> torch.Tensor:
             # Plain references return the cached entry object itself, so aliases stay shared.
+            lazy = placeholders is not None and placeholders(path)
             device = target_device(node.get("device", "cpu"), map_location, path, self.path)
-            entry = base(node["key"], device)
+            entry = base(node["key"], torch.device("cpu") if lazy else device, lazy)
             return restore_flags(node, materialize(node, entry, self.path, path))
 
         return decode(self.tree, resolve, self.path)

@@ -8,7 +8,7 @@ place; every other value is saved as is and written back into the dict. RNG stat
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import torch
@@ -71,13 +71,24 @@ def capture(state: MutableMapping[str, Any], *, rng: bool = True) -> dict[str, A
     return tree
 
 
+#: Loads the saved state of module ``state[name]`` into it (strictly) and returns the report.
+ModuleLoader = Callable[[str, nn.Module], LoadReport]
+
+
 def restore(
-    tree: Any, state: MutableMapping[str, Any], *, rng: bool = True, source: str = "checkpoint"
+    tree: Any,
+    state: MutableMapping[str, Any],
+    *,
+    rng: bool = True,
+    source: str = "checkpoint",
+    load_module: ModuleLoader | None = None,
 ) -> None:
     """Load ``tree`` (from :func:`capture`) into ``state``: objects in place, values written back.
 
     Every key is checked before anything changes; modules load strictly (a mismatch names the
-    offending tensor and leaves the module untouched).
+    offending tensor and leaves the module untouched). ``load_module`` replaces copying a
+    module's tensors from ``tree`` (there only their shapes are then needed): the file-backed
+    restore reads them straight into the parameters instead.
     """
     objects, values = _check_tree(tree, source)
     _check_keys(objects, values, state, source)
@@ -86,7 +97,7 @@ def restore(
     ordered = sorted(objects, key=lambda n: not isinstance(state[n], nn.Module))
     loaders = tree.get("loaders") if isinstance(tree.get("loaders"), dict) else {}
     for name in ordered:
-        _restore_object(name, state[name], objects[name], source)
+        _restore_object(name, state[name], objects[name], source, load_module)
         if is_stateful_loader(state[name]):
             settle(state[name], loaders.get(name) or {})
     for name, value in values.items():
@@ -141,10 +152,15 @@ def _check_keys(objects: dict, values: dict, state: MutableMapping, source: str)
             )
 
 
-def _restore_object(name: str, target: Any, saved: Any, source: str) -> None:
+def _restore_object(
+    name: str, target: Any, saved: Any, source: str, loader: ModuleLoader | None
+) -> None:
     if isinstance(target, nn.Module):
         try:
-            load_module(target, saved, strict=True)
+            if loader is not None:
+                loader(name, target)
+            else:
+                load_module(target, saved, strict=True)
         except StateDictMismatchError as exc:
             raise StateDictMismatchError(f"{source}: state[{name!r}]: {exc}", exc.report) from exc
         return

@@ -57,10 +57,24 @@ def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.state_dict(keep_vars=True))
 
 
-def _unwrap(tree: Any, key: str | None, is_leaf: Any, name: str) -> tuple[Any, str | None]:
+def load_from_reader(
+    model: nn.Module, reader: FileReader, parts: tuple[str, ...], *, strict: bool, verify: bool
+) -> LoadReport:
+    """Read the state dict at ``parts`` of an open torchkeep file straight into ``model``.
+
+    ``parts`` is the path of dict keys to the state dict (``("objects", "model")``), given as
+    parts so that keys containing dots stay unambiguous. Used to restore training checkpoints
+    without materializing a second copy of the weights.
+    """
+    return _load_file(model, reader, strict=strict, verify=verify, key=parts)
+
+
+def _unwrap(
+    tree: Any, key: str | tuple[str, ...] | None, is_leaf: Any, name: str
+) -> tuple[Any, str | None]:
     """Find the sub-dict holding the weights; returns (sub-dict, note)."""
     if key is not None:
-        for part in key.split("."):
+        for part in key.split(".") if isinstance(key, str) else key:
             if not isinstance(tree, dict) or part not in tree:
                 raise TorchkeepError(f"{name}: no entry {key!r} in the checkpoint")
             tree = tree[part]
@@ -123,7 +137,9 @@ def _load_mapping(
     return report
 
 
-def _file_sources(reader: FileReader, key: str | None) -> tuple[dict[str, dict], str | None]:
+def _file_sources(
+    reader: FileReader, key: str | tuple[str, ...] | None
+) -> tuple[dict[str, dict], str | None]:
     """Map state-dict key -> tensor node, by walking the typed tree (no tensor is read)."""
     tree = reader.tree
 
@@ -160,14 +176,24 @@ def _node_dtype(reader: FileReader, node: dict) -> torch.dtype:
 
 
 def _load_file(
-    model: nn.Module, reader: FileReader, *, strict: bool, verify: bool, key: str | None
+    model: nn.Module,
+    reader: FileReader,
+    *,
+    strict: bool,
+    verify: bool,
+    key: str | tuple[str, ...] | None,
 ) -> LoadReport:
     with paused_gc():  # per-tensor planning allocates many small objects
         return _load_file_inner(model, reader, strict=strict, verify=verify, key=key)
 
 
 def _load_file_inner(
-    model: nn.Module, reader: FileReader, *, strict: bool, verify: bool, key: str | None
+    model: nn.Module,
+    reader: FileReader,
+    *,
+    strict: bool,
+    verify: bool,
+    key: str | tuple[str, ...] | None,
 ) -> LoadReport:
     nodes, note = _file_sources(reader, key)
     report = LoadReport(source=reader.path, notes=[note] if note else [])
