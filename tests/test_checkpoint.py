@@ -182,7 +182,7 @@ def test_modules_are_read_straight_into_parameters(tmp_path, monkeypatch) -> Non
         assert fresh["model"].state_dict()[key].data_ptr() == before[key], key
 
 
-def test_corrupt_module_weight_is_caught_by_the_direct_read(tmp_path) -> None:
+def test_corrupt_module_weight_is_caught_before_anything_changes(tmp_path) -> None:
     from torchkeep.format.reader import FileReader
 
     path = tmp_path / "ckpt.tk"
@@ -192,8 +192,13 @@ def test_corrupt_module_weight_is_caught_by_the_direct_read(tmp_path) -> None:
     blob = bytearray(path.read_bytes())
     blob[at] ^= 0x10
     path.write_bytes(bytes(blob))
+    fresh = _training_state(0)
+    weights = {k: v.clone() for k, v in fresh["model"].state_dict().items()}
     with pytest.raises(torchkeep.CorruptionError, match="objects.model.0.weight"):
-        torchkeep.load_checkpoint(path, _training_state(0))
+        torchkeep.load_checkpoint(path, fresh)
+    for key, value in fresh["model"].state_dict().items():
+        assert torch.equal(value, weights[key]), key  # the model was not touched
+    assert fresh["epoch"] == 0
     state = _training_state(0)
     torchkeep.load_checkpoint(path, state, verify=False)  # unverified: loads the damaged bytes
 

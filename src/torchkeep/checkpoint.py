@@ -53,14 +53,15 @@ def load_checkpoint(
             tree = reader.load(map_location="cpu", verify=verify)
             restore(tree, state, rng=rng, source=path)
             return state
-        # Module weights are mapped placeholders here (their shapes are checked before
-        # anything changes), then read straight into the parameters: no second copy.
+        # Module weights are mapped placeholders here: verified and shape-checked before
+        # anything changes (a corrupt file leaves every object untouched), then read straight
+        # into the parameters, so no second copy of the weights is ever held.
         tree = reader.load(
             map_location="cpu", verify=verify, placeholders=_module_paths(modules, state)
         )
 
         def load_module(name: str, module: nn.Module) -> LoadReport:
-            return load_from_reader(module, reader, ("objects", name), strict=True, verify=verify)
+            return load_from_reader(module, reader, ("objects", name), strict=True, verify=False)
 
         restore(tree, state, rng=rng, source=path, load_module=load_module)
     return state

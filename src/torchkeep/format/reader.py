@@ -44,6 +44,7 @@ class FileReader:
             os.close(self._fd)
             raise
         self._mapped: torch.Tensor | None = None
+        self._scratch: bytearray | None = None  # verify_entry's reusable read buffer
 
     # -- opening ---------------------------------------------------------------------------
     def _pread(self, size: int, offset: int) -> bytes:
@@ -206,14 +207,19 @@ class FileReader:
             return raw.clone().view(dtype).reshape(info.shape)
 
     def verify_entry(self, key: str) -> None:
-        """Hash entry ``key`` from disk and raise :class:`CorruptionError` on mismatch."""
+        """Hash entry ``key`` from disk and raise :class:`CorruptionError` on mismatch.
+
+        Reads through one small buffer reused for every entry (``READ_PIECE_BYTES``, hot in
+        the CPU cache), so verifying a whole file holds no copy of it.
+        """
         info = self.entry(key)
         hasher = checksum.new_hasher()
         start = self.header.data_start + info.begin
-        buf = bytearray(min(info.nbytes, knobs.CHUNK_BYTES))
-        for lo in range(0, info.nbytes, knobs.CHUNK_BYTES):
-            n = min(knobs.CHUNK_BYTES, info.nbytes - lo)
-            view = memoryview(buf)[:n]
+        step = max(1, knobs.READ_PIECE_BYTES)
+        if self._scratch is None or len(self._scratch) < min(info.nbytes, step):
+            self._scratch = bytearray(step)
+        for lo in range(0, info.nbytes, step):
+            view = memoryview(self._scratch)[: min(step, info.nbytes - lo)]
             self._preadinto(view, start + lo)
             hasher.update(view)
         self._check(key, hasher.hexdigest())
@@ -238,9 +244,10 @@ class FileReader:
     ) -> Any:
         """Rebuild the saved object; tensors shared at save time come back shared.
 
-        Tensors at paths where ``placeholders(path)`` is true come back as unverified, mapped,
-        CPU views of the file: for a caller that only needs their shapes now and reads them
-        into place itself later (``load_checkpoint`` restoring a module).
+        Tensors at paths where ``placeholders(path)`` is true come back as mapped CPU views of
+        the file (checksums verified like the rest, but no private copy): for a caller that
+        only needs their shapes now and reads them into place itself later
+        (``load_checkpoint`` restoring a module).
         """
         cache: dict[tuple[str, str, bool], torch.Tensor] = {}
 
@@ -249,6 +256,8 @@ class FileReader:
             if token not in cache:
                 cpu_key = (key, "cpu", lazy)
                 if cpu_key not in cache:
+                    if lazy and verify:  # from disk through a small buffer, not the mapping
+                        self.verify_entry(key)  # (hashing mapped pages makes them resident)
                     cache[cpu_key] = (
                         self.map_entry(key, verify and not lazy)
                         if mmap or lazy
