@@ -47,18 +47,11 @@ def load_checkpoint(
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
     """
     path = os.fspath(path)
-    modules = {name for name, value in state.items() if isinstance(value, nn.Module)}
     with FileReader(path) as reader:
-        if not reader.is_torchkeep:  # a plain safetensors file cannot be a training state
-            tree = reader.load(map_location="cpu", verify=verify)
-            restore(tree, state, rng=rng, source=path)
-            return state
         # Module weights are mapped placeholders here: verified and shape-checked before
         # anything changes (a corrupt file leaves every object untouched), then read straight
         # into the parameters, so no second copy of the weights is ever held.
-        tree = reader.load(
-            map_location="cpu", verify=verify, placeholders=_module_paths(modules, state)
-        )
+        tree = reader.load(map_location="cpu", verify=verify, placeholders=_module_paths(state))
 
         def load_module(name: str, module: nn.Module) -> LoadReport:
             return load_from_reader(module, reader, ("objects", name), strict=True, verify=False)
@@ -67,13 +60,14 @@ def load_checkpoint(
     return state
 
 
-def _module_paths(modules: set[str], state: MutableMapping[str, Any]) -> Callable[[str], bool]:
+def _module_paths(state: MutableMapping[str, Any]) -> Callable[[str], bool]:
     """Whether a tree path lies in a module's saved state dict (``objects.<name>.``...).
 
     A path belongs to the longest object name it starts with, so an object named ``model.ema``
     is not mistaken for part of a module named ``model``.
     """
     names = sorted((str(n) for n in state), key=len, reverse=True)
+    modules = {name for name, value in state.items() if isinstance(value, nn.Module)}
 
     def inside_module(path: str) -> bool:
         for name in names:

@@ -23,8 +23,8 @@ MAX_RANK = _env_int("MAX_RANK", 64)
 CHUNK_BYTES = _env_int("CHUNK_BYTES", 64 * 1024 * 1024)
 #: Threads that write and hash tensor data concurrently (I/O and xxhash release the GIL).
 IO_THREADS = _env_int("IO_THREADS", 4)
-#: Tensors up to this size are copied into a staging batch and written together (per-tensor
-#: cost: one memcpy and one hash instead of a syscall and a thread hand-off).
+#: Tensors up to this size are gathered into a batch written with one ``pwritev`` straight
+#: from their memory (per-tensor cost: one hash instead of a syscall and a thread hand-off).
 SMALL_TENSOR_BYTES = _env_int("SMALL_TENSOR_BYTES", 256 * 1024)
 #: Verified loads read in pieces of this size and hash each piece while it is still in the CPU
 #: cache, instead of reading a whole batch and hashing it again from memory.

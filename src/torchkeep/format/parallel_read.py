@@ -24,13 +24,14 @@ import torch
 
 from .. import knobs
 from ..errors import FormatError
+from ..storage.io import IOV_MAX, skip_bytes
 from . import checksum
 
 if TYPE_CHECKING:
     from .reader import FileReader
 
-#: Most buffers in one ``preadv`` call (Linux IOV_MAX is 1024).
-MAX_IOV = 512
+#: Most buffers in one ``preadv`` call (half of Linux's IOV_MAX of 1024).
+MAX_IOV = min(512, IOV_MAX)
 #: A lone tensor is split into per-thread reads only down to this size.
 SPLIT_MIN_BYTES = 4 << 20
 
@@ -125,11 +126,7 @@ def _preadv_all(reader: FileReader, buffers: list[memoryview], offset: int) -> N
         if n <= 0:
             raise FormatError(f"{reader.path}: unexpected end of file at byte {offset}")
         offset += n
-        while bufs and n >= bufs[0].nbytes:
-            n -= bufs[0].nbytes
-            bufs.pop(0)
-        if n:
-            bufs[0] = bufs[0][n:]
+        bufs = skip_bytes(bufs, n)
 
 
 def _do_job(reader: FileReader, job: ReadJob, verify: bool) -> list[tuple[str, str]]:

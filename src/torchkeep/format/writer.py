@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +22,7 @@ import torch
 from .. import knobs
 from ..errors import UnsupportedValueError
 from ..gcpause import paused_gc
-from ..storage.io import FileOps, write_all, writev_all
+from ..storage.io import IOV_MAX, FileOps, write_all, writev_all
 from . import checksum, header
 from .layout import Entry, plan_entries
 from .tree import encode
@@ -187,16 +186,6 @@ def write_chunk(ops: FileOps, fd: int, data: memoryview | list[Any], offset: int
         _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
-def _iov_max() -> int:
-    try:
-        return max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
-    except (AttributeError, ValueError, OSError):
-        return 1024
-
-
-_IOV_MAX = _iov_max()
-
-
 class _DataWriter:
     """Writes tensor bytes at file offsets through a small thread pool, hashing as it goes.
 
@@ -234,7 +223,7 @@ class _DataWriter:
         if size <= knobs.SMALL_TENSOR_BYTES:
             buffer = _buffer(source)
             if size:
-                if self.used + size > knobs.BATCH_BYTES or len(self.batch) >= _IOV_MAX:
+                if self.used + size > knobs.BATCH_BYTES or len(self.batch) >= IOV_MAX:
                     self._flush()
                 if not self.batch:
                     self.batch_at = entry.begin

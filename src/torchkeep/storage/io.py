@@ -96,21 +96,41 @@ def write_all(ops: FileOps, fd: int, data: memoryview, offset: int) -> None:
 def writev_all(ops: FileOps, fd: int, views: list, offset: int) -> None:
     """Write every buffer of ``views`` (non-empty, contiguous memoryviews or NumPy arrays) back
     to back at ``offset``, resuming after short writes."""
-    pending, first = views, 0
-    while first < len(pending):
+    pending = list(views)
+    while pending:
         try:
-            written = ops.pwritev(fd, pending[first:], offset)
+            written = ops.pwritev(fd, pending, offset)
         except InterruptedError:
             continue
         if written <= 0:
             raise OSError(errno.EIO, "write made no progress")
         offset += written
-        while first < len(pending) and written >= pending[first].nbytes:
-            written -= pending[first].nbytes
-            first += 1
-        if written:  # a buffer was written in part: continue with its tail
-            pending = [_bytes_of(pending[first])[written:], *pending[first + 1 :]]
-            first = 0
+        pending = skip_bytes(pending, written)
+
+
+def skip_bytes(buffers: list, n: int) -> list:
+    """What is left of ``buffers`` (back to back) after their first ``n`` bytes were
+    transferred: the untouched buffers, the first one cut to its tail if it was done in part.
+    Vectored reads and writes resume from here after a short transfer."""
+    first = 0
+    while first < len(buffers) and n >= buffers[first].nbytes:
+        n -= buffers[first].nbytes
+        first += 1
+    rest = buffers[first:]
+    if n:
+        rest[0] = _bytes_of(rest[0])[n:]
+    return rest
+
+
+def _iov_max() -> int:
+    try:
+        return max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+    except (AttributeError, ValueError, OSError):
+        return 1024
+
+
+#: Most buffers one ``preadv``/``pwritev`` call accepts here (Linux: 1024).
+IOV_MAX = _iov_max()
 
 
 def _bytes_of(buffer: object) -> memoryview:
