@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from torchkeep import knobs
+
 LONG = os.environ.get("TORCHKEEP_LONG") == "1"
 
 
@@ -13,3 +15,13 @@ LONG = os.environ.get("TORCHKEEP_LONG") == "1"
 def long_run() -> bool:
     """True under ``make test-long``: tests scale their trial counts up."""
     return LONG
+
+
+@pytest.fixture(params=["buffered", "direct"])
+def write_mode(request, monkeypatch) -> str:
+    """Run a test with buffered writes, then with direct I/O forced on for these small files
+    (4 KiB staging segments, so a save is several aligned writes, a head and a truncation)."""
+    if request.param == "direct":
+        monkeypatch.setattr(knobs, "DIRECT_MIN_BYTES", 1)
+        monkeypatch.setattr(knobs, "DIRECT_CHUNK_BYTES", 4096)
+    return request.param

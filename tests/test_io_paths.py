@@ -36,6 +36,7 @@ def _knobs(monkeypatch: pytest.MonkeyPatch, chunk: int, small: int, batch: int, 
     monkeypatch.setattr(knobs, "SMALL_TENSOR_BYTES", small)
     monkeypatch.setattr(knobs, "BATCH_BYTES", batch)
     monkeypatch.setattr(knobs, "IO_THREADS", threads)
+    monkeypatch.setattr(knobs, "DIRECT_IO", 0)  # these tests count the buffered writer's writes
 
 
 def _assert_same(a: dict, b: dict) -> None:

@@ -34,6 +34,19 @@ BATCH_BYTES = _env_int("BATCH_BYTES", 8 * 1024 * 1024)
 #: Start each written chunk's writeback right away (Linux sync_file_range), so the disk works
 #: while later chunks are copied and the closing fsync has little left to do. 0 disables.
 EARLY_WRITEBACK = _env_int("EARLY_WRITEBACK", 1)
+#: Write large files with direct I/O (O_DIRECT, Linux): the bytes go from a few reused aligned
+#: staging buffers straight to the disk instead of through the page cache. A save then neither
+#: fills (and, on VMs, faults in) a page-cache page per 4 KiB nor evicts the training data's
+#: cached pages; filesystems without direct I/O fall back to buffered writes. 0 disables.
+DIRECT_IO = _env_int("DIRECT_IO", 1)
+#: Files with less tensor data than this are written buffered (small saves gain nothing, and
+#: a save that is loaded right back still finds its pages cached).
+DIRECT_MIN_BYTES = _env_int("DIRECT_MIN_BYTES", 32 * 1024 * 1024)
+#: Size of one direct-I/O staging buffer; ``IO_THREADS`` of them are kept for reuse.
+DIRECT_CHUNK_BYTES = _env_int("DIRECT_CHUNK_BYTES", 8 * 1024 * 1024)
+#: Alignment of direct-I/O offsets, lengths and buffers: 4096 covers 512-byte and 4K-sector
+#: devices alike.
+DIRECT_ALIGN = _env_int("DIRECT_ALIGN", 4096)
 #: Header is padded to a multiple of this many bytes so tensor data starts aligned.
 HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)
 #: Most elements a saved view may expose. Views are lazy, but a hostile stride-0 view of 2**62

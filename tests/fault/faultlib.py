@@ -21,6 +21,7 @@ KINDS = (
     "open_new",
     "preallocate",
     "pwrite",
+    "truncate",
     "fsync",
     "close",
     "replace",
@@ -102,6 +103,11 @@ class FaultOps(FileOps):
             if self.keep_data and written != view.nbytes:
                 self.log[-1] = ("pwrite", fd, offset, bytes(view[:written]))
             return written
+
+    def truncate(self, fd: int, size: int) -> None:
+        with self._lock:
+            self._step("truncate", fd, size)
+            super().truncate(fd, size)
 
     def fsync(self, fd: int) -> None:
         with self._lock:

@@ -26,17 +26,22 @@ class Inode:
     """A file: bytes known durable, and the writes made since its last fsync."""
 
     synced: bytes = b""
-    pending: list[tuple[int, bytes]] = field(default_factory=list)
+    pending: list[tuple[int, bytes | None]] = field(default_factory=list)
 
     def content(self, mode: str) -> bytes:
+        """The file's bytes: synced only, every write applied, or the last write torn in half
+        (a truncation, ``data`` None, is all or nothing: torn means not applied)."""
         writes = self.pending
         if mode == "synced":
             writes = []
         elif mode == "torn" and writes:
             offset, data = writes[-1]
-            writes = writes[:-1] + [(offset, data[: len(data) // 2])]
+            writes = writes[:-1] + ([] if data is None else [(offset, data[: len(data) // 2])])
         out = bytearray(self.synced)
         for offset, data in writes:
+            if data is None:
+                out = out[:offset] + b"\0" * max(0, offset - len(out))
+                continue
             if len(out) < offset + len(data):
                 out.extend(b"\0" * (offset + len(data) - len(out)))
             out[offset : offset + len(data)] = data
@@ -99,6 +104,9 @@ class SimFS:
         elif kind == "pwrite":
             fd, offset, data = args
             self.fds[fd].pending.append((offset, data))
+        elif kind == "truncate":
+            fd, size = args
+            self.fds[fd].pending.append((size, None))
         elif kind == "fsync":
             self.fds[args[0]].sync()
         elif kind == "replace":

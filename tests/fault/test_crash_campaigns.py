@@ -18,7 +18,13 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_campaign(kind: str, workdir: str, specs: list[str], seed: int = 5) -> list[dict]:
+#: Environment that forces direct I/O on the campaigns' small files (4 KiB staging segments).
+DIRECT_ENV = {"TORCHKEEP_DIRECT_MIN_BYTES": "1", "TORCHKEEP_DIRECT_CHUNK_BYTES": "4096"}
+
+
+def run_campaign(
+    kind: str, workdir: str, specs: list[str], seed: int = 5, env: dict | None = None
+) -> list[dict]:
     """Run killer.py for ``kind`` with ``MODE:TRIALS`` specs; returns its summaries."""
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "killer.py"), kind, workdir, str(seed), *specs],
@@ -26,16 +32,19 @@ def run_campaign(kind: str, workdir: str, specs: list[str], seed: int = 5) -> li
         text=True,
         timeout=1800,
         cwd=HERE,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("write_mode", ["buffered", "direct"])
 @pytest.mark.parametrize("kind", ["file", "step", "async"])
-def test_crash_campaign(kind: str, tmp_path, long_run: bool) -> None:
+def test_crash_campaign(kind: str, write_mode: str, tmp_path, long_run: bool) -> None:
     kills = 400 if long_run else 12
     specs = [f"at_op:{3 if long_run else 1}", f"random:{kills}", f"fsize:{60 if long_run else 10}"]
-    summaries = run_campaign(kind, str(tmp_path), specs)
+    env = DIRECT_ENV if write_mode == "direct" else None
+    summaries = run_campaign(kind, str(tmp_path), specs, env=env)
     for summary in summaries:
         assert summary["failures"] == [], summary
         assert summary["trials"] >= (kills if summary["mode"] == "random" else 8), summary

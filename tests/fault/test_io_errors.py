@@ -36,7 +36,7 @@ def _count_ops(kind: str, target: str, version: int) -> FaultOps:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
-def test_error_at_every_operation(kind: str, err: int, tmp_path) -> None:
+def test_error_at_every_operation(kind: str, err: int, write_mode: str, tmp_path) -> None:
     target, old = _prepare(kind, tmp_path)
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()

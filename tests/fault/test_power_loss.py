@@ -17,6 +17,7 @@ from faultlib import FaultOps
 from powerloss import SimFS, crash_states
 from scenarios import KINDS, check_after_fault, committed, save_version
 
+from _direct import direct_io_supported
 from torchkeep.storage.io import use_ops
 
 
@@ -25,7 +26,7 @@ def _name(kind: str) -> str:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_power_loss_state_is_old_or_new(kind: str, tmp_path) -> None:
+def test_every_power_loss_state_is_old_or_new(kind: str, write_mode: str, tmp_path) -> None:
     live = tmp_path / "live"
     live.mkdir()
     target = str(live / _name(kind))
@@ -37,6 +38,8 @@ def test_every_power_loss_state_is_old_or_new(kind: str, tmp_path) -> None:
         save_version(kind, target, 3)
     log = recorder.log
     assert [r[0] for r in log].count("fsync_dir") >= 1
+    if write_mode == "direct" and direct_io_supported(str(live)):
+        assert "truncate" in [r[0] for r in log]  # the direct path really ran
     checked = 0
     for p, dir_mode, data_mode in crash_states(sim, log):
         state = tmp_path / "state"
@@ -52,7 +55,7 @@ def test_every_power_loss_state_is_old_or_new(kind: str, tmp_path) -> None:
             assert 3 in seen, f"{where}: the save returned but the new version is not durable"
         checked += 1
     assert checked > 6 * (len(log) + 1)  # plus the journal-prefix states
-    print(f"{kind}: {checked} power-loss states")
+    print(f"{kind} ({write_mode}): {checked} power-loss states")
 
 
 def _record_save_without(tmp_path, monkeypatch, op: str) -> tuple[str, SimFS, FaultOps]:

@@ -22,8 +22,8 @@ from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
 from . import checksum, header
 from .dtypes import TORCH_TO_SAFETENSORS, dtype_name, storage_dtype
+from .memory import byte_view
 from .tree import encode
-from .writer import byte_view
 
 
 @dataclass

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import torch
-
 from .. import knobs
 from ..errors import UnsupportedValueError
 from ..gcpause import paused_gc
 from ..storage.io import IOV_MAX, FileOps, write_all, writev_all
 from . import checksum, header
+from .direct_writer import wants_direct, write_direct
 from .layout import Entry, plan_entries
+from .memory import byte_view, host_source, small_buffer
 from .tree import encode
 
 
@@ -125,33 +125,6 @@ def _prepare(obj: Any, metadata: dict[str, str] | None) -> PreparedFile:
     return prepared
 
 
-def byte_view(t: torch.Tensor) -> memoryview:
-    """Zero-copy byte view of a contiguous CPU tensor."""
-    try:  # fast path (~1 us): numpy-representable dtypes
-        return memoryview(t.numpy()).cast("B")
-    except (TypeError, RuntimeError, ValueError):
-        flat = t.reshape(-1)
-        if flat.dtype != torch.uint8:
-            flat = flat.view(torch.uint8)
-        return memoryview(flat.numpy())
-
-
-def _host_source(entry: Entry) -> torch.Tensor:
-    source = entry.source
-    if not source.is_cpu:
-        source = source.to("cpu")
-    return source
-
-
-def _buffer(t: torch.Tensor) -> Any:
-    """The bytes of a small contiguous CPU tensor as a buffer: its NumPy array where one exists
-    (half the cost of a cast byte view; xxhash and ``pwritev`` take any buffer)."""
-    try:
-        return t.numpy()
-    except (TypeError, RuntimeError, ValueError):
-        return byte_view(t)
-
-
 def _load_sync_file_range() -> Any:
     """libc ``sync_file_range`` (Linux), or None where it is unavailable."""
     try:
@@ -218,10 +191,10 @@ class _DataWriter:
 
     def write_entry(self, entry: Entry) -> str:
         """Schedule ``entry``'s bytes for writing and return their checksum."""
-        source = _host_source(entry)
+        source = host_source(entry)
         size = entry.end - entry.begin
         if size <= knobs.SMALL_TENSOR_BYTES:
-            buffer = _buffer(source)
+            buffer = small_buffer(source)
             if size:
                 if self.used + size > knobs.BATCH_BYTES or len(self.batch) >= IOV_MAX:
                     self._flush()
@@ -258,6 +231,15 @@ def write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, s
 
 
 def _write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
+    if wants_direct(prepared.data_bytes) and ops.set_direct(fd, True):
+        try:
+            return write_direct(prepared.entries, prepared.header_bytes, fd, ops)
+        finally:
+            ops.set_direct(fd, False)
+    return _write_buffered(prepared, fd, ops)
+
+
+def _write_buffered(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
     placeholder = prepared.header_bytes()
     data_start = len(placeholder)
     write_all(ops, fd, memoryview(placeholder), 0)

@@ -15,6 +15,11 @@ import shutil
 import sys
 from collections.abc import Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 
 class FileOps:
     """POSIX file operations used by the storage layer. Subclass to inject faults."""
@@ -49,6 +54,26 @@ class FileOps:
         if type(self).pwrite is not FileOps.pwrite or not hasattr(os, "pwritev"):
             return self.pwrite(fd, memoryview(b"".join(views)), offset)
         return os.pwritev(fd, views, offset)
+
+    def set_direct(self, fd: int, enable: bool) -> bool:
+        """Switch ``fd`` to (or back from) direct I/O, which bypasses the page cache.
+
+        Returns False, changing nothing, where the OS or the filesystem has no direct I/O
+        (macOS, tmpfs on older kernels, some FUSE mounts): callers then write buffered.
+        """
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag or fcntl is None:
+            return False
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, (flags | flag) if enable else (flags & ~flag))
+        except OSError:
+            return False
+        return True
+
+    def truncate(self, fd: int, size: int) -> None:
+        """Cut (or extend) the file to ``size`` bytes."""
+        os.ftruncate(fd, size)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
