@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from contenders import FAMILIES, drop_cache, remove  # noqa: E402
+from contenders import FAMILIES, drop_cache, remove, warm_cache  # noqa: E402
 from workloads import add_optimizer, build_model, checkpoint_bytes  # noqa: E402
 
 
@@ -156,7 +156,9 @@ def main(spec: dict) -> None:
             if only and op not in only:
                 continue
             if cache == "cold":
-                drop_cache(path)  # "warm": the file was just written and is still cached
+                drop_cache(path)
+            else:
+                warm_cache(path)
             emit(op, "load", measure(fn, target, obj, path), cache)
     if not spec.get("keep"):
         remove(path)
