@@ -4,7 +4,8 @@ Every row is measured in this run, in a fresh subprocess per (repetition, worklo
 family) so peak RSS is the contender's own; families are alternated (rotated) between
 repetitions; the table reports medians (and best runs for the ceiling ratio). Saves include
 fsync. Loads are measured with the file in the page cache ("warm": read through once before
-each run) and, for LLM-like and one-huge, evicted with posix_fadvise(DONTNEED) before each run ("cold").
+each run) and, for LLM-like and one-huge, evicted with posix_fadvise(DONTNEED) before each
+run ("cold").
 
     python benchmarks/run.py            # full run (~12 min)
     python benchmarks/run.py --quick    # smaller sizes, for development
