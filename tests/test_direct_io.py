@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 import torchkeep
 from _direct import direct_io_supported
 from torchkeep import knobs
+from torchkeep.asyncsave import Stager, write_file
 from torchkeep.format.direct_writer import wants_direct
+from torchkeep.format.writer import prepare
 from torchkeep.storage.aligned import STAGING, AlignedBuffer, BufferPool
 from torchkeep.storage.io import FileOps, use_ops
 
@@ -264,3 +266,52 @@ def test_buffer_pool_reuses_one_size_and_keeps_a_bounded_number():
     assert again in (a, b)
     other = pool.take(8192)  # a new size drops buffers of the old one
     assert other.size == 8192 and pool._free == []
+
+
+def _count_copies(monkeypatch) -> list[int]:
+    copies: list[int] = []
+    original = AlignedBuffer.copy_in
+
+    def counting(self, at: int, address: int, nbytes: int) -> None:
+        copies.append(nbytes)
+        original(self, at, address, nbytes)
+
+    monkeypatch.setattr(AlignedBuffer, "copy_in", counting)
+    return copies
+
+
+def test_async_snapshot_is_written_without_a_second_copy(direct, monkeypatch, tmp_path):
+    """The snapshot is laid out as the file's image, so direct writes go straight from it."""
+    copies = _count_copies(monkeypatch)
+    obj = _objects()["mixed"]
+    torchkeep.save_async(obj, str(tmp_path / "a.tk")).wait()
+    assert copies == []
+    torchkeep.save(obj, str(tmp_path / "s.tk"))  # the sync save stages through copies
+    assert sum(copies) > 0
+    assert (tmp_path / "a.tk").read_bytes() == (tmp_path / "s.tk").read_bytes()
+
+
+def test_reused_snapshot_image_leaves_no_stale_bytes(direct, tmp_path):
+    """The staging buffer is reused: a smaller save after a larger one must not write the
+    larger one's bytes into its padding (or anywhere)."""
+    torchkeep.save_async({"x": torch.full((50_000,), 7.0)}, str(tmp_path / "big.tk")).wait()
+    small = {"y": torch.arange(1001, dtype=torch.uint8), "z": torch.ones(3000)}
+    torchkeep.save_async(small, str(tmp_path / "a.tk")).wait()
+    torchkeep.save(small, str(tmp_path / "s.tk"))
+    assert (tmp_path / "a.tk").read_bytes() == (tmp_path / "s.tk").read_bytes()
+
+
+def test_snapshot_image_misaligned_for_the_writer_is_copied(direct, monkeypatch, tmp_path):
+    """A knob changed between snapshot and write: the writer copies instead of trusting it."""
+    obj = _objects()["one_big"]
+    prepared = Stager().stage(prepare(obj))
+    alignment = 1 << 20
+    while prepared.image.data_ptr() % alignment == 0:
+        alignment <<= 1
+    monkeypatch.setattr(knobs, "DIRECT_ALIGN", alignment)
+    copies = _count_copies(monkeypatch)
+    write_file(prepared, str(tmp_path / "a.tk"))
+    assert sum(copies) > 0
+    monkeypatch.setattr(knobs, "DIRECT_IO", 0)
+    torchkeep.save(obj, str(tmp_path / "s.tk"))
+    assert (tmp_path / "a.tk").read_bytes() == (tmp_path / "s.tk").read_bytes()

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .format.direct_writer import direct_alignment
 from .format.writer import PreparedFile, prepare, write_prepared
+from .storage.aligned import align_up
 from .storage.io import ops
 from .storage.local import atomic_file
 
@@ -107,15 +109,25 @@ class Stager:
         return self.buffer
 
     def stage(self, prepared: PreparedFile) -> PreparedFile:
-        """Copy every entry's bytes into the buffer and point the entries at the copies."""
+        """Copy every entry's bytes into the buffer and point the entries at the copies.
+
+        The copies are laid out as an image of the file: page-aligned, each entry at its file
+        offset, the header's room left blank. A direct-I/O write then goes straight from the
+        snapshot to the disk without a second copy (``format/direct_writer.py``).
+        """
         on_cuda = any(e.source.device.type == "cuda" for e in prepared.entries)
         pin = self.pin if self.pin is not None else on_cuda and torch.cuda.is_available()
-        buf = self._reserve(prepared.data_bytes, pin)
+        data_start = len(prepared.header_bytes())
+        align = direct_alignment()
+        size = align_up(data_start + prepared.data_bytes, align)
+        buf = self._reserve(size + align, pin)
+        skip = -buf.data_ptr() % align
+        image = buf[skip : skip + size]
         for entry in prepared.entries:
             src = entry.source.detach().reshape(-1)
             if src.dtype != torch.uint8:
                 src = src.view(torch.uint8)
-            dst = buf[entry.begin : entry.end]
+            dst = image[data_start + entry.begin : data_start + entry.end]
             if src.device.type == "cpu" and entry.end - entry.begin < _THREADED_COPY_BYTES:
                 np.copyto(dst.numpy(), src.numpy())  # small: a plain memcpy, no dispatch cost
             else:  # large CPU tensors: torch splits the copy over its threads
@@ -123,6 +135,7 @@ class Stager:
             entry.source = dst
         if on_cuda:
             torch.cuda.synchronize()
+        prepared.image = image
         return prepared
 
     def release(self) -> None:

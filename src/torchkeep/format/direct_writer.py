@@ -7,6 +7,9 @@ with one aligned ``pwrite``. The first segment holds the header, which is final 
 checksum is known, so it is kept and written last; the last segment is padded to the alignment
 and the file cut back to its length. The bytes on disk are exactly those of a buffered save.
 
+An async save's snapshot is already laid out as a page-aligned image of the file (see
+``asyncsave.Stager``): then the segments are written straight from it and nothing is copied.
+
 Why: a buffered save copies every byte into a freshly allocated page-cache page. On VMs whose
 host reclaims freed guest memory, faulting those pages in costs more than the disk write
 (docs/performance.md), and on any machine the save evicts pages the training loop wanted.
@@ -39,13 +42,22 @@ def wants_direct(data_bytes: int) -> bool:
 class DirectWriter:
     """Stages and writes one file's bytes; see the module docstring for the order of work."""
 
-    def __init__(self, fd: int, ops: FileOps, data_start: int, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        fd: int,
+        ops: FileOps,
+        data_start: int,
+        pool: ThreadPoolExecutor,
+        image: AlignedBuffer | None = None,
+    ) -> None:
         self.fd, self.ops, self.pool = fd, ops, pool
-        self.align = max(512, knobs.DIRECT_ALIGN)
+        self.align = direct_alignment()
         self.chunk = align_up(max(1, knobs.DIRECT_CHUNK_BYTES), self.align)
         self.data_start = data_start
-        self.head = AlignedBuffer(align_up(data_start, self.align))  # header + first data bytes
-        self.seg_start = self.head.size  # file offset of the segment being filled
+        self.head_size = align_up(data_start, self.align)  # header + first data bytes
+        self.image = image  # file offset i lives at image byte i; None: copy into staging
+        self.head = image if image is not None else AlignedBuffer(self.head_size)
+        self.seg_start = self.head_size  # file offset of the segment being filled
         self.pieces: list[Piece] = []
         self.position = data_start  # file offset of the next byte
         self.pending: deque[Future] = deque()
@@ -61,6 +73,8 @@ class DirectWriter:
             self.keep_alive.append(source)
         size = entry.end - entry.begin
         address = source.data_ptr()
+        if self.image is not None and size and address != self.image.address + self.position:
+            raise AssertionError(f"{entry.key}: staged bytes are not where the file image has them")
         if size <= knobs.SMALL_TENSOR_BYTES:  # one call each: per-tensor cost matters here
             self._add(address, size)
             return checksum.digest(small_buffer(source))
@@ -74,15 +88,19 @@ class DirectWriter:
         return hasher.hexdigest()
 
     def _add(self, address: int, nbytes: int) -> None:
-        if self.position < self.head.size:
-            n = min(nbytes, self.head.size - self.position)
-            self.head.copy_in(self.position, address, n)
+        """Account for the next ``nbytes`` of the file (at ``address`` in memory), submitting
+        each segment as it fills; without an image, record where to copy them from."""
+        if self.position < self.head_size:
+            n = min(nbytes, self.head_size - self.position)
+            if self.image is None:
+                self.head.copy_in(self.position, address, n)
             self.position += n
             address, nbytes = address + n, nbytes - n
         while nbytes:
             room = self.seg_start + self.chunk - self.position
             n = min(nbytes, room)
-            self.pieces.append((self.position - self.seg_start, address, n))
+            if self.image is None:
+                self.pieces.append((self.position - self.seg_start, address, n))
             self.position += n
             address, nbytes = address + n, nbytes - n
             if n == room:
@@ -100,6 +118,9 @@ class DirectWriter:
     def finish(self, header: Any) -> None:
         """Write the last segment, wait for all, then the head with the final ``header()``;
         cut the padding off and leave the descriptor buffered again."""
+        if self.image is not None:  # a reused image holds stale bytes past the end
+            end = align_up(self.position, self.align)
+            self.image.zero(self.position, end - self.position)
         self._submit_segment()
         while self.pending:
             self.pending.popleft().result()
@@ -107,7 +128,7 @@ class DirectWriter:
         if len(final) != self.data_start:  # fixed-width fields make this impossible
             raise AssertionError("torchkeep header changed length between placeholder and final")
         self.head.view[: len(final)] = final
-        self._write(self.head.view, 0)
+        self._write(self.head.view[: self.head_size], 0)
         self.ops.truncate(self.fd, self.position)
 
     def abandon(self) -> None:
@@ -116,11 +137,14 @@ class DirectWriter:
 
     # -- pool threads ------------------------------------------------------------------------
     def _write_segment(self, offset: int, pieces: list[Piece], length: int) -> None:
+        padded = align_up(length, self.align)
+        if self.image is not None:
+            self._write(self.image.view[offset : offset + padded], offset)
+            return
         buffer = STAGING.take(self.chunk)
         try:
             for at, address, n in pieces:
                 buffer.copy_in(at, address, n)
-            padded = align_up(length, self.align)
             buffer.zero(length, padded - length)
             self._write(buffer.view[:padded], offset)
         finally:
@@ -144,13 +168,31 @@ class DirectWriter:
                 self.ops.set_direct(self.fd, False)
 
 
-def write_direct(entries: list[Entry], header: Any, fd: int, ops: FileOps) -> dict[str, str]:
+def direct_alignment() -> int:
+    """Alignment of direct-I/O buffers, offsets and lengths (at least 512 bytes)."""
+    return max(512, knobs.DIRECT_ALIGN)
+
+
+def _fits(image: Any, nbytes: int) -> bool:
+    """Whether direct writes can be issued from ``image`` as it is (aligned, long enough);
+    a knob changed between the snapshot and the write makes the writer copy instead."""
+    return image.data_ptr() % direct_alignment() == 0 and image.numel() >= nbytes
+
+
+def write_direct(
+    entries: list[Entry], header: Any, fd: int, ops: FileOps, image: Any = None
+) -> dict[str, str]:
     """Write ``entries`` and the header ``header(sums)`` returns with direct I/O; returns the
-    checksums. The caller has switched ``fd`` to direct I/O and switches it back."""
+    checksums. ``image``: a uint8 tensor laid out as the file (see ``asyncsave.Stager``) to
+    write from without copying. The caller has switched ``fd`` to direct I/O and back."""
     placeholder = header(None)
     sums: dict[str, str] = {}
+    borrowed = None
+    data_end = len(placeholder) + (entries[-1].end if entries else 0)
+    if image is not None and _fits(image, align_up(data_end, direct_alignment())):
+        borrowed = AlignedBuffer.borrow(byte_view(image), image.data_ptr())
     with ThreadPoolExecutor(max_workers=max(1, knobs.IO_THREADS)) as pool:
-        writer = DirectWriter(fd, ops, len(placeholder), pool)
+        writer = DirectWriter(fd, ops, len(placeholder), pool, borrowed)
         try:
             for entry in entries:
                 sums[entry.key] = writer.write_entry(entry, host_source(entry))

@@ -35,6 +35,9 @@ class PreparedFile:
     entries: list[Entry]
     tree: Any
     user_metadata: dict[str, str]
+    #: Set by an async snapshot: a uint8 tensor laid out as the file (header region blank)
+    #: whose page-aligned segments direct I/O writes from without another copy.
+    image: Any = None
 
     @property
     def data_bytes(self) -> int:
@@ -233,7 +236,9 @@ def write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, s
 def _write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
     if wants_direct(prepared.data_bytes) and ops.set_direct(fd, True):
         try:
-            return write_direct(prepared.entries, prepared.header_bytes, fd, ops)
+            return write_direct(
+                prepared.entries, prepared.header_bytes, fd, ops, image=prepared.image
+            )
         finally:
             ops.set_direct(fd, False)
     return _write_buffered(prepared, fd, ops)

@@ -18,9 +18,18 @@ class AlignedBuffer:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._map = mmap.mmap(-1, size)
+        self._map: mmap.mmap | None = mmap.mmap(-1, size)
         self.view = memoryview(self._map)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    @classmethod
+    def borrow(cls, view: memoryview, address: int) -> AlignedBuffer:
+        """Wrap page-aligned memory someone else owns and keeps alive (an async snapshot)."""
+        if address % mmap.PAGESIZE:
+            raise ValueError(f"memory at {address:#x} is not page-aligned")
+        buffer = cls.__new__(cls)
+        buffer.size, buffer._map, buffer.view, buffer.address = view.nbytes, None, view, address
+        return buffer
 
     def copy_in(self, at: int, source_address: int, nbytes: int) -> None:
         """Copy ``nbytes`` from memory at ``source_address`` to ``at`` (releases the GIL)."""
