@@ -24,4 +24,5 @@ def write_mode(request, monkeypatch) -> str:
     if request.param == "direct":
         monkeypatch.setattr(knobs, "DIRECT_MIN_BYTES", 1)
         monkeypatch.setattr(knobs, "DIRECT_CHUNK_BYTES", 4096)
+        monkeypatch.setattr(knobs, "SMALL_TENSOR_BYTES", 64)  # so these tensors count
     return request.param

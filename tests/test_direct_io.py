@@ -51,6 +51,7 @@ def direct(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(knobs, "DIRECT_MIN_BYTES", 1)
     monkeypatch.setattr(knobs, "DIRECT_CHUNK_BYTES", 8192)
     monkeypatch.setattr(knobs, "CHUNK_BYTES", 5000)  # hash chunks cut across segments too
+    monkeypatch.setattr(knobs, "SMALL_TENSOR_BYTES", 16)  # most test tensors count as large
 
 
 def _objects() -> dict[str, object]:
@@ -104,8 +105,9 @@ def test_direct_save_writes_the_same_bytes_as_buffered(name, direct, monkeypatch
     segment_blocks=st.integers(1, 4),
     hash_chunk=st.integers(1, 30_000),
     meta_len=st.integers(0, 6000),
+    small=st.sampled_from([0, 100, 5000]),
 )
-def test_direct_bytes_match_for_any_layout(sizes, segment_blocks, hash_chunk, meta_len):
+def test_direct_bytes_match_for_any_layout(sizes, segment_blocks, hash_chunk, meta_len, small):
     """Entry sizes, segment size, hash chunk and header length (through the metadata) drawn at
     random: the file is byte-identical to a buffered save and loads back equal."""
     obj = {f"e{i}": torch.arange(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
@@ -113,23 +115,34 @@ def test_direct_bytes_match_for_any_layout(sizes, segment_blocks, hash_chunk, me
     with tempfile.TemporaryDirectory() as tmp:
         if not direct_io_supported(tmp):
             return
-        saved = (knobs.DIRECT_MIN_BYTES, knobs.DIRECT_CHUNK_BYTES, knobs.CHUNK_BYTES)
+        saved = (
+            knobs.DIRECT_MIN_BYTES,
+            knobs.DIRECT_CHUNK_BYTES,
+            knobs.CHUNK_BYTES,
+            knobs.SMALL_TENSOR_BYTES,
+        )
         try:
             knobs.DIRECT_MIN_BYTES, knobs.CHUNK_BYTES = 1, hash_chunk
             knobs.DIRECT_CHUNK_BYTES = 4096 * segment_blocks
+            knobs.SMALL_TENSOR_BYTES = small
             spy = SpyOps()
             with use_ops(spy):
                 torchkeep.save(obj, os.path.join(tmp, "d.tk"), metadata=metadata)
             knobs.DIRECT_MIN_BYTES = 1 << 62
             torchkeep.save(obj, os.path.join(tmp, "b.tk"), metadata=metadata)
         finally:
-            knobs.DIRECT_MIN_BYTES, knobs.DIRECT_CHUNK_BYTES, knobs.CHUNK_BYTES = saved
+            (
+                knobs.DIRECT_MIN_BYTES,
+                knobs.DIRECT_CHUNK_BYTES,
+                knobs.CHUNK_BYTES,
+                knobs.SMALL_TENSOR_BYTES,
+            ) = saved
         direct_used = spy.switches[:1] == [True]
         with open(os.path.join(tmp, "d.tk"), "rb") as a, open(os.path.join(tmp, "b.tk"), "rb") as b:
             assert a.read() == b.read()
         back = torchkeep.load(os.path.join(tmp, "d.tk"))
         assert all(torch.equal(back[k], v) for k, v in obj.items())
-        assert direct_used == any(sizes)  # a file without data bytes is written buffered
+        assert direct_used == any(n > small for n in sizes)  # only large tensors count
 
 
 class RefusingOps(SpyOps):
@@ -222,12 +235,23 @@ def test_async_and_manager_saves_take_the_direct_path(direct, tmp_path):
     assert torch.equal(torchkeep.load(str(tmp_path / "a.tk"))["view"], obj["view"])
 
 
-def test_small_files_stay_buffered_by_default(monkeypatch):
+def _planned(sizes: list[int]) -> list:
+    return prepare(
+        {f"t{i}": torch.empty(n, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    ).entries
+
+
+def test_which_files_are_written_direct(monkeypatch):
+    """Direct I/O only when large tensors hold DIRECT_MIN_BYTES; many small ones stay buffered."""
     monkeypatch.setattr(knobs, "DIRECT_MIN_BYTES", 32 << 20)
-    assert not wants_direct(1 << 20)
-    assert wants_direct(64 << 20)
+    monkeypatch.setattr(knobs, "SMALL_TENSOR_BYTES", 256 << 10)
+    assert not wants_direct(_planned([1 << 20]))  # too small a file
+    assert wants_direct(_planned([40 << 20, 100]))
+    assert not wants_direct(_planned([4096] * 10_000))  # 40 MB, but in small tensors only
+    assert wants_direct(_planned([4096] * 1000 + [33 << 20]))
+    assert not wants_direct(_planned([]))
     monkeypatch.setattr(knobs, "DIRECT_IO", 0)
-    assert not wants_direct(64 << 20)
+    assert not wants_direct(_planned([40 << 20]))
 
 
 def test_data_ending_inside_the_header_block(direct, tmp_path):

@@ -42,8 +42,10 @@ DIRECT_IO = _env_int("DIRECT_IO", 1)
 #: Files with less tensor data than this are written buffered (small saves gain nothing, and
 #: a save that is loaded right back still finds its pages cached).
 DIRECT_MIN_BYTES = _env_int("DIRECT_MIN_BYTES", 32 * 1024 * 1024)
-#: Size of one direct-I/O staging buffer; ``IO_THREADS`` of them are kept for reuse.
-DIRECT_CHUNK_BYTES = _env_int("DIRECT_CHUNK_BYTES", 8 * 1024 * 1024)
+#: Size of one direct-I/O write (and staging buffer; ``IO_THREADS`` of them are kept for
+#: reuse). Saving 1.28 GB in a fresh process (medians of 7, interleaved): 1 MiB 0.42-0.44 s,
+#: 2 MiB 0.44-0.47 s, 4 MiB 0.53 s, 8 MiB 0.47-0.50 s.
+DIRECT_CHUNK_BYTES = _env_int("DIRECT_CHUNK_BYTES", 1024 * 1024)
 #: Alignment of direct-I/O offsets, lengths and buffers: 4096 covers 512-byte and 4K-sector
 #: devices alike.
 DIRECT_ALIGN = _env_int("DIRECT_ALIGN", 4096)

@@ -19,7 +19,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 #: Environment that forces direct I/O on the campaigns' small files (4 KiB staging segments).
-DIRECT_ENV = {"TORCHKEEP_DIRECT_MIN_BYTES": "1", "TORCHKEEP_DIRECT_CHUNK_BYTES": "4096"}
+DIRECT_ENV = {
+    "TORCHKEEP_DIRECT_MIN_BYTES": "1",
+    "TORCHKEEP_DIRECT_CHUNK_BYTES": "4096",
+    "TORCHKEEP_SMALL_TENSOR_BYTES": "64",
+}
 
 
 def run_campaign(

@@ -34,9 +34,27 @@ from .memory import byte_view, host_source, small_buffer
 Piece = tuple[int, int, int]
 
 
-def wants_direct(data_bytes: int) -> bool:
-    """Whether a file with this much tensor data is written with direct I/O."""
-    return bool(knobs.DIRECT_IO) and data_bytes >= max(1, knobs.DIRECT_MIN_BYTES)
+def wants_direct(entries: list[Entry]) -> bool:
+    """Whether these entries are written with direct I/O: when their tensors larger than
+    ``SMALL_TENSOR_BYTES`` hold at least ``DIRECT_MIN_BYTES``.
+
+    Small tensors are left out of the count because direct I/O copies every byte into
+    staging, one call per tensor, while the buffered path gathers them into ``pwritev`` calls
+    straight from their memory (20,000 tensors of 1-4 KB: 0.23 s direct, 0.18-0.20 s buffered).
+    """
+    if not knobs.DIRECT_IO:
+        return False
+    threshold, small = max(1, knobs.DIRECT_MIN_BYTES), knobs.SMALL_TENSOR_BYTES
+    if not entries or entries[-1].end < threshold:
+        return False
+    large = 0
+    for entry in entries:
+        size = entry.end - entry.begin
+        if size > small:
+            large += size
+            if large >= threshold:
+                return True
+    return False
 
 
 class DirectWriter:
@@ -80,7 +98,9 @@ class DirectWriter:
             return checksum.digest(small_buffer(source))
         view = byte_view(source)
         hasher = checksum.new_hasher()
-        step = max(1, knobs.CHUNK_BYTES)
+        # Hash in segment-sized steps: each step's segments are queued before it is hashed, so
+        # the pool never idles while a long hash runs (the queue holds only a few segments).
+        step = max(1, min(knobs.CHUNK_BYTES, self.chunk))
         for lo in range(0, size, step):
             n = min(step, size - lo)
             self._add(address + lo, n)

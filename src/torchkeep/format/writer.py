@@ -234,7 +234,7 @@ def write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, s
 
 
 def _write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
-    if wants_direct(prepared.data_bytes) and ops.set_direct(fd, True):
+    if wants_direct(prepared.entries) and ops.set_direct(fd, True):
         try:
             return write_direct(
                 prepared.entries, prepared.header_bytes, fd, ops, image=prepared.image
