@@ -43,8 +43,9 @@ DIRECT_IO = _env_int("DIRECT_IO", 1)
 #: a save that is loaded right back still finds its pages cached).
 DIRECT_MIN_BYTES = _env_int("DIRECT_MIN_BYTES", 32 * 1024 * 1024)
 #: Size of one direct-I/O write (and staging buffer; ``IO_THREADS`` of them are kept for
-#: reuse). Saving 1.28 GB in a fresh process (medians of 7, interleaved): 1 MiB 0.42-0.44 s,
-#: 2 MiB 0.44-0.47 s, 4 MiB 0.53 s, 8 MiB 0.47-0.50 s.
+#: reuse). 1 MiB was as fast as or faster than 2-8 MiB in every comparison made
+#: (``python benchmarks/first_save.py``: 0.38-0.44 s for 1.28 GB, 8 MiB 0.41-0.50 s), with
+#: the least staging memory.
 DIRECT_CHUNK_BYTES = _env_int("DIRECT_CHUNK_BYTES", 1024 * 1024)
 #: Alignment of direct-I/O offsets, lengths and buffers: 4096 covers 512-byte and 4K-sector
 #: devices alike.
