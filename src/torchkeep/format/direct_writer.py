@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .. import knobs
+from ..pool import drain, io_pool
 from ..storage.aligned import STAGING, AlignedBuffer, align_up
 from ..storage.io import FileOps, write_all
 from . import checksum
@@ -152,8 +153,9 @@ class DirectWriter:
         self.ops.truncate(self.fd, self.position)
 
     def abandon(self) -> None:
-        for future in self.pending:
-            future.cancel()
+        """After an error: nothing of this file may still be running when the caller
+        closes the descriptor."""
+        drain(self.pending)
 
     # -- pool threads ------------------------------------------------------------------------
     def _write_segment(self, offset: int, pieces: list[Piece], length: int) -> None:
@@ -211,13 +213,13 @@ def write_direct(
     data_end = len(placeholder) + (entries[-1].end if entries else 0)
     if image is not None and _fits(image, align_up(data_end, direct_alignment())):
         borrowed = AlignedBuffer.borrow(byte_view(image), image.data_ptr())
-    with ThreadPoolExecutor(max_workers=max(1, knobs.IO_THREADS)) as pool:
-        writer = DirectWriter(fd, ops, len(placeholder), pool, borrowed)
-        try:
-            for entry in entries:
-                sums[entry.key] = writer.write_entry(entry, host_source(entry))
-            writer.finish(lambda: header(sums))
-        except BaseException:
-            writer.abandon()
-            raise
+    pool = io_pool()
+    writer = DirectWriter(fd, ops, len(placeholder), pool, borrowed)
+    try:
+        for entry in entries:
+            sums[entry.key] = writer.write_entry(entry, host_source(entry))
+        writer.finish(lambda: header(sums))
+    except BaseException:
+        writer.abandon()
+        raise
     return sums

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ import torch
 
 from .. import knobs
 from ..errors import FormatError
+from ..pool import drain, io_pool
 from ..storage.io import IOV_MAX, skip_bytes
 from . import checksum
 
@@ -192,25 +193,24 @@ def run_reads(reader: FileReader, jobs: list[ReadJob], verify: bool) -> None:
     pending: deque[tuple[ReadJob, Future]] = deque()
     todo = iter(jobs)
     threads = max(1, knobs.IO_THREADS)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        try:
-            for job in todo:
-                pending.append((job, pool.submit(_do_job, reader, job, verify)))
-                if len(pending) >= 2 * threads:
-                    break
-            while pending:
-                job, future = pending.popleft()
-                digests = future.result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(_do_job, reader, nxt, verify)))
-                for key, actual in digests:
-                    reader._check(key, actual)
-                if verify and job.chunk_of is not None:
-                    _hash_chunk(reader, hashers, job)
-        finally:
-            for _, future in pending:
-                future.cancel()
+    pool = io_pool()
+    try:
+        for job in todo:
+            pending.append((job, pool.submit(_do_job, reader, job, verify)))
+            if len(pending) >= 2 * threads:
+                break
+        while pending:
+            job, future = pending.popleft()
+            digests = future.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_do_job, reader, nxt, verify)))
+            for key, actual in digests:
+                reader._check(key, actual)
+            if verify and job.chunk_of is not None:
+                _hash_chunk(reader, hashers, job)
+    finally:  # after an error, no read may still land in a tensor once we return
+        drain(future for _, future in pending)
 
 
 def _hash_chunk(reader: FileReader, hashers: dict[str, Any], job: ReadJob) -> None:

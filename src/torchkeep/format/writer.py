@@ -20,6 +20,7 @@ from typing import Any
 from .. import knobs
 from ..errors import UnsupportedValueError
 from ..gcpause import paused_gc
+from ..pool import drain, io_pool
 from ..storage.io import IOV_MAX, FileOps, write_all, writev_all
 from . import checksum, header
 from .direct_writer import wants_direct, write_direct
@@ -223,8 +224,9 @@ class _DataWriter:
             self.pending.popleft().result()
 
     def abandon(self) -> None:
-        for future in self.pending:
-            future.cancel()
+        """After an error: nothing of this file may still be running when the caller
+        closes the descriptor."""
+        drain(self.pending)
 
 
 def write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
@@ -249,15 +251,15 @@ def _write_buffered(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, 
     data_start = len(placeholder)
     write_all(ops, fd, memoryview(placeholder), 0)
     sums: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, knobs.IO_THREADS)) as pool:
-        writer = _DataWriter(fd, ops, data_start, pool)
-        try:
-            for entry in prepared.entries:
-                sums[entry.key] = writer.write_entry(entry)
-            writer.finish()
-        except BaseException:
-            writer.abandon()
-            raise
+    pool = io_pool()
+    writer = _DataWriter(fd, ops, data_start, pool)
+    try:
+        for entry in prepared.entries:
+            sums[entry.key] = writer.write_entry(entry)
+        writer.finish()
+    except BaseException:
+        writer.abandon()
+        raise
     final = prepared.header_bytes(sums)
     if len(final) != data_start:  # fixed-width fields make this impossible; guard anyway
         raise AssertionError("torchkeep header changed length between placeholder and final")

@@ -1,0 +1,99 @@
+"""The shared I/O pool (torchkeep/pool.py): reuse, rebuild, fork, and no work left running."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+import torchkeep
+from torchkeep import knobs
+from torchkeep.pool import drain, io_pool
+from torchkeep.storage.io import FileOps, use_ops
+
+
+def test_one_pool_is_reused_and_rebuilt_when_the_knob_changes(monkeypatch):
+    monkeypatch.setattr(knobs, "IO_THREADS", 3)
+    first = io_pool()
+    assert io_pool() is first
+    monkeypatch.setattr(knobs, "IO_THREADS", 2)
+    second = io_pool()
+    assert second is not first and second._max_workers == 2
+    assert second.submit(lambda: 41 + 1).result(timeout=10) == 42
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_working_threads():
+    """The child inherits the pool object but not its threads: it must build a new pool,
+    or its first save would wait for ever."""
+    assert io_pool().submit(lambda: 1).result(timeout=10) == 1  # the parent's pool has threads
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the pool runs work
+        try:
+            ok = io_pool().submit(lambda: 7).result(timeout=10) == 7
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_drain_cancels_queued_work_and_waits_for_running_work(monkeypatch):
+    monkeypatch.setattr(knobs, "IO_THREADS", 1)
+    pool = io_pool()
+    started, finished = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        time.sleep(0.2)
+        finished.set()
+
+    running = pool.submit(slow)
+    queued = pool.submit(lambda: None)
+    assert started.wait(10)
+    drain([running, queued])
+    assert finished.is_set()  # drain returned only after the running task ended
+    assert queued.cancelled()
+
+
+class SlowFailingOps(FileOps):
+    """Slow writes on several threads; the fourth write fails. Counts writes in progress."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.active = 0
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+            self.active += 1
+        try:
+            time.sleep(0.05)
+            if call == 4:
+                raise OSError(errno.EIO, "injected EIO")
+            return super().pwrite(fd, data, offset)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_failed_save_leaves_no_write_running(direct, monkeypatch, tmp_path):
+    """When a save raises, none of its writes may still be in flight: the temporary's
+    descriptor is closed next, and its number may be reused by another file."""
+    monkeypatch.setattr(knobs, "IO_THREADS", 4)
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(knobs, "DIRECT_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr(knobs, "DIRECT_MIN_BYTES", 1 if direct else 1 << 62)
+    ops = SlowFailingOps()
+    obj = {"w": torch.randn(400_000)}  # 1.6 MB: 25 writes of 64 KiB
+    with use_ops(ops), pytest.raises(torchkeep.StorageError, match="I/O error"):
+        torchkeep.save(obj, str(tmp_path / "x.tk"))
+    assert ops.active == 0
+    assert os.listdir(tmp_path) == []
