@@ -44,7 +44,13 @@ def fsync_path(path: str) -> None:
 
 
 def drop_cache(path: str) -> None:
-    """Evict a file's (or a directory's files') pages from the page cache."""
+    """Evict a file's (or a directory's files') pages from the page cache.
+
+    Only the guest's cache: on a VM the disk is itself a file on the host, whose cache the
+    guest cannot drop. The worker reads the file through before evicting it, so every cold
+    load finds the host side in the same state; otherwise the first cold load of each
+    contender family paid for the host's cache and the second one did not.
+    """
     paths = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
     for p in paths:
         fd = os.open(p, os.O_RDONLY)

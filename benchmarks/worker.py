@@ -155,10 +155,9 @@ def main(spec: dict) -> None:
         for op, fn in loads.items():
             if only and op not in only:
                 continue
+            warm_cache(path)  # cold: read once first, so every op finds the host side alike
             if cache == "cold":
                 drop_cache(path)
-            else:
-                warm_cache(path)
             emit(op, "load", measure(fn, target, obj, path), cache)
     if not spec.get("keep"):
         remove(path)
