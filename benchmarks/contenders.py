@@ -43,6 +43,11 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _files(path: str) -> list[str]:
+    """The file itself, or a directory's files (DCP and sharded checkpoints)."""
+    return [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
+
+
 def drop_cache(path: str) -> None:
     """Evict a file's (or a directory's files') pages from the page cache.
 
@@ -51,8 +56,7 @@ def drop_cache(path: str) -> None:
     load finds the host side in the same state; otherwise the first cold load of each
     contender family paid for the host's cache and the second one did not.
     """
-    paths = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
-    for p in paths:
+    for p in _files(path):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fdatasync(fd)
@@ -67,9 +71,8 @@ def warm_cache(path: str) -> None:
     A save does not always leave them there: torchkeep writes large files with direct I/O,
     which bypasses the cache. Warm loads of every contender start from this same state.
     """
-    paths = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else [path]
     buffer = bytearray(8 << 20)
-    for p in paths:
+    for p in _files(path):
         with open(p, "rb", buffering=0) as f:
             while f.readinto(buffer):
                 pass
