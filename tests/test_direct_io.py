@@ -339,3 +339,16 @@ def test_snapshot_image_misaligned_for_the_writer_is_copied(direct, monkeypatch,
     monkeypatch.setattr(knobs, "DIRECT_IO", 0)
     torchkeep.save(obj, str(tmp_path / "s.tk"))
     assert (tmp_path / "a.tk").read_bytes() == (tmp_path / "s.tk").read_bytes()
+
+
+def test_async_save_with_512_byte_alignment(direct, monkeypatch, tmp_path):
+    """DIRECT_ALIGN below the page size: the snapshot image is aligned to 512 bytes only and
+    must still be written from (O_DIRECT needs block alignment, not page alignment)."""
+    monkeypatch.setattr(knobs, "DIRECT_ALIGN", 512)
+    copies = _count_copies(monkeypatch)
+    obj = _objects()["mixed"]
+    torchkeep.save_async(obj, str(tmp_path / "a.tk")).wait()
+    assert copies == []
+    monkeypatch.setattr(knobs, "DIRECT_IO", 0)
+    torchkeep.save(obj, str(tmp_path / "s.tk"))
+    assert (tmp_path / "a.tk").read_bytes() == (tmp_path / "s.tk").read_bytes()

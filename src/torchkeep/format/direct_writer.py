@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .. import knobs
-from ..pool import drain, io_pool
+from ..pool import Pipeline
 from ..storage.aligned import STAGING, AlignedBuffer, align_up
 from ..storage.io import FileOps, write_all
 from . import checksum
@@ -62,14 +60,9 @@ class DirectWriter:
     """Stages and writes one file's bytes; see the module docstring for the order of work."""
 
     def __init__(
-        self,
-        fd: int,
-        ops: FileOps,
-        data_start: int,
-        pool: ThreadPoolExecutor,
-        image: AlignedBuffer | None = None,
+        self, fd: int, ops: FileOps, data_start: int, image: AlignedBuffer | None = None
     ) -> None:
-        self.fd, self.ops, self.pool = fd, ops, pool
+        self.fd, self.ops = fd, ops
         self.align = direct_alignment()
         self.chunk = align_up(max(1, knobs.DIRECT_CHUNK_BYTES), self.align)
         self.data_start = data_start
@@ -79,15 +72,15 @@ class DirectWriter:
         self.seg_start = self.head_size  # file offset of the segment being filled
         self.pieces: list[Piece] = []
         self.position = data_start  # file offset of the next byte
-        self.pending: deque[Future] = deque()
-        self.limit = max(2, 2 * knobs.IO_THREADS)
+        self.jobs = Pipeline(limit=max(2, 2 * knobs.IO_THREADS))
         self.keep_alive: list[Any] = []  # host copies of device tensors, alive until written
         self.direct_lock = threading.Lock()
         self.direct = True
 
     # -- main thread -------------------------------------------------------------------------
-    def write_entry(self, entry: Entry, source: Any) -> str:
-        """Stage ``entry``'s bytes (from the contiguous CPU tensor ``source``); return its hash."""
+    def write_entry(self, entry: Entry) -> str:
+        """Stage ``entry``'s bytes for writing and return their checksum."""
+        source = host_source(entry)
         if source is not entry.source:
             self.keep_alive.append(source)
         size = entry.end - entry.begin
@@ -130,32 +123,27 @@ class DirectWriter:
     def _submit_segment(self) -> None:
         length = self.position - self.seg_start  # negative when the data ended inside the head
         if length > 0:
-            while len(self.pending) >= self.limit:
-                self.pending.popleft().result()
-            job = self.pool.submit(self._write_segment, self.seg_start, self.pieces, length)
-            self.pending.append(job)
+            self.jobs.submit(self._write_segment, self.seg_start, self.pieces, length)
         self.seg_start, self.pieces = self.position, []
 
-    def finish(self, header: Any) -> None:
-        """Write the last segment, wait for all, then the head with the final ``header()``;
-        cut the padding off and leave the descriptor buffered again."""
+    def finish(self) -> None:
+        """Write the last segment and wait for every write; re-raises a worker's error."""
         if self.image is not None:  # a reused image holds stale bytes past the end
             end = align_up(self.position, self.align)
             self.image.zero(self.position, end - self.position)
         self._submit_segment()
-        while self.pending:
-            self.pending.popleft().result()
-        final = header()
-        if len(final) != self.data_start:  # fixed-width fields make this impossible
-            raise AssertionError("torchkeep header changed length between placeholder and final")
-        self.head.view[: len(final)] = final
+        self.jobs.wait()
+
+    def write_head(self, final_header: bytes) -> None:
+        """Last: the block holding the final header, then cut the padding off the end."""
+        self.head.view[: len(final_header)] = final_header
         self._write(self.head.view[: self.head_size], 0)
         self.ops.truncate(self.fd, self.position)
 
     def abandon(self) -> None:
         """After an error: nothing of this file may still be running when the caller
         closes the descriptor."""
-        drain(self.pending)
+        self.jobs.abandon()
 
     # -- pool threads ------------------------------------------------------------------------
     def _write_segment(self, offset: int, pieces: list[Piece], length: int) -> None:
@@ -195,31 +183,11 @@ def direct_alignment() -> int:
     return max(512, knobs.DIRECT_ALIGN)
 
 
-def _fits(image: Any, nbytes: int) -> bool:
-    """Whether direct writes can be issued from ``image`` as it is (aligned, long enough);
-    a knob changed between the snapshot and the write makes the writer copy instead."""
-    return image.data_ptr() % direct_alignment() == 0 and image.numel() >= nbytes
-
-
-def write_direct(
-    entries: list[Entry], header: Any, fd: int, ops: FileOps, image: Any = None
-) -> dict[str, str]:
-    """Write ``entries`` and the header ``header(sums)`` returns with direct I/O; returns the
-    checksums. ``image``: a uint8 tensor laid out as the file (see ``asyncsave.Stager``) to
-    write from without copying. The caller has switched ``fd`` to direct I/O and back."""
-    placeholder = header(None)
-    sums: dict[str, str] = {}
-    borrowed = None
-    data_end = len(placeholder) + (entries[-1].end if entries else 0)
-    if image is not None and _fits(image, align_up(data_end, direct_alignment())):
-        borrowed = AlignedBuffer.borrow(byte_view(image), image.data_ptr())
-    pool = io_pool()
-    writer = DirectWriter(fd, ops, len(placeholder), pool, borrowed)
-    try:
-        for entry in entries:
-            sums[entry.key] = writer.write_entry(entry, host_source(entry))
-        writer.finish(lambda: header(sums))
-    except BaseException:
-        writer.abandon()
-        raise
-    return sums
+def usable_image(image: Any, file_bytes: int) -> AlignedBuffer | None:
+    """The async snapshot ``image`` (a uint8 tensor laid out as the file) to write from, or None
+    when it cannot be used as it is: a knob changed between the snapshot and the write left it
+    misaligned or short, and the writer copies into staging instead."""
+    align = direct_alignment()
+    if image is None or image.data_ptr() % align or image.numel() < align_up(file_bytes, align):
+        return None
+    return AlignedBuffer.borrow(byte_view(image), image.data_ptr(), align)

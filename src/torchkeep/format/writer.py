@@ -11,8 +11,6 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -20,10 +18,10 @@ from typing import Any
 from .. import knobs
 from ..errors import UnsupportedValueError
 from ..gcpause import paused_gc
-from ..pool import drain, io_pool
+from ..pool import Pipeline
 from ..storage.io import IOV_MAX, FileOps, write_all, writev_all
 from . import checksum, header
-from .direct_writer import wants_direct, write_direct
+from .direct_writer import DirectWriter, usable_image, wants_direct
 from .layout import Entry, plan_entries
 from .memory import byte_view, host_source, small_buffer
 from .tree import encode
@@ -64,8 +62,14 @@ class PreparedFile:
         return header.encode_header(self._entries_json, self._placeholder_meta)
 
     def header_bytes(self, sums: dict[str, str] | None = None) -> bytes:
-        """Serialized header; placeholders for the checksums when ``sums`` is None."""
-        return self._placeholder if sums is None else self._final(sums)
+        """Serialized header; placeholders for the checksums when ``sums`` is None. Both have
+        the same length: the final header is written over the placeholder's bytes."""
+        if sums is None:
+            return self._placeholder
+        final = self._final(sums)
+        if len(final) != len(self._placeholder):  # fixed-width fields make this impossible
+            raise AssertionError("torchkeep header changed length between placeholder and final")
+        return final
 
     def _metadata(self, sums: dict[str, str] | None) -> dict[str, str]:
         if sums is None:
@@ -173,20 +177,15 @@ class _DataWriter:
     append, not a copy, a syscall and a thread hand-off.
     """
 
-    def __init__(self, fd: int, ops: FileOps, data_start: int, pool: ThreadPoolExecutor) -> None:
-        self.fd, self.ops, self.data_start, self.pool = fd, ops, data_start, pool
-        self.pending: deque[Future] = deque()
-        self.limit = max(2, 2 * knobs.IO_THREADS)
+    def __init__(self, fd: int, ops: FileOps, data_start: int) -> None:
+        self.fd, self.ops, self.data_start = fd, ops, data_start
+        self.jobs = Pipeline(limit=max(2, 2 * knobs.IO_THREADS))
         self.batch: list[Any] = []  # small tensors' buffers, contiguous in the file
         self.used = 0
         self.batch_at = 0  # data offset of the batch's first byte
 
     def _submit(self, data: memoryview | list[Any], offset: int) -> None:
-        while len(self.pending) >= self.limit:
-            self.pending.popleft().result()
-        self.pending.append(
-            self.pool.submit(write_chunk, self.ops, self.fd, data, self.data_start + offset)
-        )
+        self.jobs.submit(write_chunk, self.ops, self.fd, data, self.data_start + offset)
 
     def _flush(self) -> None:
         if self.batch:
@@ -220,13 +219,12 @@ class _DataWriter:
     def finish(self) -> None:
         """Write the last batch and wait for every write; re-raises a worker's error."""
         self._flush()
-        while self.pending:
-            self.pending.popleft().result()
+        self.jobs.wait()
 
     def abandon(self) -> None:
         """After an error: nothing of this file may still be running when the caller
         closes the descriptor."""
-        drain(self.pending)
+        self.jobs.abandon()
 
 
 def write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
@@ -238,30 +236,38 @@ def write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, s
 def _write_prepared(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
     if wants_direct(prepared.entries) and ops.set_direct(fd, True):
         try:
-            return write_direct(
-                prepared.entries, prepared.header_bytes, fd, ops, image=prepared.image
-            )
+            return _write_direct(prepared, fd, ops)
         finally:
             ops.set_direct(fd, False)
     return _write_buffered(prepared, fd, ops)
 
 
-def _write_buffered(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
-    placeholder = prepared.header_bytes()
-    data_start = len(placeholder)
-    write_all(ops, fd, memoryview(placeholder), 0)
+def _write_entries(writer: _DataWriter | DirectWriter, entries: list[Entry]) -> dict[str, str]:
+    """Hand every entry to ``writer`` and wait for its writes; returns the checksums. After an
+    error nothing of the file is still being written when this raises."""
     sums: dict[str, str] = {}
-    pool = io_pool()
-    writer = _DataWriter(fd, ops, data_start, pool)
     try:
-        for entry in prepared.entries:
+        for entry in entries:
             sums[entry.key] = writer.write_entry(entry)
         writer.finish()
     except BaseException:
         writer.abandon()
         raise
-    final = prepared.header_bytes(sums)
-    if len(final) != data_start:  # fixed-width fields make this impossible; guard anyway
-        raise AssertionError("torchkeep header changed length between placeholder and final")
-    write_all(ops, fd, memoryview(final), 0)
+    return sums
+
+
+def _write_buffered(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
+    placeholder = prepared.header_bytes()
+    write_all(ops, fd, memoryview(placeholder), 0)
+    sums = _write_entries(_DataWriter(fd, ops, len(placeholder)), prepared.entries)
+    write_all(ops, fd, memoryview(prepared.header_bytes(sums)), 0)
+    return sums
+
+
+def _write_direct(prepared: PreparedFile, fd: int, ops: FileOps) -> dict[str, str]:
+    """The direct-I/O path (``direct_writer.py``); the caller switched ``fd`` to direct I/O."""
+    image = usable_image(prepared.image, prepared.total_bytes)
+    writer = DirectWriter(fd, ops, len(prepared.header_bytes()), image)
+    sums = _write_entries(writer, prepared.entries)
+    writer.write_head(prepared.header_bytes(sums))
     return sums

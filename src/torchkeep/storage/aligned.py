@@ -14,7 +14,8 @@ import threading
 
 
 class AlignedBuffer:
-    """``size`` bytes of anonymous, page-aligned memory with its address."""
+    """``size`` bytes of anonymous, page-aligned memory (or borrowed aligned memory) with its
+    address."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -23,10 +24,11 @@ class AlignedBuffer:
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
 
     @classmethod
-    def borrow(cls, view: memoryview, address: int) -> AlignedBuffer:
-        """Wrap page-aligned memory someone else owns and keeps alive (an async snapshot)."""
-        if address % mmap.PAGESIZE:
-            raise ValueError(f"memory at {address:#x} is not page-aligned")
+    def borrow(cls, view: memoryview, address: int, alignment: int) -> AlignedBuffer:
+        """Wrap memory aligned to ``alignment`` that someone else owns and keeps alive (an
+        async snapshot). Direct I/O needs block alignment, not page alignment."""
+        if address % alignment:
+            raise ValueError(f"memory at {address:#x} is not aligned to {alignment} bytes")
         buffer = cls.__new__(cls)
         buffer.size, buffer._map, buffer.view, buffer.address = view.nbytes, None, view, address
         return buffer
