@@ -23,7 +23,8 @@ from . import checksum, header
 from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from .header import EntryInfo, Header
 from .parallel_read import plan_reads, run_reads
-from .tree import TAG, decode, iter_tensor_nodes
+from .tree import TAG
+from .tree_decode import decode, iter_tensor_nodes
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
 
