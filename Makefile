@@ -32,7 +32,7 @@ test-long: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --plot docs/perf.png
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}
