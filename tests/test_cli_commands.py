@@ -123,6 +123,13 @@ def test_verify_run_dir_checks_every_step(fx: dict, tmp_path) -> None:
     assert "step 20" in out
 
 
+def test_ls_of_a_directory_without_steps_says_so(tmp_path) -> None:
+    (tmp_path / "model.tk").write_bytes(b"")
+    out = run("ls", str(tmp_path))
+    assert "no committed steps" in out and "inspect" in out
+    assert json.loads(run("ls", str(tmp_path), "--json"))["steps"] == []
+
+
 def test_ls_and_prune(fx: dict, tmp_path) -> None:
     import shutil
 

@@ -105,6 +105,12 @@ def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
     if as_json:
         print_json(result)
         return
+    if not result["steps"] and not result["leftovers"]:
+        out().print(
+            f"{run_dir}: no committed steps (a run directory holds the step-NNNNNNNNNN/ "
+            "folders that CheckpointManager writes; for a checkpoint file use inspect)"
+        )
+        return
     table = Table("step", "time", "size", "metrics", "kept", title=run_dir, title_justify="left")
     for row in result["steps"]:
         metrics = ", ".join(
