@@ -157,3 +157,24 @@ def test_random_json_header(tmp_path, entries: dict, meta: object, data: bytes) 
 @given(tree=NODE)
 def test_random_typed_tree_with_valid_checksums(tmp_path, tree: object) -> None:
     _check(tmp_path, torchkeep_file(tree, TENSORS))
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        # found by the long run: a tensor node at the root whose "v" field holds another node;
+        # load_state_dict took the node's JSON fields for a state dict (KeyError: 'key')
+        {"$": "tensor", "key": "t", "v": {"$": "tensor"}},
+        {"$": "dict", "v": {"weight": {"$": "tensor", "key": "t", "view": {"stride": [1]}}}},
+        {"$": "dict", "v": {"weight": {"$": "tensor", "key": "t", "view": 3}}},
+        {"$": "dict", "v": {"weight": {"$": "tensor", "key": "t", "shape": "4"}}},
+        {"$": "dict", "v": {"weight": {"$": "tensor", "key": "t", "shape": [-4]}}},
+        {"$": "dict", "v": {"weight": {"$": "tensor", "key": "u", "dtype": "bogus"}}},
+    ],
+)
+def test_forged_tensor_nodes_fail_load_state_dict_with_a_format_error(tmp_path, tree) -> None:
+    path = os.path.join(tmp_path, "forged.tk")
+    with open(path, "wb") as handle:
+        handle.write(torchkeep_file(tree, TENSORS))
+    with pytest.raises(torchkeep.TorchkeepError, match="forged.tk"):
+        torchkeep.load_state_dict(torch.nn.Linear(2, 2), path, strict=False)

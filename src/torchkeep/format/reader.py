@@ -301,7 +301,7 @@ def _strict_json(text: str, where: str) -> Any:
         raise FormatError(f"{where}: invalid JSON ({exc})") from exc
 
 
-def _int_list(value: Any, what: str) -> list[int]:
+def int_list(value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or len(value) > knobs.MAX_RANK:
         raise ValueError(f"{what} must be a list of at most {knobs.MAX_RANK} ints")
     if not all(type(x) is int and 0 <= x < 2**62 for x in value):
@@ -325,7 +325,7 @@ def materialize(node: dict, entry: torch.Tensor, file: str, path: str) -> torch.
         if "view" in node:
             return _apply_view(node["view"], tensor.reshape(-1))
         if "shape" in node:
-            return tensor.reshape(_int_list(node["shape"], "shape"))
+            return tensor.reshape(int_list(node["shape"], "shape"))
         return tensor
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
         raise FormatError(f"{file}: tensor at {path or '<root>'} is malformed ({exc})") from exc
@@ -334,8 +334,8 @@ def materialize(node: dict, entry: torch.Tensor, file: str, path: str) -> torch.
 def _apply_view(view: Any, flat: torch.Tensor) -> torch.Tensor:
     if not isinstance(view, dict):
         raise ValueError("view must be an object")
-    shape = _int_list(view.get("shape"), "view shape")
-    stride = _int_list(view.get("stride"), "view stride")
+    shape = int_list(view.get("shape"), "view shape")
+    stride = int_list(view.get("stride"), "view stride")
     offset = view.get("offset")
     if len(shape) != len(stride) or type(offset) is not int or offset < 0:
         raise ValueError("view needs shape and stride of equal rank and a non-negative offset")

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CorruptionError, StateDictMismatchError, TorchkeepError
+from ..errors import CorruptionError, FormatError, StateDictMismatchError, TorchkeepError
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-from ..format.reader import FileReader, materialize
+from ..format.reader import FileReader, int_list, materialize
 from ..format.tree import TAG
 from ..gcpause import paused_gc
 from ..readers import detect
@@ -148,25 +148,36 @@ def _file_sources(
 
     plain = _node_to_plain(tree)
     sub, note = _unwrap(plain, key, is_leaf, reader.path)
-    if not isinstance(sub, dict):
+    if not isinstance(sub, _Mapping):  # a value, or a node's own JSON fields: not a state dict
         raise TorchkeepError(f"{reader.path}: expected a state dict (a mapping of tensors)")
     return {k: v for k, v in sub.items() if is_leaf(v)}, note
+
+
+class _Mapping(dict):
+    """A dict node of the file turned into a dict; any other dict met in the tree is a node."""
 
 
 def _node_to_plain(node: Any) -> Any:
     """Turn string-keyed dict nodes into dicts (tensor nodes stay nodes) for navigation."""
     if isinstance(node, dict) and node.get(TAG) == "dict" and isinstance(node.get("v"), dict):
-        return {k: _node_to_plain(v) for k, v in node["v"].items()}
+        return _Mapping((k, _node_to_plain(v)) for k, v in node["v"].items())
     return node
 
 
-def _node_shape_dtype(reader: FileReader, node: dict) -> tuple[tuple, torch.dtype]:
-    info = reader.entry(node["key"])
-    if "view" in node:
-        return tuple(node["view"]["shape"]), _node_dtype(reader, node)
-    if "shape" in node:
-        return tuple(node["shape"]), _node_dtype(reader, node)
-    return info.shape, _node_dtype(reader, node)
+def _node_shape_dtype(reader: FileReader, node: dict, path: str) -> tuple[tuple, torch.dtype]:
+    """The shape and dtype a tensor node loads as, from the header alone (nothing is read)."""
+    try:
+        info = reader.entry(node["key"])
+        dtype = _node_dtype(reader, node)
+        if "view" in node:
+            view = node["view"]
+            shape = view.get("shape") if isinstance(view, dict) else None
+            return tuple(int_list(shape, "view shape")), dtype
+        if "shape" in node:
+            return tuple(int_list(node["shape"], "shape")), dtype
+        return info.shape, dtype
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{reader.path}: tensor at {path} is malformed ({exc})") from exc
 
 
 def _node_dtype(reader: FileReader, node: dict) -> torch.dtype:
@@ -198,7 +209,7 @@ def _load_file_inner(
     nodes, note = _file_sources(reader, key)
     report = LoadReport(source=reader.path, notes=[note] if note else [])
     targets = _targets(model)
-    shapes = {k: _node_shape_dtype(reader, n) for k, n in nodes.items()}
+    shapes = {k: _node_shape_dtype(reader, n, k) for k, n in nodes.items()}
     plan = _plan(report, targets, shapes)
     _check(report, strict)
     with torch.no_grad():
