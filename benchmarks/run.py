@@ -62,9 +62,11 @@ def plan(quick: bool) -> list[tuple[dict, int]]:
     return specs
 
 
-def run_worker(spec: dict, family: str, directory: str, prefault: bool = False) -> list[dict]:
+def run_worker(
+    spec: dict, family: str, directory: str, prefault: bool = False, rep: int = 0
+) -> list[dict]:
     job = {k: v for k, v in spec.items() if k != "families"}
-    job.update(family=family, dir=directory, prefault=prefault)
+    job.update(family=family, dir=directory, prefault=prefault, rep=rep)
     if spec["workload"] == "llm" and family == "torchkeep":
         job["lazy"] = LAZY_KEY if not spec.get("size") else "blocks.0.up.weight"
     cmd = [sys.executable, os.path.join(HERE, "worker.py"), json.dumps(job)]
@@ -117,7 +119,7 @@ def main() -> None:
             for rep in range(reps):
                 order = families[rep % len(families) :] + families[: rep % len(families)]
                 for family in order:
-                    got = run_worker(spec, family, directory, args.prefault)
+                    got = run_worker(spec, family, directory, args.prefault, rep)
                     rows.extend(got)
                     print(
                         f"  {spec['workload']}{spec.get('size') or ''} rep {rep} {family}: "
