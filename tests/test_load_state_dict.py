@@ -197,3 +197,12 @@ def test_not_a_state_dict(tmp_path):
         torchkeep.load_state_dict(make_model(), as_source([1, 2], "path", tmp_path))
     with pytest.raises(torchkeep.TorchkeepError):
         torchkeep.load_state_dict(make_model(), {"state_dict": 5})
+
+
+def test_a_tensor_named_like_a_wrapper_key_is_loaded_as_a_tensor(tmp_path) -> None:
+    path = tmp_path / "wrapperish.tk"
+    torchkeep.save({"model": torch.ones(2), "weight": torch.full((2, 2), 3.0), "step": 7}, path)
+    target = torch.nn.Linear(2, 2, bias=False)
+    report = torchkeep.load_state_dict(target, path, strict=False)
+    assert report.loaded == ["weight"] and report.unexpected == ["model"]
+    assert torch.equal(target.weight.detach(), torch.full((2, 2), 3.0))

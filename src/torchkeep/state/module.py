@@ -81,8 +81,9 @@ def _unwrap(
         return tree, None
     if isinstance(tree, dict) and tree and not all(is_leaf(v) for v in tree.values()):
         for candidate in WRAPPER_KEYS:
-            if isinstance(tree.get(candidate), dict):
-                return tree[candidate], f"used the checkpoint's '{candidate}' entry"
+            value = tree.get(candidate)
+            if isinstance(value, dict) and not is_leaf(value):  # a tensor node is a dict too
+                return value, f"used the checkpoint's '{candidate}' entry"
     return tree, None
 
 
