@@ -27,6 +27,7 @@ from ..errors import FormatError
 from ..pool import drain, io_pool
 from ..storage.io import IOV_MAX, skip_bytes
 from . import checksum
+from .memory import byte_view
 
 if TYPE_CHECKING:
     from .reader import FileReader
@@ -53,12 +54,7 @@ def dest_view(out: torch.Tensor, nbytes: int, key: str) -> memoryview:
     """Writable byte view of the contiguous CPU tensor ``out``; checks its size."""
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError(f"{key}: destination must be a contiguous CPU tensor")
-    out = out.detach()
-    try:
-        view = memoryview(out.numpy()).cast("B")
-    except (TypeError, RuntimeError, ValueError):  # dtypes numpy lacks (bfloat16, fp8...)
-        flat = out.reshape(-1)
-        view = memoryview((flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)).numpy())
+    view = byte_view(out.detach())
     if view.nbytes != nbytes:
         raise ValueError(f"{key}: destination holds {view.nbytes} bytes, entry {nbytes}")
     return view
