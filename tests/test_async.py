@@ -21,7 +21,7 @@ from torchkeep.manager import list_leftovers, list_steps
 from torchkeep.storage.io import FileOps, use_ops
 
 
-@pytest.mark.parametrize("numel", [1000, 1 << 19], ids=["memcpy", "threaded-copy"])
+@pytest.mark.parametrize("numel", [1000, 1 << 19], ids=["caller-copy", "shared-copy"])
 def test_caller_may_mutate_tensors_once_save_async_returns(tmp_path, numel) -> None:
     weight = torch.arange(numel, dtype=torch.float32)
     bias = torch.ones(7, dtype=torch.bfloat16)

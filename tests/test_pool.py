@@ -7,12 +7,13 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import torchkeep
 from torchkeep import knobs
-from torchkeep.pool import drain, io_pool
+from torchkeep.pool import drain, io_pool, parallel_copy
 from torchkeep.storage.io import FileOps, use_ops
 
 
@@ -97,3 +98,56 @@ def test_a_failed_save_leaves_no_write_running(direct, monkeypatch, tmp_path):
         torchkeep.save(obj, str(tmp_path / "x.tk"))
     assert ops.active == 0
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20])
+def test_parallel_copy_copies_every_byte_at_any_piece_size(monkeypatch, piece):
+    monkeypatch.setattr(knobs, "IO_THREADS", 3)
+    rng = np.random.default_rng(piece)
+    sizes = [0, 1, 4095, 20_000, 100_003]
+    srcs = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    dsts = [np.zeros(n, dtype=np.uint8) for n in sizes]
+    parallel_copy(list(zip(dsts, srcs)), piece)
+    assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs))
+    parallel_copy([], piece)  # nothing to copy: returns at once
+
+
+def test_parallel_copy_uses_the_pool_and_the_caller(monkeypatch):
+    monkeypatch.setattr(knobs, "IO_THREADS", 2)
+    seen = set()
+    real = np.copyto
+
+    def spy(dst, src):
+        seen.add(threading.current_thread().name.split("_")[0])
+        time.sleep(0.002)  # long enough that every thread gets a piece
+        real(dst, src)
+
+    monkeypatch.setattr(np, "copyto", spy)
+    src = np.arange(64, dtype=np.uint8)
+    dst = np.zeros(64, dtype=np.uint8)
+    parallel_copy([(dst, src)], 1)
+    assert np.array_equal(dst, src)
+    assert seen == {"MainThread", "torchkeep-io"}
+
+
+def test_parallel_copy_error_stops_every_helper_before_it_is_raised(monkeypatch):
+    """A failing piece (in a helper or in the caller) is re-raised, the other threads stop
+    taking pieces, and none still writes into the staging buffer once the caller is told."""
+    monkeypatch.setattr(knobs, "IO_THREADS", 3)
+    real = np.copyto
+    copied = []
+
+    def flaky(dst, src):
+        if len(copied) == 5:
+            raise MemoryError("simulated")
+        time.sleep(0.001)
+        real(dst, src)
+        copied.append(1)
+
+    monkeypatch.setattr(np, "copyto", flaky)
+    dst = np.zeros(1000, dtype=np.uint8)
+    with pytest.raises(MemoryError, match="simulated"):
+        parallel_copy([(dst, np.ones(1000, dtype=np.uint8))], 1)
+    done = len(copied)
+    time.sleep(0.05)
+    assert len(copied) == done < 100  # the others stopped too, instead of copying all 1,000

@@ -8,7 +8,8 @@ its threads).
 Callers must not leave work running when they return: :func:`drain` cancels what has not
 started and waits for what has, so no worker writes to a closed descriptor or into a tensor
 after an error was raised. :class:`Pipeline` is the writers' way in: bounded look-ahead,
-errors re-raised in order, and a drain on abandon.
+errors re-raised in order, and a drain on abandon. :func:`parallel_copy` is the async
+snapshot's: many memory copies shared out in pieces.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
+
+import numpy as np
 
 from . import knobs
 
@@ -72,6 +75,53 @@ class Pipeline:
 
     def abandon(self) -> None:
         drain(self.pending)
+
+
+def parallel_copy(pairs: Iterable[tuple[np.ndarray, np.ndarray]], piece: int) -> None:
+    """Copy each ``(dst, src)`` pair of flat byte arrays, in pieces of ``piece`` bytes.
+
+    The pool's workers and the calling thread take pieces from one shared list until it is
+    empty (``np.copyto`` releases the GIL). Work shared this way finishes as soon as the
+    machine's cores together are done; a static split (``Tensor.copy_`` hands each of torch's
+    threads a fixed half) waits for the slowest thread, which on a busy machine (data-loader
+    workers, a noisy VM neighbour) is the one that lost its core.
+    """
+    step = max(1, piece)
+    pieces = [
+        (dst[lo : lo + step], src[lo : lo + step])
+        for dst, src in pairs
+        for lo in range(0, src.nbytes, step)
+    ]
+    lock = threading.Lock()
+    position = [0]
+
+    def stop() -> None:
+        with lock:
+            position[0] = len(pieces)
+
+    def work() -> None:
+        while True:
+            with lock:
+                index = position[0]
+                position[0] = index + 1
+            if index >= len(pieces):
+                return
+            try:
+                np.copyto(*pieces[index])
+            except BaseException:
+                stop()  # the snapshot failed: the others need not finish it
+                raise
+
+    helpers = min(max(1, knobs.IO_THREADS), len(pieces) - 1)
+    futures = [io_pool().submit(work) for _ in range(max(0, helpers))]
+    try:
+        work()
+    finally:  # after an error too, no helper is still copying once we return
+        stop()
+        drain(futures)  # helpers that never started are cancelled: nothing left for them
+    for future in futures:
+        if not future.cancelled():
+            future.result()  # re-raise a helper's error
 
 
 def _forget_after_fork() -> None:
