@@ -18,6 +18,9 @@ TITLES = {
 CEILING = "disk ceiling (os.write+fsync)"
 TK_SAVE = "torchkeep.save"
 TK_LOAD = "torchkeep verify=True"
+#: Row (kind "floor") of one plain memory copy of the LLM-like tensors, measured right after
+#: ``torchkeep.save_async`` in its process: the least an async save's blocked time can be.
+COPY_FLOOR = "bare memory copy (Tensor.copy_)"
 
 
 class Stats:
@@ -159,6 +162,14 @@ def targets(stats: dict[tuple, Stats]) -> str:
             100 * async_.blocked / tk.median,
             15.0,
             higher=False,
+        )
+    floor = _get(stats, "llm", "floor", COPY_FLOOR)
+    if async_ and async_.blocked is not None and floor and tk:
+        out.append(
+            f"- [info] llm: a bare memory copy of the same tensors, same processes: "
+            f"{1000 * floor.median:.0f} ms = {100 * floor.median / tk.median:.1f} % of sync save "
+            f"(save_async blocked {1000 * async_.blocked:.0f} ms = "
+            f"{async_.blocked / floor.median:.2f}x that copy)"
         )
     return "\n".join(out)
 

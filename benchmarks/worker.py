@@ -17,7 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from contenders import FAMILIES, drop_cache, remove, warm_cache  # noqa: E402
+from contenders import FAMILIES, copy_floor, drop_cache, remove, warm_cache  # noqa: E402
+from report import COPY_FLOOR  # noqa: E402
 from workloads import add_optimizer, build_model, checkpoint_bytes  # noqa: E402
 
 
@@ -156,6 +157,8 @@ def main(spec: dict) -> None:
             continue
         remove(path)
         emit(op, "save", measure(fn, obj, path))
+        if op == "torchkeep.save_async":
+            emit(COPY_FLOOR, "floor", copy_floor(obj))
     if spec.get("lazy"):
         for op, seconds in lazy_access(path, spec["lazy"]).items():
             emit(op, "lazy", {"seconds": seconds, "peak_extra": None})
