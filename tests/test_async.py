@@ -165,6 +165,52 @@ def test_interpreter_exit_waits_for_in_flight_save(tmp_path) -> None:
     assert torch.equal(state["w"], torch.ones(4096))
 
 
+AT_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import atexit, os, sys
+    import torch, torchkeep
+
+    root = sys.argv[1]
+    torchkeep.save({"w": torch.zeros(10)}, os.path.join(root, "early.tk"))  # pool in use
+
+    def final_checkpoint():
+        big = torch.arange(1 << 16, dtype=torch.float32)  # shared snapshot copy, direct I/O
+        torchkeep.save({"weight": big.view(256, 256)}, os.path.join(root, "sync.tk"))
+        model = torch.nn.Linear(256, 256, bias=False)
+        torchkeep.load_state_dict(model, os.path.join(root, "sync.tk"))
+        assert torch.equal(model.weight.detach().reshape(-1), big)
+        torchkeep.save_async({"w": big + 1}, os.path.join(root, "async.tk"))  # no wait()
+        mgr = torchkeep.CheckpointManager(os.path.join(root, "run"), async_save=True)
+        mgr.save(7, {"w": big + 2})
+        print("handler done", flush=True)
+
+    atexit.register(final_checkpoint)
+    """
+)
+
+
+def test_saves_and_loads_work_in_an_atexit_handler(tmp_path) -> None:
+    """A final checkpoint from an ``atexit`` handler: by then the interpreter has stopped
+    every ``concurrent.futures`` pool and joined its threads, so torchkeep's I/O must run
+    inline (it raised "cannot schedule new futures after shutdown"), and an async save must
+    still be complete when the process is gone."""
+    env = dict(os.environ, TORCHKEEP_DIRECT_MIN_BYTES="1", TORCHKEEP_SNAPSHOT_PIECE_BYTES="4096")
+    proc = subprocess.run(
+        [sys.executable, "-c", AT_EXIT_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0 and "handler done" in proc.stdout, proc.stderr
+    assert proc.stderr == "", proc.stderr
+    big = torch.arange(1 << 16, dtype=torch.float32)
+    assert torch.equal(torchkeep.load(tmp_path / "async.tk")["w"], big + 1)
+    state = {"w": torch.empty(1 << 16)}
+    assert torchkeep.CheckpointManager(tmp_path / "run").restore(state) == 7
+    assert torch.equal(state["w"], big + 2)
+
+
 def test_crash_during_background_write_keeps_only_committed(tmp_path) -> None:
     proc = _script(tmp_path, "kill")
     assert proc.returncode == -signal.SIGKILL, proc.stderr

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchkeep
-from torchkeep import knobs
+from torchkeep import knobs, pool
 from torchkeep.pool import drain, io_pool, parallel_copy
 from torchkeep.storage.io import FileOps, use_ops
 
@@ -151,3 +151,17 @@ def test_parallel_copy_error_stops_every_helper_before_it_is_raised(monkeypatch)
     done = len(copied)
     time.sleep(0.05)
     assert len(copied) == done < 100  # the others stopped too, instead of copying all 1,000
+
+
+def test_after_exit_began_the_pool_runs_tasks_inline(monkeypatch):
+    """Once interpreter exit has begun concurrent.futures refuses new work; io_pool then hands
+    out an executor that runs each task in the caller (errors kept in the future)."""
+    monkeypatch.setattr(pool, "_exiting", True)
+    executor = io_pool()
+    assert isinstance(executor, pool.InlineExecutor)
+    assert executor.submit(threading.current_thread).result() is threading.current_thread()
+    failed = executor.submit(int, "x")
+    assert failed.done() and isinstance(failed.exception(), ValueError)
+    dst = np.zeros(10_000, dtype=np.uint8)
+    parallel_copy([(dst, np.full(10_000, 7, dtype=np.uint8))], 100)
+    assert (dst == 7).all()

@@ -8,7 +8,8 @@ A synchronous save is the same pipeline run inline and waited for, without the s
 
 At most one save is in flight per :class:`AsyncSaver`: the next save first waits for the
 previous one, so staging memory stays bounded by the largest save and is reused. Save threads
-are not daemons and an ``atexit`` hook waits too, so interpreter exit finishes an in-flight save.
+are not daemons and an ``atexit`` hook waits too, so interpreter exit finishes an in-flight save;
+a save started after that (from an ``atexit`` handler) runs inline.
 A crash during the background write leaves only the previous, committed file.
 """
 
@@ -182,6 +183,7 @@ class AsyncSaver:
         """Run ``job`` after the previous save finished; snapshot ``prepared`` if in background."""
         with self._lock:
             self.wait_previous()
+            background = background and not _exiting  # see _wait_all
             if background:
                 self.stager.stage(prepared)  # may raise: then no save is in flight
             handle = SaveHandle(description)
@@ -198,10 +200,17 @@ class AsyncSaver:
 
 _SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 _DEFAULT = AsyncSaver()
+_exiting = False
 
 
 def _wait_all() -> None:
-    """At exit: finish in-flight saves; report (do not hide) a failure nobody waited for."""
+    """At exit: finish in-flight saves; report (do not hide) a failure nobody waited for.
+
+    From here on a new save (say, a final checkpoint from an ``atexit`` handler) runs inline:
+    the interpreter has already joined its threads and would not wait for a new one.
+    """
+    global _exiting
+    _exiting = True
     for saver in list(_SAVERS):
         handle = saver.wait_previous()
         error = handle._error if handle is not None else None

@@ -18,7 +18,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -28,11 +28,30 @@ from . import knobs
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _size = 0
+_exiting = False  # interpreter exit has begun: see _mark_exiting
 
 
-def io_pool() -> ThreadPoolExecutor:
-    """The shared pool, sized by ``knobs.IO_THREADS`` as it is now."""
+class InlineExecutor(Executor):
+    """Runs each task in the calling thread at once and returns its finished future."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # handed to whoever looks at the future
+            future.set_exception(exc)
+        return future
+
+
+_INLINE = InlineExecutor()
+
+
+def io_pool() -> Executor:
+    """The shared pool, sized by ``knobs.IO_THREADS`` as it is now; once interpreter exit has
+    begun, an executor that runs tasks inline (see ``_mark_exiting``)."""
     global _pool, _size
+    if _exiting:
+        return _INLINE
     size = max(1, knobs.IO_THREADS)
     with _lock:
         if _pool is None or _size != size:
@@ -129,5 +148,20 @@ def _forget_after_fork() -> None:
     _pool, _size = None, 0
 
 
+def _mark_exiting() -> None:
+    """At interpreter exit, before ``concurrent.futures`` stops every thread pool for good.
+
+    After that no pool accepts work ("cannot schedule new futures after shutdown"), yet a
+    save or load in an ``atexit`` handler (a final checkpoint) must still work: from here on
+    the I/O runs in the calling thread. Exit hooks run newest first: asyncsave's hook, which
+    lets in-flight saves finish on the pool, is registered after this one and runs before it.
+    """
+    global _exiting
+    _exiting = True
+
+
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
+_register_exit_hook = getattr(threading, "_register_atexit", None)
+if _register_exit_hook is not None:  # CPython; registered after concurrent.futures' own hook
+    _register_exit_hook(_mark_exiting)
