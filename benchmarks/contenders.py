@@ -125,6 +125,17 @@ def save_torchkeep_async(obj: Any, path: str) -> dict:
     return {"blocked": blocked, "seconds": time.perf_counter() - t0}
 
 
+def timed_copy(tensors: list[torch.Tensor], buffer: torch.Tensor) -> float:
+    """Seconds to copy the flat byte tensors one after another into ``buffer`` (a snapshot as
+    ``Tensor.copy_`` makes it: torch's threads split each tensor in fixed shares)."""
+    t0 = time.perf_counter()
+    offset = 0
+    for t in tensors:
+        buffer[offset : offset + t.numel()].copy_(t)
+        offset += t.numel()
+    return time.perf_counter() - t0
+
+
 def copy_floor(obj: Any) -> dict:
     """What the machine allows an async save's blocked time: one ``Tensor.copy_`` of the same
     tensors into a reused buffer (timed on the second copy, as the async save is timed on its
@@ -132,17 +143,8 @@ def copy_floor(obj: Any) -> dict:
     host's memory bandwidth of that moment, which on the benchmark VM swings by 2x."""
     tensors = [t.detach().reshape(-1).view(torch.uint8) for t in flatten(obj).values()]
     buffer = torch.empty(sum(t.numel() for t in tensors), dtype=torch.uint8)
-
-    def copy() -> float:
-        t0 = time.perf_counter()
-        offset = 0
-        for t in tensors:
-            buffer[offset : offset + t.numel()].copy_(t)
-            offset += t.numel()
-        return time.perf_counter() - t0
-
-    copy()
-    return {"seconds": copy(), "peak_extra": None}
+    timed_copy(tensors, buffer)
+    return {"seconds": timed_copy(tensors, buffer), "peak_extra": None}
 
 
 def save_torch(obj: Any, path: str) -> dict:

@@ -25,6 +25,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from contenders import timed_copy  # noqa: E402
 from workloads import build_model  # noqa: E402
 
 LEVELS = {"idle": [], "one process 50 % busy": [0.5], "two processes 30 % busy": [0.3, 0.3]}
@@ -45,12 +46,7 @@ def _measure(state: dict, buffer: torch.Tensor, path: str, reps: int) -> dict[st
     flat = [t.reshape(-1).view(torch.uint8) for t in state.values()]
 
     def copy_snapshot() -> float:
-        t0 = time.perf_counter()
-        offset = 0
-        for t in flat:
-            buffer[offset : offset + t.numel()].copy_(t)
-            offset += t.numel()
-        return time.perf_counter() - t0
+        return timed_copy(flat, buffer)
 
     def save_async() -> float:
         t0 = time.perf_counter()
