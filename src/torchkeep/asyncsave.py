@@ -29,7 +29,7 @@ import torch
 from . import knobs
 from .format.direct_writer import direct_alignment
 from .format.writer import PreparedFile, prepare, write_prepared
-from .pool import parallel_copy
+from .pool import exiting, parallel_copy
 from .storage.aligned import align_up
 from .storage.io import ops
 from .storage.local import atomic_file
@@ -183,7 +183,7 @@ class AsyncSaver:
         """Run ``job`` after the previous save finished; snapshot ``prepared`` if in background."""
         with self._lock:
             self.wait_previous()
-            background = background and not _exiting  # see _wait_all
+            background = background and not exiting()  # a save from an atexit handler
             if background:
                 self.stager.stage(prepared)  # may raise: then no save is in flight
             handle = SaveHandle(description)
@@ -200,17 +200,10 @@ class AsyncSaver:
 
 _SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
 _DEFAULT = AsyncSaver()
-_exiting = False
 
 
 def _wait_all() -> None:
-    """At exit: finish in-flight saves; report (do not hide) a failure nobody waited for.
-
-    From here on a new save (say, a final checkpoint from an ``atexit`` handler) runs inline:
-    the interpreter has already joined its threads and would not wait for a new one.
-    """
-    global _exiting
-    _exiting = True
+    """At exit: finish in-flight saves; report (do not hide) a failure nobody waited for."""
     for saver in list(_SAVERS):
         handle = saver.wait_previous()
         error = handle._error if handle is not None else None

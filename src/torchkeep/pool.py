@@ -148,6 +148,12 @@ def _forget_after_fork() -> None:
     _pool, _size = None, 0
 
 
+def exiting() -> bool:
+    """Whether interpreter exit has begun (see ``_mark_exiting``): new I/O runs inline, and
+    a new async save too, since the interpreter would no longer join its thread."""
+    return _exiting
+
+
 def _mark_exiting() -> None:
     """At interpreter exit, before ``concurrent.futures`` stops every thread pool for good.
 
