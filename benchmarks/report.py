@@ -28,7 +28,10 @@ class Stats:
 
     def __init__(self, rows: list[dict]) -> None:
         self.rows = rows
-        seconds = [r["seconds"] for r in rows]
+        # Warm loads timed side by side with their peers (worker.side_by_side) give the cell's
+        # seconds; the same loads in the family's own process give only its peak RSS.
+        timed = [r for r in rows if r.get("side_by_side")] or rows
+        seconds = [r["seconds"] for r in timed]
         self.median = statistics.median(seconds)
         self.best = min(seconds)
         self.n = len(seconds)

@@ -3,6 +3,9 @@
 Run by ``run.py`` in a fresh interpreter per (repetition, workload, family), so peak RSS is the
 family's own. Before each op the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
 so "peak extra RSS" is the op's high-water mark minus the RSS it started from.
+
+The family ``side-by-side`` is the exception: one process writes every family's file and then
+times all their warm loads in rounds, the order rotated each round (``side_by_side``).
 """
 
 from __future__ import annotations
@@ -135,7 +138,59 @@ def prime_cold(path: str) -> None:
     warm_cache(path)
 
 
+#: Family name of the process that times every family's warm loads side by side.
+SIDE_BY_SIDE = "side-by-side"
+
+
+def emit_row(spec: dict, nbytes: int, op: str, kind: str, result: dict, cache: str = "") -> None:
+    """Print one result row as a JSON line (read by ``run.py``)."""
+    row = {"workload": spec["workload"], "size": spec.get("size", 0), "family": spec["family"]}
+    row.update(op=op, kind=kind, bytes=nbytes, cache=cache, **result)
+    print(json.dumps(row), flush=True)
+
+
+def file_path(spec: dict, family: str) -> str:
+    return os.path.join(
+        spec["dir"], f"{spec['workload']}{spec.get('size', '')}{FAMILIES[family][0]}"
+    )
+
+
+def side_by_side(spec: dict) -> None:
+    """Warm loads of every family in one process, in ``rounds`` rounds, the order rotated.
+
+    A warm load of the LLM-like model is a ~70 ms memory-bandwidth copy, and this VM's copy
+    speed swings by up to 2x in episodes of ~10 s, longer than one family's process. Timed in
+    separate processes, a family's warm loads fall in whatever episode its process met; timed
+    here, every contender meets the same episodes. Seconds only: peak RSS of the same loads is
+    measured in each family's own process (memory freed by one contender would hide another's).
+    """
+    preimport()
+    model = build_model(spec["workload"], spec.get("size", 0), fill=True)
+    obj = model.state_dict()
+    nbytes = checkpoint_bytes(obj)
+    entries = []
+    for family in spec["load_families"]:
+        _, saves, loads = FAMILIES[family]
+        path = file_path(spec, family)
+        remove(path)
+        next(iter(saves.values()))(obj, path)  # untimed: the file the loads read
+        entries.extend((op, fn, path) for op, fn in loads.items())
+    rounds = spec.get("rounds", 5)
+    for r in range(rounds):
+        shift = (spec.get("rep", 0) * rounds + r) % len(entries)
+        for op, fn, path in entries[shift:] + entries[:shift]:
+            warm_cache(path)
+            result = measure(fn, model, obj, path)
+            result.update(peak_extra=None, side_by_side=True)
+            emit_row(spec, nbytes, op, "load", result, "warm")
+    for _, _, path in entries:
+        remove(path)
+
+
 def main(spec: dict) -> None:
+    if spec["family"] == SIDE_BY_SIDE:
+        side_by_side(spec)
+        return
     preimport()
     workload, family = spec["workload"], spec["family"]
     model = build_model(workload, spec.get("size", 0), fill=True)
@@ -143,13 +198,11 @@ def main(spec: dict) -> None:
     nbytes = checkpoint_bytes(obj)
     if spec.get("prefault"):
         PREFAULT["bytes"] = min(max(2 * nbytes, 64 << 20), 8 << 30)
-    suffix, saves, loads = FAMILIES[family]
-    path = os.path.join(spec["dir"], f"{workload}{spec.get('size', '')}{suffix}")
+    _, saves, loads = FAMILIES[family]
+    path = file_path(spec, family)
 
     def emit(op: str, kind: str, result: dict, cache: str = "") -> None:
-        row = {"workload": workload, "size": spec.get("size", 0), "family": family, "op": op}
-        row.update(kind=kind, bytes=nbytes, cache=cache, **result)
-        print(json.dumps(row), flush=True)
+        emit_row(spec, nbytes, op, kind, result, cache)
 
     only, skip = spec.get("ops"), spec.get("skip", [])
     for op, fn in saves.items():
