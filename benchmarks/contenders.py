@@ -137,10 +137,11 @@ def timed_copy(tensors: list[torch.Tensor], buffer: torch.Tensor) -> float:
 
 
 def copy_floor(obj: Any) -> dict:
-    """What the machine allows an async save's blocked time: one ``Tensor.copy_`` of the same
-    tensors into a reused buffer (timed on the second copy, as the async save is timed on its
-    second save). Measured in the same process right after ``save_async``, so that both see the
-    host's memory bandwidth of that moment, which on the benchmark VM swings by 2x."""
+    """The snapshot a plain copy makes: one ``Tensor.copy_`` of the same tensors into a reused
+    buffer (timed on the second copy, as the async save is timed on its second save), with
+    ordinary cached stores. Measured in the same process right after ``save_async``, so that
+    both see the host's memory bandwidth of that moment, which on the benchmark VM swings by
+    2x. torchkeep's snapshot uses streaming stores where it can (``torchkeep/memcopy.py``)."""
     tensors = [t.detach().reshape(-1).view(torch.uint8) for t in flatten(obj).values()]
     buffer = torch.empty(sum(t.numel() for t in tensors), dtype=torch.uint8)
     timed_copy(tensors, buffer)

@@ -18,8 +18,8 @@ TITLES = {
 CEILING = "disk ceiling (os.write+fsync)"
 TK_SAVE = "torchkeep.save"
 TK_LOAD = "torchkeep verify=True"
-#: Row (kind "floor") of one plain memory copy of the LLM-like tensors, measured right after
-#: ``torchkeep.save_async`` in its process: the least an async save's blocked time can be.
+#: Row (kind "floor") of one plain memory copy of the LLM-like tensors (cached stores), measured
+#: right after ``torchkeep.save_async`` in its process: the snapshot a plain copy would make.
 COPY_FLOOR = "bare memory copy (Tensor.copy_)"
 
 

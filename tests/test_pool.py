@@ -115,14 +115,14 @@ def test_parallel_copy_copies_every_byte_at_any_piece_size(monkeypatch, piece):
 def test_parallel_copy_uses_the_pool_and_the_caller(monkeypatch):
     monkeypatch.setattr(knobs, "IO_THREADS", 2)
     seen = set()
-    real = np.copyto
+    real = pool.copy_bytes
 
     def spy(dst, src):
         seen.add(threading.current_thread().name.split("_")[0])
         time.sleep(0.002)  # long enough that every thread gets a piece
         real(dst, src)
 
-    monkeypatch.setattr(np, "copyto", spy)
+    monkeypatch.setattr(pool, "copy_bytes", spy)
     src = np.arange(64, dtype=np.uint8)
     dst = np.zeros(64, dtype=np.uint8)
     parallel_copy([(dst, src)], 1)
@@ -134,7 +134,7 @@ def test_parallel_copy_error_stops_every_helper_before_it_is_raised(monkeypatch)
     """A failing piece (in a helper or in the caller) is re-raised, the other threads stop
     taking pieces, and none still writes into the staging buffer once the caller is told."""
     monkeypatch.setattr(knobs, "IO_THREADS", 3)
-    real = np.copyto
+    real = pool.copy_bytes
     copied = []
 
     def flaky(dst, src):
@@ -144,7 +144,7 @@ def test_parallel_copy_error_stops_every_helper_before_it_is_raised(monkeypatch)
         real(dst, src)
         copied.append(1)
 
-    monkeypatch.setattr(np, "copyto", flaky)
+    monkeypatch.setattr(pool, "copy_bytes", flaky)
     dst = np.zeros(1000, dtype=np.uint8)
     with pytest.raises(MemoryError, match="simulated"):
         parallel_copy([(dst, np.ones(1000, dtype=np.uint8))], 1)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import knobs
+from .memcopy import copy_bytes
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -100,10 +101,11 @@ def parallel_copy(pairs: Iterable[tuple[np.ndarray, np.ndarray]], piece: int) ->
     """Copy each ``(dst, src)`` pair of flat byte arrays, in pieces of ``piece`` bytes.
 
     The pool's workers and the calling thread take pieces from one shared list until it is
-    empty (``np.copyto`` releases the GIL). Work shared this way finishes as soon as the
-    machine's cores together are done; a static split (``Tensor.copy_`` hands each of torch's
-    threads a fixed half) waits for the slowest thread, which on a busy machine (data-loader
-    workers, a noisy VM neighbour) is the one that lost its core.
+    empty (``memcopy.copy_bytes``: streaming stores where available; it releases the GIL).
+    Work shared this way finishes as soon as the machine's cores together are done; a static
+    split (``Tensor.copy_`` hands each of torch's threads a fixed half) waits for the slowest
+    thread, which on a busy machine (data-loader workers, a noisy VM neighbour) is the one that
+    lost its core.
     """
     step = max(1, piece)
     pieces = [
@@ -126,7 +128,7 @@ def parallel_copy(pairs: Iterable[tuple[np.ndarray, np.ndarray]], piece: int) ->
             if index >= len(pieces):
                 return
             try:
-                np.copyto(*pieces[index])
+                copy_bytes(*pieces[index])
             except BaseException:
                 stop()  # the snapshot failed: the others need not finish it
                 raise
