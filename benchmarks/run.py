@@ -30,6 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from contenders import FAMILIES  # noqa: E402
 from report import aggregate, plot, summary  # noqa: E402
 from worker import SIDE_BY_SIDE  # noqa: E402
 
@@ -46,7 +47,6 @@ SCALE_OPS = [
 ]
 ASYNC = ["torchkeep.save_async", "dcp.async_save"]  # async rows: LLM-like and one-huge only
 LAZY_KEY = "blocks.12.up.weight"
-LOAD_FAMILIES = ["torchkeep", "torch", "safetensors", "dcp"]
 
 
 def plan(quick: bool) -> list[tuple[dict, int]]:
@@ -73,7 +73,7 @@ def run_worker(
     job = {k: v for k, v in spec.items() if k != "families"}
     job.update(family=family, dir=directory, prefault=prefault, rep=rep)
     if family == SIDE_BY_SIDE:
-        job["load_families"] = [f for f in LOAD_FAMILIES if f in spec["families"]]
+        job["load_families"] = [f for f in spec["families"] if FAMILIES[f][2]]  # have loads
     if spec["workload"] == "llm" and family == "torchkeep":
         job["lazy"] = LAZY_KEY if not spec.get("size") else "blocks.0.up.weight"
     cmd = [sys.executable, os.path.join(HERE, "worker.py"), json.dumps(job)]

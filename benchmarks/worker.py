@@ -183,7 +183,7 @@ def side_by_side(spec: dict) -> None:
             result = measure(fn, model, obj, path)
             result.update(peak_extra=None, side_by_side=True)
             emit_row(spec, nbytes, op, "load", result, "warm")
-    for _, _, path in entries:
+    for path in {path for _, _, path in entries}:
         remove(path)
 
 
