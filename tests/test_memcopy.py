@@ -16,7 +16,8 @@ from torchkeep import knobs, memcopy
 from torchkeep.pool import parallel_copy
 
 streamcopy = memcopy._streamcopy
-STREAM_MIN = 256 * 1024  # TK_MIN_STREAM_BYTES in _streamcopy.c
+# Sizes around the extension's own threshold exercise both of its paths (256 KiB without it).
+STREAM_MIN = streamcopy.MIN_STREAM_BYTES if streamcopy else 256 * 1024
 GUARD = 64
 
 
@@ -28,7 +29,8 @@ def test_the_extension_is_built_where_a_c_compiler_is():
         pytest.skip(f"no C compiler ({compiler}): torchkeep runs on its numpy fallback")
     assert streamcopy is not None, "torchkeep._streamcopy did not build; see `pip install -v`"
     on_x86_64 = sysconfig.get_platform().endswith("x86_64")
-    assert streamcopy.STREAMING is on_x86_64
+    assert bool(streamcopy.STREAMING) is on_x86_64
+    assert streamcopy.MIN_STREAM_BYTES == 256 * 1024
 
 
 needs_ext = pytest.mark.skipif(streamcopy is None, reason="extension not built")

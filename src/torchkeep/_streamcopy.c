@@ -10,7 +10,7 @@
  * benchmark VM), larger than any one tensor of a typical model.
  *
  * Built as an optional extension: without a C compiler torchkeep falls back to numpy's copy.
- * Other architectures compile to a plain memcpy (STREAMING is then False).
+ * Other architectures compile to a plain memcpy (STREAMING is then 0).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -103,7 +103,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__streamcopy(void)
 {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddObject(m, "STREAMING", PyBool_FromLong(TK_STREAMING)) < 0) {
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "STREAMING", TK_STREAMING) < 0 ||
+        PyModule_AddIntConstant(m, "MIN_STREAM_BYTES", (long)TK_MIN_STREAM_BYTES) < 0) {
         Py_DECREF(m);
         return NULL;
     }
