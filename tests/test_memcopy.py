@@ -31,9 +31,25 @@ def test_the_extension_is_built_where_a_c_compiler_is():
     on_x86_64 = sysconfig.get_platform().endswith("x86_64")
     assert bool(streamcopy.STREAMING) is on_x86_64
     assert streamcopy.MIN_STREAM_BYTES == 256 * 1024
+    # The best instruction set the CPU offers is the one used: AVX2 where /proc/cpuinfo says
+    # the CPU has it (a failed detection would quietly fall back to SSE2), SSE2 on any x86-64.
+    if on_x86_64:
+        assert streamcopy.LEVEL == (2 if _cpu_flag("avx2") else 1)
+    else:
+        assert streamcopy.LEVEL == 0
+
+
+def _cpu_flag(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell what the CPU has")
 
 
 needs_ext = pytest.mark.skipif(streamcopy is None, reason="extension not built")
+#: Every instruction set this CPU can run (0 memcpy, 1 SSE2, 2 AVX2 streaming stores).
+LEVELS = list(range(streamcopy.LEVEL + 1)) if streamcopy else []
 
 
 def _copy_and_check(copy, size: int, dst_shift: int, src_shift: int, seed: int) -> None:
@@ -59,12 +75,32 @@ def _copy_and_check(copy, size: int, dst_shift: int, src_shift: int, seed: int) 
         st.integers(STREAM_MIN - 200, STREAM_MIN + 200),
         st.integers(STREAM_MIN, 3 * STREAM_MIN),
     ),
-    dst_shift=st.integers(0, 31),
-    src_shift=st.integers(0, 31),
+    dst_shift=st.integers(0, 63),
+    src_shift=st.integers(0, 63),
     seed=st.integers(0, 2**32 - 1),
+    level=st.sampled_from(LEVELS or [0]),
 )
-def test_stream_copy_is_byte_exact_at_any_size_and_alignment(size, dst_shift, src_shift, seed):
-    _copy_and_check(streamcopy.copy, size, dst_shift, src_shift, seed)
+def test_stream_copy_is_byte_exact_at_any_size_and_alignment(
+    size, dst_shift, src_shift, seed, level
+):
+    _copy_and_check(lambda d, s: streamcopy.copy(d, s, level), size, dst_shift, src_shift, seed)
+
+
+@needs_ext
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_instruction_set_copies_the_same_bytes(level):
+    """Each level, forced, on sizes that end mid-vector and destinations off every boundary."""
+    for size in (STREAM_MIN, STREAM_MIN + 1, STREAM_MIN + 127, 3 * STREAM_MIN + 65):
+        for shift in (0, 1, 15, 16, 31, 33):
+            _copy_and_check(lambda d, s: streamcopy.copy(d, s, level), size, shift, 3, size)
+
+
+@needs_ext
+def test_stream_copy_refuses_a_level_the_cpu_lacks():
+    with pytest.raises(ValueError, match="level 3 is not available here"):
+        streamcopy.copy(bytearray(4), b"abcd", 3)
+    with pytest.raises(ValueError, match="level -1 is not available here"):
+        streamcopy.copy(bytearray(4), b"abcd", -1)
 
 
 @needs_ext

@@ -4,7 +4,8 @@ extension ``torchkeep._streamcopy`` is built, numpy's copy otherwise.
 Why: a snapshot's destination is not read again until the background write, so plain stores
 waste a third of the memory traffic reading destination lines first (see the extension's
 source). On the benchmark VM a 1.28 GB snapshot shared by two threads took 53-55 ms with
-streaming stores against 76-80 ms with ``np.copyto`` (``knobs.STREAMING_COPY``).
+streaming stores against 76-80 ms with ``np.copyto`` (``knobs.STREAMING_COPY``). The extension
+uses AVX2 stores where the CPU has them, SSE2 otherwise (``_streamcopy.LEVEL``).
 """
 
 from __future__ import annotations
