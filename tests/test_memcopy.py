@@ -34,7 +34,7 @@ def test_the_extension_is_built_where_a_c_compiler_is():
     # The best instruction set the CPU offers is the one used: AVX2 where /proc/cpuinfo says
     # the CPU has it (a failed detection would quietly fall back to SSE2), SSE2 on any x86-64.
     if on_x86_64:
-        assert streamcopy.LEVEL == (2 if _cpu_flag("avx2") else 1)
+        assert (2 if _cpu_flag("avx2") else 1) == streamcopy.LEVEL
     else:
         assert streamcopy.LEVEL == 0
 
