@@ -4,14 +4,15 @@ Saves include making the file durable: torchkeep fsyncs itself; ``torch.save`` a
 ``safetensors.save_file`` do not, so their file (and directory) is fsynced inside the timed
 region; DCP's filesystem writer fsyncs by default (``sync_files=True``). Async saves report the
 time the caller was blocked and, as their seconds, the time from the call until the checkpoint
-was durable, both of the second save of the process (the first, untimed, warms the staging
-memory); their peak RSS covers both saves.
+was durable, both medians of ``ASYNC_SAMPLES`` steady-state saves of the process (a first,
+untimed, save warms the staging memory); their peak RSS covers every save.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,11 @@ warnings.filterwarnings("ignore")  # DCP warns that it runs without a process gr
 
 SaveFn = Callable[[Any, str], dict]
 LoadFn = Callable[[nn.Module, Any, str], dict]
+
+#: Steady-state async saves timed per process, after the warm-up save. The blocked time is a
+#: ~50 ms memory copy, and this VM's copy speed swings by up to 2x from one second to the next:
+#: one save per process (up to run X) made the cell a median of three single draws.
+ASYNC_SAMPLES = 5
 
 
 def fsync_path(path: str) -> None:
@@ -81,6 +87,7 @@ def warm_cache(path: str) -> None:
 
 
 def remove(path: str) -> None:
+    """Remove a file or a directory (DCP's checkpoints), if it exists."""
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
@@ -111,18 +118,34 @@ def save_torchkeep(obj: Any, path: str) -> dict:
     return {}
 
 
+def time_async_saves(start: Callable[[str], Callable[[], Any]], path: str) -> dict:
+    """Blocked and call-to-durable times of ``ASYNC_SAMPLES`` steady-state async saves.
+
+    ``start(path)`` begins one save and returns a function that waits until it is durable.
+    A first, untimed, save warms the staging memory, as every save after the first does in a
+    training loop. Each save writes a path that does not exist yet, like a manager's new step.
+    """
+    start(path + ".warmup")()
+    remove(path + ".warmup")
+    blocked, seconds = [], []
+    for _ in range(ASYNC_SAMPLES):
+        remove(path)
+        t0 = time.perf_counter()
+        finish = start(path)
+        blocked.append(time.perf_counter() - t0)
+        finish()
+        seconds.append(time.perf_counter() - t0)
+    return {
+        "blocked": statistics.median(blocked),
+        "blocked_samples": blocked,
+        "seconds": statistics.median(seconds),
+    }
+
+
 def save_torchkeep_async(obj: Any, path: str) -> dict:
-    """Blocked time of a steady-state save: a first save warms the reusable staging buffer,
-    as every save after the first does in a training loop; the second one is measured."""
     import torchkeep
 
-    torchkeep.save_async(obj, path + ".warmup").wait()
-    os.unlink(path + ".warmup")
-    t0 = time.perf_counter()
-    handle = torchkeep.save_async(obj, path)
-    blocked = time.perf_counter() - t0
-    handle.wait()
-    return {"blocked": blocked, "seconds": time.perf_counter() - t0}
+    return time_async_saves(lambda p: torchkeep.save_async(obj, p).wait, path)
 
 
 def timed_copy(tensors: list[torch.Tensor], buffer: torch.Tensor) -> float:
@@ -137,15 +160,16 @@ def timed_copy(tensors: list[torch.Tensor], buffer: torch.Tensor) -> float:
 
 
 def copy_floor(obj: Any) -> dict:
-    """The snapshot a plain copy makes: one ``Tensor.copy_`` of the same tensors into a reused
-    buffer (timed on the second copy, as the async save is timed on its second save), with
-    ordinary cached stores. Measured in the same process right after ``save_async``, so that
-    both see the host's memory bandwidth of that moment, which on the benchmark VM swings by
-    2x. torchkeep's snapshot uses streaming stores where it can (``torchkeep/memcopy.py``)."""
+    """The snapshot a plain copy makes: ``Tensor.copy_`` of the same tensors into a reused
+    buffer, with ordinary cached stores; the median of ``ASYNC_SAMPLES`` copies after an untimed
+    one, as the async saves are timed. Measured in the same process right after ``save_async``,
+    so that both see the host's memory bandwidth of that moment, which on the benchmark VM
+    swings by 2x. torchkeep's snapshot uses streaming stores where it can (``memcopy.py``)."""
     tensors = [t.detach().reshape(-1).view(torch.uint8) for t in flatten(obj).values()]
     buffer = torch.empty(sum(t.numel() for t in tensors), dtype=torch.uint8)
     timed_copy(tensors, buffer)
-    return {"seconds": timed_copy(tensors, buffer), "peak_extra": None}
+    copies = [timed_copy(tensors, buffer) for _ in range(ASYNC_SAMPLES)]
+    return {"seconds": statistics.median(copies), "peak_extra": None}
 
 
 def save_torch(obj: Any, path: str) -> dict:
@@ -171,17 +195,19 @@ def save_dcp(obj: Any, path: str) -> dict:
 
 
 def save_dcp_async(obj: Any, path: str) -> dict:
-    """Measured like torchkeep's: the second async save of the process."""
+    """Measured like torchkeep's (``time_async_saves``); the directory is fsynced at the end."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.async_save(obj, checkpoint_id=path + ".warmup").result()
-    shutil.rmtree(path + ".warmup")
-    t0 = time.perf_counter()
-    future = dcp.async_save(obj, checkpoint_id=path)
-    blocked = time.perf_counter() - t0
-    future.result()
-    fsync_path(path)
-    return {"blocked": blocked, "seconds": time.perf_counter() - t0}
+    def start(p: str) -> Callable[[], None]:
+        future = dcp.async_save(obj, checkpoint_id=p)
+
+        def finish() -> None:
+            future.result()
+            fsync_path(p)
+
+        return finish
+
+    return time_async_saves(start, path)
 
 
 # ------------------------------------------------------------------------------------ loads

@@ -36,7 +36,14 @@ class Stats:
         self.best = min(seconds)
         self.n = len(seconds)
         self.bytes = rows[0]["bytes"]
-        blocked = [r["blocked"] for r in rows if r.get("blocked") is not None]
+        # Each async row holds several saves' blocked times (contenders.ASYNC_SAMPLES); rows
+        # from before that change hold one.
+        blocked = [
+            b
+            for r in rows
+            if r.get("blocked") is not None
+            for b in r.get("blocked_samples") or [r["blocked"]]
+        ]
         self.blocked = statistics.median(blocked) if blocked else None
         peaks = [r["peak_extra"] for r in rows if r.get("peak_extra") is not None]
         self.peak = statistics.median(peaks) if peaks else None
