@@ -10,7 +10,7 @@
  * benchmark VM), larger than any one tensor of a typical model.
  *
  * Built as an optional extension: without a C compiler torchkeep falls back to numpy's copy.
- * Other architectures compile to a plain memcpy (STREAMING is then 0).
+ * Other architectures compile to a plain memcpy (LEVEL is then 0).
  *
  * Where the compiler can target AVX2 (GCC, Clang) and the CPU has it, the copy moves 32 bytes
  * per instruction instead of 16: on the benchmark VM (AMD EPYC, two threads) a 1.28 GB copy
@@ -191,8 +191,7 @@ PyMODINIT_FUNC PyInit__streamcopy(void)
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "STREAMING", TK_STREAMING) < 0 ||
-        PyModule_AddIntConstant(m, "MIN_STREAM_BYTES", (long)TK_MIN_STREAM_BYTES) < 0 ||
+    if (PyModule_AddIntConstant(m, "MIN_STREAM_BYTES", (long)TK_MIN_STREAM_BYTES) < 0 ||
         PyModule_AddIntConstant(m, "LEVEL", best_level) < 0) {
         Py_DECREF(m);
         return NULL;

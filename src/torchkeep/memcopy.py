@@ -22,7 +22,7 @@ except ImportError:  # built without a C compiler: numpy's copy does the same jo
 
 def streaming_available() -> bool:
     """Whether large copies use streaming stores (extension built, x86-64, knob on)."""
-    return _streamcopy is not None and bool(_streamcopy.STREAMING) and bool(knobs.STREAMING_COPY)
+    return _streamcopy is not None and _streamcopy.LEVEL > 0 and bool(knobs.STREAMING_COPY)
 
 
 def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
