@@ -33,6 +33,7 @@ def _state(sizes: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _knobs(monkeypatch: pytest.MonkeyPatch, chunk: int, small: int, batch: int, threads: int):
     monkeypatch.setattr(knobs, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(knobs, "READ_CHUNK_BYTES", chunk)  # large entries read in many pieces
     monkeypatch.setattr(knobs, "SMALL_TENSOR_BYTES", small)
     monkeypatch.setattr(knobs, "BATCH_BYTES", batch)
     monkeypatch.setattr(knobs, "IO_THREADS", threads)
@@ -84,13 +85,17 @@ def test_roundtrip_across_knobs(tmp_path, monkeypatch, chunk, small, batch, thre
     threads=st.integers(1, 4),
     keep=st.integers(0, 2**12 - 1),
     piece=st.integers(1, 900),
+    read_chunk=st.integers(1, 300),
 )
-def test_property_partial_loads(tmp_path_factory, sizes, chunk, small, batch, threads, keep, piece):
+def test_property_partial_loads(
+    tmp_path_factory, sizes, chunk, small, batch, threads, keep, piece, read_chunk
+):
     """Any knob values, any subset of keys (gaps between batched entries) load exactly."""
     saved = (knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES, knobs.IO_THREADS)
-    saved_piece = knobs.READ_PIECE_BYTES
+    saved_piece = knobs.READ_PIECE_BYTES, knobs.READ_CHUNK_BYTES
     knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES = chunk, small, batch
     knobs.IO_THREADS, knobs.READ_PIECE_BYTES = threads, piece
+    knobs.READ_CHUNK_BYTES = read_chunk
     try:
         sd = _state(sizes, seed=len(sizes))
         path = tmp_path_factory.mktemp("p") / "m.tk"
@@ -102,7 +107,7 @@ def test_property_partial_loads(tmp_path_factory, sizes, chunk, small, batch, th
         _assert_same(dict(model.state_dict()), subset)
     finally:
         knobs.CHUNK_BYTES, knobs.SMALL_TENSOR_BYTES, knobs.BATCH_BYTES, knobs.IO_THREADS = saved
-        knobs.READ_PIECE_BYTES = saved_piece
+        knobs.READ_PIECE_BYTES, knobs.READ_CHUNK_BYTES = saved_piece
 
 
 class FailingOps(FileOps):
@@ -335,3 +340,53 @@ def test_lone_tensor_split_across_threads(tmp_path, monkeypatch):
         _flip_byte(path, r.header.data_start + r.entry("w").begin + 3990)
         with pytest.raises(CorruptionError, match="'w'"):
             r.read_entry("w")
+
+
+@pytest.mark.parametrize(
+    "size,lone,expected",
+    [
+        (100, False, 0),  # up to CHUNK_BYTES (1000): read whole, hashed by a worker
+        (1000, False, 0),
+        (1001, False, 64),  # larger: READ_CHUNK_BYTES pieces
+        (30, True, 0),  # a lone tensor is split only above SPLIT_MIN_BYTES (40),
+        (41, True, 40),  # one piece per thread, but none under SPLIT_MIN_BYTES
+        (100, True, 40),  # (100 / 3 threads = 34)
+        (150, True, 50),  # 150 / 3 threads
+        (10_000, True, 64),  # never over READ_CHUNK_BYTES
+    ],
+)
+def test_chunk_plan(monkeypatch, size, lone, expected):
+    from torchkeep.format import parallel_read
+
+    monkeypatch.setattr(knobs, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(knobs, "READ_CHUNK_BYTES", 64)
+    monkeypatch.setattr(knobs, "IO_THREADS", 3)
+    monkeypatch.setattr(parallel_read, "SPLIT_MIN_BYTES", 40)
+    assert parallel_read.chunk_plan(size, lone) == expected
+
+
+def test_large_entry_read_in_small_pieces_in_file_order(tmp_path, monkeypatch):
+    """An entry over CHUNK_BYTES is read in READ_CHUNK_BYTES pieces that tile it in file order,
+    whatever the order of the keys asked for; a flipped byte in a middle piece names the key."""
+    from torchkeep.format import parallel_read
+
+    _knobs(monkeypatch, 1000, 16, 64, 3)
+    monkeypatch.setattr(knobs, "READ_CHUNK_BYTES", 300)
+    sd = {"a": torch.ones(10), "big": torch.arange(1000, dtype=torch.float32), "z": torch.ones(3)}
+    path = tmp_path / "m.tk"
+    torchkeep.save(sd, path)
+    model = Flat(sd)
+    with FileReader(path) as r:
+        items = [(k, model.get_buffer(k)) for k in ("z", "big", "a")]
+        jobs = parallel_read.plan_reads(r, items)
+        big = [j for j in jobs if j.chunk_of == "big"]
+        start = r.header.data_start + r.entry("big").begin
+        assert [j.offset - start for j in big] == list(range(0, 4000, 300))
+        assert [j.last for j in big] == [False] * 13 + [True]
+        assert [j.offset for j in jobs] == sorted(j.offset for j in jobs)
+        _flip_byte(path, start + 1234)
+    torchkeep.load_state_dict(model, path, verify=False)  # every other byte lands in place
+    assert (model.big != sd["big"]).nonzero().flatten().tolist() == [1234 // 4]
+    assert torch.equal(model.a, sd["a"]) and torch.equal(model.z, sd["z"])
+    with pytest.raises(CorruptionError, match="'big'"):
+        torchkeep.load_state_dict(model, path, verify=True)

@@ -5,8 +5,10 @@ A load is planned as a list of read jobs in file order:
 * a *batch* holds whole entries that lie close together (at most ``BATCH_BYTES`` apart); one
   ``preadv`` scatters the file range directly into the destination tensors (gaps go to a small
   scratch buffer), then the worker checksums each entry while its bytes are hot in cache;
-* an entry larger than ``CHUNK_BYTES`` becomes several *chunk* jobs, read by the pool and
-  checksummed in order by the calling thread, overlapping with the next chunks' reads.
+* an entry larger than ``CHUNK_BYTES`` becomes *chunk* jobs of ``READ_CHUNK_BYTES``, read by
+  the pool and checksummed in order by the calling thread, overlapping with the next chunks'
+  reads. The chunks are small so that the threads read next to each other: the disk sees one
+  sequential stream rather than one per thread.
 
 ``preadv`` and xxhash release the GIL, so a few threads keep the disk (or the page cache copy)
 busy while checksums ride along instead of taking a second pass.
@@ -36,6 +38,21 @@ if TYPE_CHECKING:
 MAX_IOV = min(512, IOV_MAX)
 #: A lone tensor is split into per-thread reads only down to this size.
 SPLIT_MIN_BYTES = 4 << 20
+
+
+def chunk_plan(size: int, lone: bool) -> int:
+    """Piece size in which an entry of ``size`` bytes is read, or 0 to read it in one job.
+
+    Entries up to ``CHUNK_BYTES`` are read whole, so that a worker can hash them in parallel
+    with the others; a lone tensor (lazy access) is split from ``SPLIT_MIN_BYTES`` on, into
+    as many pieces as there are threads if that makes them smaller than ``READ_CHUNK_BYTES``.
+    """
+    piece = max(1, knobs.READ_CHUNK_BYTES)
+    if lone:
+        per_thread = -(-size // max(1, knobs.IO_THREADS))
+        piece = min(piece, max(SPLIT_MIN_BYTES, per_thread))
+        return piece if size > piece else 0
+    return piece if size > knobs.CHUNK_BYTES else 0
 
 
 @dataclass
@@ -68,17 +85,14 @@ def plan_reads(reader: FileReader, items: list[tuple[str, torch.Tensor]]) -> lis
         info = reader.entry(key)
         placed.append((start + info.begin, key, dest_view(out, info.nbytes, key)))
     placed.sort(key=lambda p: p[0])
-    chunk = knobs.CHUNK_BYTES
-    if len(placed) == 1:  # one tensor (lazy access): split it so the pool reads it in parallel
-        split = -(-placed[0][2].nbytes // max(1, knobs.IO_THREADS))
-        chunk = min(chunk, max(SPLIT_MIN_BYTES, split))
     jobs: list[ReadJob] = []
     batch: ReadJob | None = None
     for offset, key, view in placed:
         size = view.nbytes
-        if size > chunk:
+        piece = chunk_plan(size, lone=len(placed) == 1)
+        if piece:
             batch = None
-            jobs.extend(_chunk_jobs(offset, key, view, chunk))
+            jobs.extend(_chunk_jobs(offset, key, view, piece))
             continue
         if batch is None or not _fits(batch, offset, size):
             batch = ReadJob(offset=offset, end=offset)
