@@ -32,9 +32,10 @@ READ_PIECE_BYTES = _env_int("READ_PIECE_BYTES", 1024 * 1024)
 #: Piece size in which a load reads an entry larger than ``CHUNK_BYTES`` (and a lone tensor
 #: read on its own), the pieces shared out among the I/O threads in file order. Small pieces
 #: keep the threads reading next to each other, one sequential stream to the disk: a cold
-#: 1.07 GB tensor loaded in 0.29-0.31 s in 4 MiB pieces against 0.41-0.62 s in 64 MiB pieces
-#: (8 MiB 0.33-0.44 s, 16 MiB 0.41-0.64 s), and warm ones were no slower (in-process medians
-#: of 15: 46 against 51 ms unverified, 67 against 79 ms verified).
+#: 1.07 GB tensor loaded in 0.347 s in 4 MiB pieces against 0.420 s in 64 MiB pieces (fresh
+#: processes, medians of 10; in an earlier try 8 MiB 0.33-0.44 s, 16 MiB 0.41-0.64 s), and warm
+#: loads were alike (in one process, medians of 21: 63.5 against 59.8 ms unverified, 86.9
+#: against 90.1 ms verified).
 READ_CHUNK_BYTES = _env_int("READ_CHUNK_BYTES", 4 * 1024 * 1024)
 #: Size of one staging batch of small tensors (also the read batch of small tensors on load).
 BATCH_BYTES = _env_int("BATCH_BYTES", 8 * 1024 * 1024)
