@@ -363,6 +363,9 @@ def test_chunk_plan(monkeypatch, size, lone, expected):
     monkeypatch.setattr(knobs, "IO_THREADS", 3)
     monkeypatch.setattr(parallel_read, "SPLIT_MIN_BYTES", 40)
     assert parallel_read.chunk_plan(size, lone) == expected
+    monkeypatch.setattr(knobs, "READ_CHUNK_BYTES", 16)  # pieces under SPLIT_MIN_BYTES:
+    assert parallel_read.chunk_plan(min(size, 40), lone=True) == 0  # still not split up to it
+    assert parallel_read.chunk_plan(41, lone=True) == 16
 
 
 def test_large_entry_read_in_small_pieces_in_file_order(tmp_path, monkeypatch):

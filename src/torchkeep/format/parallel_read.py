@@ -49,6 +49,8 @@ def chunk_plan(size: int, lone: bool) -> int:
     """
     piece = max(1, knobs.READ_CHUNK_BYTES)
     if lone:
+        if size <= SPLIT_MIN_BYTES:
+            return 0
         per_thread = -(-size // max(1, knobs.IO_THREADS))
         piece = min(piece, max(SPLIT_MIN_BYTES, per_thread))
         return piece if size > piece else 0
