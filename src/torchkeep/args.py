@@ -29,7 +29,7 @@ def _device(value: Any, what: str) -> torch.device:
 
 
 def check_map_location(map_location: MapLocation) -> MapLocation:
-    """``map_location`` unchanged when it is one of the accepted kinds, else TypeError/ValueError."""
+    """``map_location`` unchanged if it is one of the accepted kinds, else TypeError/ValueError."""
     if map_location is None or callable(map_location):
         return map_location
     if isinstance(map_location, (str, torch.device)):

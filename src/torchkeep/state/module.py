@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..args import MapLocation, check_flag, check_map_location
-from ..errors import CorruptionError, FormatError, StateDictMismatchError, TorchkeepError
+from ..errors import CorruptionError, FormatError, StateDictMismatchError
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.reader import FileReader, int_list, materialize
 from ..format.tree import TAG
