@@ -21,6 +21,8 @@ from ..format.reader import FileReader, int_list, materialize
 from ..format.tree import TAG
 from ..gcpause import paused_gc
 from ..readers import detect
+from ..readers.open import load_folder
+from ..readers.torch_file import load_torch_file
 from ..storage.fileobj import is_file_object, readable_copy
 from .keys import match_keys
 from .placement import Placement, check_meta, stays_on_meta, tie_missing
@@ -79,10 +81,12 @@ def load_state_dict(
             f"{type(source).__name__}"
         )
     path = os.fspath(source)
-    if detect.sniff(path) != detect.SAFETENSORS:
-        from ..engine import load
-
-        state = load(path, map_location=place.read_location(), verify=verify)
+    kind = detect.sniff(path)
+    if kind != detect.SAFETENSORS:
+        if os.path.isdir(path):  # HF shards, DCP, Accelerate, run directory
+            state = load_folder(path, map_location=place.read_location())
+        else:
+            state = load_torch_file(path, map_location=place.read_location())
         return _load_mapping(model, state, name=path, **options)
     with FileReader(path) as reader:
         return _load_file(model, reader, verify=verify, **options)

@@ -30,7 +30,16 @@ class Kinds:
 def _under(tree: dict, path: str) -> dict:
     """The entries of ``tree`` whose keys start with ``path.``, with that part removed."""
     cut = len(path) + 1
-    return {k[cut:]: v for k, v in tree.items() if isinstance(k, str) and k.startswith(path + ".")}
+    return _like(tree, ((k[cut:], v) for k, v in tree.items() if _starts(k, path + ".")))
+
+
+def _starts(key: Any, prefix: str) -> bool:
+    return isinstance(key, str) and key.startswith(prefix)
+
+
+def _like(tree: Any, items: Any) -> dict:
+    """A dict of ``items`` of the same dict class as ``tree`` (so it navigates the same way)."""
+    return type(tree)(items) if isinstance(tree, dict) else dict(items)
 
 
 def descend(tree: Any, path: str, kinds: Kinds) -> Any:
@@ -84,7 +93,7 @@ def auto_unwrap(tree: Any, kinds: Kinds, target_keys: Collection[str]) -> tuple[
     if any(k in tree for k in target_keys):
         return tree, None  # a flat state dict that already names the model's tensors
     for candidate in WRAPPER_KEYS:
-        if any(k.startswith(candidate + ".") for k in target_keys):
+        if any(_starts(k, candidate + ".") for k in target_keys):
             continue  # the model has a submodule of that name: not a wrapper
         flat = _under(tree, candidate)
         if flat:
@@ -96,9 +105,9 @@ def strip_prefix(tree: dict, prefix: str, name: str) -> tuple[dict, str]:
     """Only the keys starting with ``prefix``, with it removed."""
     if not isinstance(prefix, str) or not prefix:
         raise ValueError(f"prefix must be a non-empty string such as 'net.', not {prefix!r}")
-    kept = {k[len(prefix) :]: v for k, v in tree.items() if k.startswith(prefix)}
+    kept = _like(tree, ((k[len(prefix) :], v) for k, v in tree.items() if _starts(k, prefix)))
     if not kept:
-        shown = ", ".join(list(tree)[:3])
+        shown = ", ".join(str(k) for k in list(tree)[:3])
         raise TorchkeepError(
             f"{name}: no key starts with prefix {prefix!r} (keys look like {shown}); "
             "check the prefix, including its trailing dot"
