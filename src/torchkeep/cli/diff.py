@@ -8,13 +8,13 @@ from typing import Any
 
 import click
 import torch
-from rich.table import Table
 
 from ..format.dtypes import dtype_name
 from ..readers.open import open_view
 from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
-from .render import opt, out, print_json, progress_bar
+from .render import clean, key_table, opt, out, plain, print_json, progress_bar
+from .structure import compare_structure, is_description_value, kind_of, structure_of
 
 _CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries (8 MB each)
 
@@ -56,6 +56,29 @@ def _sig(view: CheckpointView, name: str) -> dict:
     return {"dtype": dtype_name(ref.dtype), "shape": list(ref.shape)}
 
 
+def model_sides(a: CheckpointView, b: CheckpointView) -> dict[str, Any]:
+    """Module structures compared when both sides are whole models; a note when one is."""
+    sa, sb = structure_of(a), structure_of(b)
+    if sa is None and sb is None:
+        return {}
+    if sa is None or sb is None:
+        side, other = ("A", "B") if sa is not None else ("B", "A")
+        return {
+            "compared": False,
+            "note": f"{side} is a whole model, {other} holds only tensors and values: "
+            "compared the weights; the module structure is only in " + side,
+        }
+    differences = compare_structure(sa, sb)
+    return {"compared": True, "modules": len(sa), "differences": differences}
+
+
+def _plain_values(view: CheckpointView, models: dict[str, Any]) -> dict[str, Any]:
+    """The view's values, less a model description when structures are compared instead."""
+    if not models:
+        return view.values
+    return {k: v for k, v in view.values.items() if not is_description_value(k)}
+
+
 def diff_views(a: CheckpointView, b: CheckpointView, atol: float, rtol: float) -> dict[str, Any]:
     """The ``--json`` object of ``diff``; ``equal`` is its verdict."""
     only_a = [n for n in a.refs if n not in b.refs]
@@ -71,21 +94,20 @@ def diff_views(a: CheckpointView, b: CheckpointView, atol: float, rtol: float) -
                 row = compare_tensors(a.get(name), b.get(name), atol, rtol)
                 tensors.append({"name": name, **row})
             advance(a.refs[name].nbytes)
+    models = model_sides(a, b)
+    va, vb = _plain_values(a, models), _plain_values(b, models)
     values = {
-        "only_in_a": {k: v for k, v in a.values.items() if k not in b.values},
-        "only_in_b": {k: v for k, v in b.values.items() if k not in a.values},
-        "changed": {
-            k: {"a": v, "b": b.values[k]}
-            for k, v in a.values.items()
-            if k in b.values and b.values[k] != v
-        },
+        "only_in_a": {k: v for k, v in va.items() if k not in vb},
+        "only_in_b": {k: v for k, v in vb.items() if k not in va},
+        "changed": {k: {"a": v, "b": vb[k]} for k, v in va.items() if k in vb and vb[k] != v},
     }
     equal = not (only_a or only_b or changed or any(not t["equal"] for t in tensors))
-    equal = equal and not any(values.values())
+    equal = equal and not any(values.values()) and not models.get("differences")
     return {
         "equal": equal,
-        "a": {"path": a.path, "format": a.format},
-        "b": {"path": b.path, "format": b.format},
+        "a": {"path": a.path, "format": a.format, "kind": kind_of(a)},
+        "b": {"path": b.path, "format": b.format, "kind": kind_of(b)},
+        "structure": models,
         "only_in_a": only_a,
         "only_in_b": only_b,
         "changed": changed,
@@ -97,29 +119,42 @@ def diff_views(a: CheckpointView, b: CheckpointView, atol: float, rtol: float) -
 def _print(result: dict[str, Any]) -> None:
     console = out()
     for side in ("a", "b"):
-        console.print(f"{side.upper()}: {result[side]['path']} ({result[side]['format']})")
+        info = result[side]
+        console.print(f"{side.upper()}: {clean(info['path'])} ({info['format']}: {info['kind']})")
+    models = result.get("structure") or {}
+    if models.get("note"):
+        console.print(f"note: {clean(models['note'])}")
+    for problem in models.get("differences", []):
+        console.print(f"[yellow]~ structure[/yellow] {clean(problem)}")
+    if models.get("compared") and not models["differences"]:
+        console.print(f"structure: the same {models['modules']} modules (class, train/eval mode)")
     for name in result["only_in_a"]:
-        console.print(f"[red]- only in A[/red] {name}")
+        console.print(f"[red]- only in A[/red] {clean(name)}")
     for name in result["only_in_b"]:
-        console.print(f"[green]+ only in B[/green] {name}")
+        console.print(f"[green]+ only in B[/green] {clean(name)}")
     for row in result["changed"]:
         console.print(
-            f"[yellow]~ changed[/yellow] {row['name']}: {row['a']['dtype']}{row['a']['shape']}"
+            f"[yellow]~ changed[/yellow] {clean(row['name'])}: "
+            f"{row['a']['dtype']}{row['a']['shape']}"
             f" -> {row['b']['dtype']}{row['b']['shape']}"
         )
     differing = [t for t in result["tensors"] if not t["equal"]]
     if differing:
-        table = Table("tensor", "max |a-b|", "rel L2", title="differing tensors")
+        table = key_table("tensor", "max |a-b|", "rel L2", title="differing tensors")
         for row in differing:
-            table.add_row(row["name"], f"{row['max_abs_diff']:.3g}", f"{row['rel_l2_diff']:.3g}")
+            table.add_row(
+                plain(row["name"]), f"{row['max_abs_diff']:.3g}", f"{row['rel_l2_diff']:.3g}"
+            )
         console.print(table)
     values = result["values"]
     for key, value in values["only_in_a"].items():
-        console.print(f"[red]- value only in A[/red] {key} = {value}")
+        console.print(f"[red]- value only in A[/red] {clean(key)} = {clean(value)}")
     for key, value in values["only_in_b"].items():
-        console.print(f"[green]+ value only in B[/green] {key} = {value}")
+        console.print(f"[green]+ value only in B[/green] {clean(key)} = {clean(value)}")
     for key, pair in values["changed"].items():
-        console.print(f"[yellow]~ value[/yellow] {key}: {pair['a']} -> {pair['b']}")
+        console.print(
+            f"[yellow]~ value[/yellow] {clean(key)}: {clean(pair['a'])} -> {clean(pair['b'])}"
+        )
     same = len(result["tensors"]) - len(differing)
     verdict = "equal" if result["equal"] else "different"
     console.print(f"{same} common tensors equal, {len(differing)} differ: [bold]{verdict}[/bold]")

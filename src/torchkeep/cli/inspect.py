@@ -10,7 +10,18 @@ from rich.table import Table
 from ..format.dtypes import dtype_name
 from ..readers.open import open_view
 from ..readers.view import CheckpointView, jsonable
-from .render import err, human, opt, out, print_json, progress_bar, tensor_row
+from .render import (
+    clean,
+    err,
+    human,
+    key_table,
+    opt,
+    out,
+    plain,
+    print_json,
+    progress_bar,
+    tensor_row,
+)
 
 _OPTIMIZER_SIGNS = [
     ({"betas", "amsgrad", "decoupled_weight_decay"}, "AdamW"),
@@ -101,7 +112,7 @@ def summary(view: CheckpointView, verify: bool = True) -> dict[str, Any]:
 
 def _print(info: dict[str, Any], limit: int) -> None:
     console = out()
-    console.print(f"[bold]{info['path']}[/bold]  format: [cyan]{info['format']}[/cyan]")
+    console.print(f"[bold]{clean(info['path'])}[/bold]  format: [cyan]{info['format']}[/cyan]")
     if "step" in info:
         console.print(f"newest of {len(info['steps'])} steps: step {info['step']}")
     console.print(
@@ -114,27 +125,29 @@ def _print(info: dict[str, Any], limit: int) -> None:
     else:
         console.print(f"checksums: {sums['algorithm']}, {sums['status']}")
         for problem in sums["corrupt"]:
-            console.print(f"  [red]corrupt[/red] {problem}")
+            console.print(f"  [red]corrupt[/red] {clean(problem)}")
     dtypes = Table("dtype", "tensors", "parameters", "bytes", title="dtypes", title_justify="left")
     for name, row in info["dtypes"].items():
         dtypes.add_row(name, str(row["tensors"]), f"{row['params']:,}", human(row["nbytes"]))
     console.print(dtypes)
-    tensors = Table("name", "dtype", "shape", "size", title="tensors", title_justify="left")
+    tensors = key_table("name", "dtype", "shape", "size", title="tensors")
     for row in info["tensors"][:limit]:
-        tensors.add_row(row["name"], row["dtype"], str(row["shape"]), human(row["nbytes"]))
+        tensors.add_row(plain(row["name"]), row["dtype"], str(row["shape"]), human(row["nbytes"]))
     console.print(tensors)
     if len(info["tensors"]) > limit:
         console.print(f"... {len(info['tensors']) - limit} more (use --limit 0 for all)")
     for opt_info in info["optimizers"]:
         hyper = ", ".join(f"{k}={v}" for k, v in opt_info["hyper_parameters"].items())
-        console.print(f"optimizer at {opt_info['path']}: {opt_info['type']} ({hyper})")
+        console.print(clean(f"optimizer at {opt_info['path']}: {opt_info['type']} ({hyper})"))
     if info["metadata"]:
-        values = Table("key", "value", title="values", title_justify="left")
+        values = key_table("key", "value", title="values")
         for key, value in info["metadata"].items():
-            values.add_row(key, str(value)[:120])
+            shown = str(value)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            values.add_row(plain(key), plain(shown))
         console.print(values)
     for note in info["notes"]:
-        err().print(f"note: {note}")
+        err().print(f"note: {clean(note)}")
 
 
 @click.command("inspect")

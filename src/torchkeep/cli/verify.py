@@ -6,16 +6,25 @@ import sys
 
 import click
 
-from ..errors import TorchkeepError
+from ..errors import TorchkeepError, UnsafeFileError
+from ..readers import detect
 from ..readers.open import open_view
 from .errors import EXIT_FAILED, one_line
-from .render import opt, out, print_json, progress_bar
+from .render import clean, opt, out, print_json, progress_bar
 
 
 def verify_path(path: str, trusted: bool) -> dict:
-    """The ``--json`` object of ``verify``; ``ok`` is the verdict."""
+    """The ``--json`` object of ``verify``; ``ok`` is the verdict.
+
+    A path that is missing or is no checkpoint at all raises (the CLI's "unreadable", exit 3),
+    and so does a pickle refused without ``--trusted`` (exit 4); a file that is recognized but
+    damaged is a verdict: ``ok`` false with its problems.
+    """
+    detect.sniff(path)  # CheckpointNotFoundError / FormatError: unreadable, not corrupt
     try:
         view = open_view(path, trusted=trusted)
+    except UnsafeFileError:
+        raise
     except TorchkeepError as exc:
         return {
             "path": path,
@@ -50,6 +59,9 @@ def verify_path(path: str, trusted: bool) -> dict:
 def verify_cmd(path: str, as_json: bool, trusted: bool) -> None:
     """Verify every checksum of PATH (a file, folder or run directory). Exit 1 on any failure.
 
+    Exit 3 when PATH is missing or not a checkpoint (unreadable), 4 when it is a pickle that
+    needs --trusted.
+
     Formats without checksums (safetensors, torch.save, DCP) are read in full and checked for
     structural validity.
 
@@ -64,13 +76,13 @@ def verify_cmd(path: str, as_json: bool, trusted: bool) -> None:
     else:
         console = out()
         for problem in result["problems"]:
-            console.print(f"[red]FAIL[/red] {problem}")
+            console.print(f"[red]FAIL[/red] {clean(problem)}")
         for note in result.get("notes", []):
-            console.print(f"note: {note}")
+            console.print(f"note: {clean(note)}")
         what = f"checksums ({result['checksums']})" if result["checksums"] else "structure"
         if result["ok"]:
-            console.print(f"OK {path}: {result['tensors']} tensors, {what} verified")
+            console.print(f"OK {clean(path)}: {result['tensors']} tensors, {what} verified")
         else:
-            console.print(f"CORRUPT {path}: {len(result['problems'])} problem(s)")
+            console.print(f"CORRUPT {clean(path)}: {len(result['problems'])} problem(s)")
     if not result["ok"]:
         sys.exit(EXIT_FAILED)
