@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import torchkeep
 from torchkeep.cli.main import cli
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -82,3 +83,24 @@ def test_lightning_resumes_from_converted_ckpt(tmp_path, via: str) -> None:
     for (name, a), (_, b) in zip(base.state_dict().items(), conv.state_dict().items()):
         assert torch.equal(a, b), name
     assert conv_trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2
+
+
+def test_lightning_ckpt_to_flat_safetensors_loads_submodule(tmp_path) -> None:
+    """A real Lightning checkpoint converted to flat safetensors keeps ``key=``/auto-unwrap."""
+    pl.seed_everything(0, verbose=False)
+    module = _Net()
+    trainer = _trainer(tmp_path, 1, False)
+    trainer.fit(module, _loader())
+    ckpt = str(tmp_path / "run.ckpt")
+    trainer.save_checkpoint(ckpt)
+    flat = str(tmp_path / "run.safetensors")
+    _convert(ckpt, flat)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    report = torchkeep.load_state_dict(net, flat, key="state_dict.net")
+    assert report.ok
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, module.net.state_dict()[name]), name
+    whole = _Net()  # 'state_dict.' unwraps by itself; optimizer tensors are ignored, not loaded
+    report = torchkeep.load_state_dict(whole, flat, strict=False)
+    assert not report.missing and any("state_dict." in note for note in report.notes)
+    assert torchkeep.load_state_dict(_Net(), ckpt, key="state_dict").ok  # the .ckpt itself

@@ -365,3 +365,21 @@ def test_callable_map_location(tmp_path, fmt: str) -> None:
         if fmt == "pt":
             raise TypeError("callable returned: torch.load checks this itself")
         torchkeep.load(path, map_location=lambda storage, loc: "cpu")
+
+
+def test_checkpoint_and_verify_with_file_objects() -> None:
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(4, 4)).sum().backward()
+    opt.step()
+    buffer = io.BytesIO()
+    torchkeep.save_checkpoint(buffer, {"model": net, "optimizer": opt, "epoch": 4})
+    assert torchkeep.verify(io.BytesIO(buffer.getvalue())) == []
+    fresh = _net()
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    buffer.seek(0)
+    state = torchkeep.load_checkpoint(buffer, {"model": fresh, "optimizer": fresh_opt, "epoch": 0})
+    assert state["epoch"] == 4
+    _equal_weights(net, fresh)
+    with pytest.raises(TypeError, match="open_file needs a path"):
+        torchkeep.open_file(io.BytesIO(buffer.getvalue()))

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
 
 import torchkeep
 from torchkeep.cli.main import cli
@@ -171,9 +172,10 @@ def _table_names(output: str) -> list[str]:
 def test_inspect_piped_never_cuts_keys_to_look_alike(tmp_path, as_file: str) -> None:
     state = _long_keys()
     path = str(tmp_path / f"m.{as_file}")
-    torchkeep.save(state, path) if as_file == "tk" else __import__(
-        "safetensors.torch", fromlist=["save_file"]
-    ).save_file(state, path)
+    if as_file == "tk":
+        torchkeep.save(state, path)
+    else:
+        save_file(state, path)
     code, output = _run("inspect", path)  # CliRunner: stdout is not a terminal
     assert code == 0
     assert "…" not in output

@@ -8,32 +8,43 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, BinaryIO
 
 from torch import nn
 
+from .args import check_flag
 from .asyncsave import save_blocking
 from .format.reader import FileReader
 from .state.capture import capture, restore
 from .state.module import load_from_reader
 from .state.report import LoadReport
+from .storage.fileobj import is_file_object, readable_copy, writable_path
 
 PathLike = str | os.PathLike
 
 
 def save_checkpoint(
-    path: PathLike,
+    path: PathLike | BinaryIO,
     state: MutableMapping[str, Any],
     *,
     rng: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Capture ``state`` (and the RNG state unless ``rng=False``) into one atomic file."""
-    save_blocking(capture(state, rng=rng), os.fspath(path), metadata=metadata)
+    """Capture ``state`` (and the RNG state unless ``rng=False``) into one atomic file.
+
+    ``path`` may be a writable binary file object (written once the file is complete).
+    """
+    check_flag(rng, "rng")
+    captured = capture(state, rng=rng)
+    if is_file_object(path):
+        with writable_path(path) as tmp:
+            save_blocking(captured, tmp, metadata=metadata)
+        return
+    save_blocking(captured, os.fspath(path), metadata=metadata)
 
 
 def load_checkpoint(
-    path: PathLike,
+    path: PathLike | BinaryIO,
     state: MutableMapping[str, Any],
     *,
     rng: bool = True,
@@ -45,7 +56,13 @@ def load_checkpoint(
     the dict; RNG state is restored unless ``rng=False``. A key, shape or object mismatch raises
     :class:`torchkeep.StateDictMismatchError` naming the entry; a corrupt file raises
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
+    ``path`` may be a seekable binary file object.
     """
+    check_flag(rng, "rng")
+    check_flag(verify, "verify")
+    if is_file_object(path):
+        with readable_copy(path) as tmp:
+            return load_checkpoint(tmp, state, rng=rng, verify=verify)
     path = os.fspath(path)
     with FileReader(path) as reader:
         # Module weights are mapped placeholders here: verified and shape-checked before

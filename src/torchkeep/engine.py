@@ -77,10 +77,21 @@ def load(
 
 def open_file(path: PathLike) -> FileReader:
     """Open a torchkeep/safetensors file lazily (header only); read tensors by key on demand."""
+    if is_file_object(path):
+        raise TypeError(
+            "open_file needs a path (it reads tensors from the file on demand); "
+            "use torchkeep.load(file_object) to read a file object whole"
+        )
     return FileReader(path)
 
 
-def verify(path: PathLike) -> list[str]:
-    """Keys of the corrupt tensors of a torchkeep file (empty when every checksum matches)."""
+def verify(path: Target) -> list[str]:
+    """Keys of the corrupt tensors of a torchkeep file (empty when every checksum matches).
+
+    ``path`` may be a seekable binary file object.
+    """
+    if is_file_object(path):
+        with readable_copy(path) as tmp:
+            return verify(tmp)
     with FileReader(path) as reader:
         return reader.corrupt_entries()
