@@ -115,3 +115,25 @@ def test_tied_entries_converted_to_pt_stay_equal(tmp_path) -> None:
     _convert(str(tmp_path / "t.tk"), str(tmp_path / "t.pt"))
     back = torch.load(str(tmp_path / "t.pt"), weights_only=True)
     assert torch.equal(back["embed"], emb) and torch.equal(back["head"], emb)
+
+
+def test_transformers_sharded_folder_to_every_format(tmp_path) -> None:
+    """A real ``save_pretrained`` sharded folder converts to each format and back unchanged."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=8, vocab_size=32, n_positions=16, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16)
+    folder = str(tmp_path / "hf")
+    model.save_pretrained(folder, max_shard_size="2KB")
+    assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for name in ("m.pt", "m.tk", "m.safetensors"):
+        _convert(folder, str(tmp_path / name))
+        _assert_same(torchkeep.load(str(tmp_path / name)), expected)
+    _convert(str(tmp_path / "m.pt"), str(tmp_path / "again"), "--max-shard-size", "3KB")
+    cfg.save_pretrained(str(tmp_path / "again"))  # the weights are ours, the config is theirs
+    back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "again"))
+    for key, value in expected.items():
+        assert torch.equal(back.state_dict()[key].to(value.dtype), value), key
