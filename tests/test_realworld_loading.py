@@ -67,6 +67,28 @@ def test_gpu_saved_file_plain_load_says_to_map(tmp_path) -> None:
     assert torch.equal(torchkeep.load(path, map_location="cpu")["w"], torch.ones(2))
 
 
+def test_read_location_follows_the_model() -> None:
+    from torchkeep.state.placement import Placement
+
+    assert Placement().read_location(_net()) == torch.device("cpu")
+    assert Placement().read_location(_meta_net()) == torch.device("cpu")
+    assert Placement(map_location="cuda:1").read_location(_net()) == "cuda:1"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_gpu_files_and_models(tmp_path) -> None:
+    src = _net().cuda()
+    torch.save(src.state_dict(), str(tmp_path / "gpu.pt"))
+    cpu = _net()
+    assert torchkeep.load_state_dict(cpu, str(tmp_path / "gpu.pt")).ok
+    _equal_weights(src.cpu(), cpu)
+    torch.save(cpu.state_dict(), str(tmp_path / "cpu.pt"))
+    gpu = _net().cuda()
+    assert torchkeep.load_state_dict(gpu, str(tmp_path / "cpu.pt")).ok
+    assert all(t.is_cuda for t in gpu.state_dict().values())
+    _equal_weights(cpu, gpu.cpu())
+
+
 # -- item 7: meta-device models --------------------------------------------------------------
 def _meta_net() -> torch.nn.Module:
     with torch.device("meta"):

@@ -84,9 +84,9 @@ def load_state_dict(
     kind = detect.sniff(path)
     if kind != detect.SAFETENSORS:
         if os.path.isdir(path):  # HF shards, DCP, Accelerate, run directory
-            state = load_folder(path, map_location=place.read_location())
+            state = load_folder(path, map_location=place.read_location(model))
         else:
-            state = load_torch_file(path, map_location=place.read_location())
+            state = load_torch_file(path, map_location=place.read_location(model))
         return _load_mapping(model, state, name=path, **options)
     with FileReader(path) as reader:
         return _load_file(model, reader, verify=verify, **options)

@@ -87,9 +87,18 @@ class Placement:
     assign: bool = False
     map_location: Any = None
 
-    def read_location(self) -> Any:
-        """Where a ``torch.save`` file is read to before its tensors are placed."""
-        return "cpu" if self.map_location is None else self.map_location
+    def read_location(self, model: nn.Module) -> Any:
+        """Where a ``torch.save`` file is read to before its tensors are placed.
+
+        ``map_location`` when given; else the one device all of the model's tensors live on
+        (so each tensor lands where its parameter is, whatever device the file names), or the
+        CPU for a model spread over devices or on ``meta`` (each copy then moves its tensor).
+        """
+        if self.map_location is not None:
+            return self.map_location
+        devices = {t.device for t in model.state_dict(keep_vars=True).values()}
+        only = devices.pop() if len(devices) == 1 else None
+        return only if only is not None and only.type != "meta" else torch.device("cpu")
 
     def device_for(self, old: torch.Tensor) -> torch.device:
         """Device of an assigned tensor: ``map_location`` if it names one, else the old one's."""
