@@ -53,7 +53,8 @@ def load_state_dict(
     keeps only the keys starting with it and removes it (``prefix="net."``).
     ``module.``/``_orig_mod.`` prefixes are normalized. Each tensor lands on the device of the
     parameter it fills (a file saved on a GPU loads into a CPU model); ``map_location`` says where
-    ``torch.save`` files are read to first (default CPU), and where tensors go with ``assign``.
+    ``torch.save`` files are read to first (default: the model's device), and where tensors go
+    with ``assign``.
     ``assign=True`` makes the loaded tensors the parameters (models built on ``meta``); without
     it a model on ``meta`` is refused. With ``strict=True`` a mismatch raises
     :class:`StateDictMismatchError` before any change.
