@@ -405,3 +405,24 @@ def test_checkpoint_and_verify_with_file_objects() -> None:
     _equal_weights(net, fresh)
     with pytest.raises(TypeError, match="open_file needs a path"):
         torchkeep.open_file(io.BytesIO(buffer.getvalue()))
+
+
+class _Sink(io.RawIOBase):
+    """A write-only stream that cannot seek (a pipe, a socket)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += bytes(b)
+        return len(b)
+
+
+def test_save_to_unseekable_stream() -> None:
+    sink = _Sink()
+    torchkeep.save({"w": torch.arange(6.0), "step": 3}, sink)
+    back = torchkeep.load(io.BytesIO(bytes(sink.data)))
+    assert back["step"] == 3 and torch.equal(back["w"], torch.arange(6.0))
