@@ -13,6 +13,7 @@ from .. import retention
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
 from ..storage.run_dir import list_leftovers, list_steps
 from .render import human, opt, out, print_json
+from .safe_text import markup_safe, sanitize
 
 POLICY_OPTIONS = [
     click.option("--keep-last", type=int, help="Keep the N newest steps."),
@@ -98,6 +99,7 @@ def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
     if as_json:
         print_json(result)
         return
+    result, run_dir = sanitize(result), markup_safe(run_dir)
     if not result["steps"] and not result["leftovers"]:
         out().print(
             f"{run_dir}: no committed steps (a run directory holds the step-NNNNNNNNNN/ "
