@@ -48,6 +48,7 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
             "size": s.size,
             "metrics": dict(s.metrics or {}),
             "kept": reasons.get(s.step, []),
+            "problems": list(s.problems),
         }
         for s in steps
     ]
@@ -116,5 +117,8 @@ def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
         table.add_row(str(row["step"]), _when(row["time"]), human(row["size"]), metrics, kept)
     console = out()
     console.print(table)
+    for row in result["steps"]:
+        for problem in row["problems"]:
+            console.print(f"[yellow]step {row['step']}[/yellow]: {problem}")
     for name in result["leftovers"]:
         console.print(f"[yellow]incomplete[/yellow] {name} (interrupted save; swept on next run)")

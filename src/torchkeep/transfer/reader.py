@@ -23,6 +23,7 @@ from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.header import EntryInfo, Header
 from ..format.tree import TAG
 from ..format.tree_decode import decode, iter_tensor_nodes
+from ..storage.paths import open_regular
 from .gcpause import paused_gc
 from .parallel_read import plan_reads, run_reads
 
@@ -32,9 +33,11 @@ MapLocation = Any  # None | str | torch.device | dict[str, str]
 class FileReader:
     """An open torchkeep/safetensors file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, follow_symlinks: bool = True) -> None:
+        """Open ``path``; ``follow_symlinks=False`` for files found in a directory (a link there
+        could lead outside it). Anything but a regular file is refused."""
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
         try:
             self.size = os.fstat(self._fd).st_size
             with paused_gc():  # a header can hold tens of thousands of small dicts
