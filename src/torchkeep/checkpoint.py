@@ -13,12 +13,12 @@ from typing import Any, BinaryIO
 from torch import nn
 
 from .args import check_flag
-from .asyncsave import save_blocking
-from .format.reader import FileReader
 from .state.capture import capture, restore
 from .state.module import load_from_reader
 from .state.report import LoadReport
 from .storage.fileobj import is_file_object, readable_copy, writable_path
+from .transfer.asyncsave import save_blocking
+from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike
 
@@ -49,6 +49,7 @@ def load_checkpoint(
     *,
     rng: bool = True,
     verify: bool = True,
+    follow_symlinks: bool = True,
 ) -> MutableMapping[str, Any]:
     """Restore ``path`` into ``state`` in place and return ``state``.
 
@@ -56,7 +57,8 @@ def load_checkpoint(
     the dict; RNG state is restored unless ``rng=False``. A key, shape or object mismatch raises
     :class:`torchkeep.StateDictMismatchError` naming the entry; a corrupt file raises
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
-    ``path`` may be a seekable binary file object.
+    ``follow_symlinks=False`` refuses a link at ``path`` (the manager's steps: a run directory
+    may have been prepared by someone else). ``path`` may be a seekable binary file object.
     """
     check_flag(rng, "rng")
     check_flag(verify, "verify")
@@ -64,7 +66,7 @@ def load_checkpoint(
         with readable_copy(path) as tmp:
             return load_checkpoint(tmp, state, rng=rng, verify=verify)
     path = os.fspath(path)
-    with FileReader(path) as reader:
+    with FileReader(path, follow_symlinks=follow_symlinks) as reader:
         # Module weights are mapped placeholders here: verified and shape-checked before
         # anything changes (a corrupt file leaves every object untouched), then read straight
         # into the parameters, so no second copy of the weights is ever held.

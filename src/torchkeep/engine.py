@@ -6,12 +6,13 @@ import os
 from typing import Any, BinaryIO
 
 from .args import MapLocation, check_flag, check_map_location, resolve_callable
-from .asyncsave import save_blocking
-from .format.reader import FileReader
 from .format.tree_decode import iter_tensor_nodes
 from .readers import detect
+from .readers.open import load_folder
 from .readers.torch_file import load_torch_file
 from .storage.fileobj import is_file_object, readable_copy, writable_path
+from .transfer.asyncsave import save_blocking
+from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike
 Target = PathLike | BinaryIO
@@ -61,8 +62,6 @@ def load(
     path = os.fspath(path)
     kind = detect.sniff(path)
     if os.path.isdir(path):  # HF shards, DCP, Accelerate, run directory (readers/open.py)
-        from .readers.open import load_folder
-
         if callable(map_location):
             map_location = resolve_callable(map_location, ["cpu"])["cpu"]
         return load_folder(path, map_location=map_location, trusted=trusted)

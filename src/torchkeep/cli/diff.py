@@ -13,7 +13,8 @@ from ..format.dtypes import dtype_name
 from ..readers.open import open_view
 from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
-from .render import clean, key_table, opt, out, plain, print_json, progress_bar
+from .render import key_table, opt, out, print_json, progress_bar
+from .safe_text import sanitize
 from .structure import compare_structure, is_description_value, kind_of, structure_of
 
 _CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries (8 MB each)
@@ -120,41 +121,36 @@ def _print(result: dict[str, Any]) -> None:
     console = out()
     for side in ("a", "b"):
         info = result[side]
-        console.print(f"{side.upper()}: {clean(info['path'])} ({info['format']}: {info['kind']})")
+        console.print(f"{side.upper()}: {info['path']} ({info['format']}: {info['kind']})")
     models = result.get("structure") or {}
     if models.get("note"):
-        console.print(f"note: {clean(models['note'])}")
+        console.print(f"note: {models['note']}")
     for problem in models.get("differences", []):
-        console.print(f"[yellow]~ structure[/yellow] {clean(problem)}")
+        console.print(f"[yellow]~ structure[/yellow] {problem}")
     if models.get("compared") and not models["differences"]:
         console.print(f"structure: the same {models['modules']} modules (class, train/eval mode)")
     for name in result["only_in_a"]:
-        console.print(f"[red]- only in A[/red] {clean(name)}")
+        console.print(f"[red]- only in A[/red] {name}")
     for name in result["only_in_b"]:
-        console.print(f"[green]+ only in B[/green] {clean(name)}")
+        console.print(f"[green]+ only in B[/green] {name}")
     for row in result["changed"]:
         console.print(
-            f"[yellow]~ changed[/yellow] {clean(row['name'])}: "
-            f"{row['a']['dtype']}{row['a']['shape']}"
+            f"[yellow]~ changed[/yellow] {row['name']}: {row['a']['dtype']}{row['a']['shape']}"
             f" -> {row['b']['dtype']}{row['b']['shape']}"
         )
     differing = [t for t in result["tensors"] if not t["equal"]]
     if differing:
         table = key_table("tensor", "max |a-b|", "rel L2", title="differing tensors")
         for row in differing:
-            table.add_row(
-                plain(row["name"]), f"{row['max_abs_diff']:.3g}", f"{row['rel_l2_diff']:.3g}"
-            )
+            table.add_row(row["name"], f"{row['max_abs_diff']:.3g}", f"{row['rel_l2_diff']:.3g}")
         console.print(table)
     values = result["values"]
     for key, value in values["only_in_a"].items():
-        console.print(f"[red]- value only in A[/red] {clean(key)} = {clean(value)}")
+        console.print(f"[red]- value only in A[/red] {key} = {value}")
     for key, value in values["only_in_b"].items():
-        console.print(f"[green]+ value only in B[/green] {clean(key)} = {clean(value)}")
+        console.print(f"[green]+ value only in B[/green] {key} = {value}")
     for key, pair in values["changed"].items():
-        console.print(
-            f"[yellow]~ value[/yellow] {clean(key)}: {clean(pair['a'])} -> {clean(pair['b'])}"
-        )
+        console.print(f"[yellow]~ value[/yellow] {key}: {pair['a']} -> {pair['b']}")
     same = len(result["tensors"]) - len(differing)
     verdict = "equal" if result["equal"] else "different"
     console.print(f"{same} common tensors equal, {len(differing)} differ: [bold]{verdict}[/bold]")
@@ -179,6 +175,6 @@ def diff_cmd(a: str, b: str, as_json: bool, trusted: bool, atol: float, rtol: fl
     if as_json:
         print_json(result)
     else:
-        _print(result)
+        _print(sanitize(result))
     if not result["equal"]:
         sys.exit(EXIT_FAILED)

@@ -10,18 +10,8 @@ from rich.table import Table
 from ..format.dtypes import dtype_name
 from ..readers.open import open_view
 from ..readers.view import CheckpointView, jsonable
-from .render import (
-    clean,
-    err,
-    human,
-    key_table,
-    opt,
-    out,
-    plain,
-    print_json,
-    progress_bar,
-    tensor_row,
-)
+from .render import err, human, key_table, opt, out, print_json, progress_bar, tensor_row
+from .safe_text import sanitize
 
 _OPTIMIZER_SIGNS = [
     ({"betas", "amsgrad", "decoupled_weight_decay"}, "AdamW"),
@@ -112,7 +102,7 @@ def summary(view: CheckpointView, verify: bool = True) -> dict[str, Any]:
 
 def _print(info: dict[str, Any], limit: int) -> None:
     console = out()
-    console.print(f"[bold]{clean(info['path'])}[/bold]  format: [cyan]{info['format']}[/cyan]")
+    console.print(f"[bold]{info['path']}[/bold]  format: [cyan]{info['format']}[/cyan]")
     if "step" in info:
         console.print(f"newest of {len(info['steps'])} steps: step {info['step']}")
     console.print(
@@ -125,29 +115,28 @@ def _print(info: dict[str, Any], limit: int) -> None:
     else:
         console.print(f"checksums: {sums['algorithm']}, {sums['status']}")
         for problem in sums["corrupt"]:
-            console.print(f"  [red]corrupt[/red] {clean(problem)}")
+            console.print(f"  [red]corrupt[/red] {problem}")
     dtypes = Table("dtype", "tensors", "parameters", "bytes", title="dtypes", title_justify="left")
     for name, row in info["dtypes"].items():
         dtypes.add_row(name, str(row["tensors"]), f"{row['params']:,}", human(row["nbytes"]))
     console.print(dtypes)
     tensors = key_table("name", "dtype", "shape", "size", title="tensors")
     for row in info["tensors"][:limit]:
-        tensors.add_row(plain(row["name"]), row["dtype"], str(row["shape"]), human(row["nbytes"]))
+        tensors.add_row(row["name"], row["dtype"], str(row["shape"]), human(row["nbytes"]))
     console.print(tensors)
     if len(info["tensors"]) > limit:
         console.print(f"... {len(info['tensors']) - limit} more (use --limit 0 for all)")
     for opt_info in info["optimizers"]:
         hyper = ", ".join(f"{k}={v}" for k, v in opt_info["hyper_parameters"].items())
-        console.print(clean(f"optimizer at {opt_info['path']}: {opt_info['type']} ({hyper})"))
+        console.print(f"optimizer at {opt_info['path']}: {opt_info['type']} ({hyper})")
     if info["metadata"]:
         values = key_table("key", "value", title="values")
         for key, value in info["metadata"].items():
             shown = str(value)
-            shown = shown if len(shown) <= 120 else shown[:117] + "..."
-            values.add_row(plain(key), plain(shown))
+            values.add_row(key, shown if len(shown) <= 120 else shown[:117] + "...")
         console.print(values)
     for note in info["notes"]:
-        err().print(f"note: {clean(note)}")
+        err().print(f"note: {note}")
 
 
 @click.command("inspect")
@@ -169,4 +158,4 @@ def inspect_cmd(path: str, as_json: bool, trusted: bool, no_verify: bool, limit:
     if as_json:
         print_json(info)
     else:
-        _print(info, limit if limit > 0 else len(info["tensors"]))
+        _print(sanitize(info), limit if limit > 0 else len(info["tensors"]))

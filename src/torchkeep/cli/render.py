@@ -5,20 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 from ..format.dtypes import dtype_name
 from ..readers.view import Ref
+from .safe_text import TerminalGuard
 
 _OPEN = {
     "trusted": click.option(
@@ -36,27 +34,15 @@ def opt(name: str) -> Any:
 #: Width of output that is not a terminal (a pipe, a file): wide enough that tables never cut
 #: a key short, since a reader of piped output cannot widen the window.
 PIPE_WIDTH = 10_000
-#: Characters that would move the cursor, recolour or reorder a terminal line.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def out() -> Console:
-    console = Console(file=sys.stdout, soft_wrap=True, highlight=False)
-    if not console.is_terminal:
-        console = Console(file=sys.stdout, soft_wrap=True, highlight=False, width=PIPE_WIDTH)
-    return console
+    """The console for results; control characters other than rich's colours never pass.
 
-
-def clean(value: Any) -> str:
-    """File-derived text made safe inside a markup string: control characters shown escaped
-    (``\\x1b``), rich markup brackets escaped."""
-    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value))
-    return escape(text)
-
-
-def plain(value: Any) -> Text:
-    """File-derived text for a table cell: no markup, control characters shown escaped."""
-    return Text(_CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value)))
+    Piped output gets a width no table reaches, so columns are never cut with an ellipsis.
+    """
+    width = None if sys.stdout.isatty() else PIPE_WIDTH
+    return Console(file=TerminalGuard(sys.stdout), soft_wrap=True, highlight=False, width=width)
 
 
 def key_table(*headers: str, title: str) -> Table:
@@ -70,7 +56,7 @@ def key_table(*headers: str, title: str) -> Table:
 
 
 def err() -> Console:
-    return Console(file=sys.stderr, highlight=False)
+    return Console(file=TerminalGuard(sys.stderr), highlight=False)
 
 
 def human(n: int) -> str:

@@ -10,7 +10,8 @@ from ..errors import TorchkeepError, UnsafeFileError
 from ..readers import detect
 from ..readers.open import open_view
 from .errors import EXIT_FAILED, one_line
-from .render import clean, opt, out, print_json, progress_bar
+from .render import opt, out, print_json, progress_bar
+from .safe_text import markup_safe, sanitize
 
 
 def verify_path(path: str, trusted: bool) -> dict:
@@ -74,15 +75,16 @@ def verify_cmd(path: str, as_json: bool, trusted: bool) -> None:
     if as_json:
         print_json(result)
     else:
+        shown, path = sanitize(result), markup_safe(path)
         console = out()
-        for problem in result["problems"]:
-            console.print(f"[red]FAIL[/red] {clean(problem)}")
-        for note in result.get("notes", []):
-            console.print(f"note: {clean(note)}")
+        for problem in shown["problems"]:
+            console.print(f"[red]FAIL[/red] {problem}")
+        for note in shown.get("notes", []):
+            console.print(f"note: {note}")
         what = f"checksums ({result['checksums']})" if result["checksums"] else "structure"
         if result["ok"]:
-            console.print(f"OK {clean(path)}: {result['tensors']} tensors, {what} verified")
+            console.print(f"OK {path}: {result['tensors']} tensors, {what} verified")
         else:
-            console.print(f"CORRUPT {clean(path)}: {len(result['problems'])} problem(s)")
+            console.print(f"CORRUPT {path}: {len(result['problems'])} problem(s)")
     if not result["ok"]:
         sys.exit(EXIT_FAILED)

@@ -15,15 +15,14 @@ import torch
 from torch import nn
 
 from ..args import MapLocation, check_flag, check_map_location
+from ..engine import load
 from ..errors import CorruptionError, FormatError, StateDictMismatchError
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-from ..format.reader import FileReader, int_list, materialize
 from ..format.tree import TAG
-from ..gcpause import paused_gc
 from ..readers import detect
-from ..readers.open import load_folder
-from ..readers.torch_file import load_torch_file
 from ..storage.fileobj import is_file_object, readable_copy
+from ..transfer.gcpause import paused_gc
+from ..transfer.reader import FileReader, int_list, materialize
 from .keys import match_keys
 from .placement import Placement, check_meta, stays_on_meta, tie_missing
 from .report import LoadReport
@@ -82,12 +81,8 @@ def load_state_dict(
             f"{type(source).__name__}"
         )
     path = os.fspath(source)
-    kind = detect.sniff(path)
-    if kind != detect.SAFETENSORS:
-        if os.path.isdir(path):  # HF shards, DCP, Accelerate, run directory
-            state = load_folder(path, map_location=place.read_location(model))
-        else:
-            state = load_torch_file(path, map_location=place.read_location(model))
+    if detect.sniff(path) != detect.SAFETENSORS:  # torch.save file, or a folder checkpoint
+        state = load(path, map_location=place.read_location(model), verify=verify)
         return _load_mapping(model, state, name=path, **options)
     with FileReader(path) as reader:
         return _load_file(model, reader, verify=verify, **options)
