@@ -106,3 +106,21 @@ def test_transformers_meta_model_assign_keeps_tie(tmp_path) -> None:
     assert dst.lm_head.weight.device.type == "cpu"
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(src.eval()(ids).logits, dst.eval()(ids).logits)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_transformers_gpu_saved_bin_into_cpu_model(tmp_path) -> None:
+    """A ``pytorch_model.bin`` written on a GPU (storages say ``cuda:0``), lm_head left out as
+    ``save_pretrained`` does, loads strictly into a CPU model."""
+    from test_realworld_loading import _save_as_cuda
+
+    torch.manual_seed(0)
+    src = _llama()
+    state = {k: v for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    path = str(tmp_path / "pytorch_model.bin")
+    _save_as_cuda(state, path)
+    dst = _llama()
+    report = torchkeep.load_state_dict(dst, path)
+    assert report.ok and [k for k, _ in report.tied] == ["lm_head.weight"]
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(src.eval()(ids).logits, dst.eval()(ids).logits)
