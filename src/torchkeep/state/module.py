@@ -16,7 +16,7 @@ from torch import nn
 
 from ..args import MapLocation, check_flag, check_map_location
 from ..engine import load
-from ..errors import CorruptionError, FormatError, StateDictMismatchError
+from ..errors import FormatError, StateDictMismatchError
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.tree import TAG
 from ..readers import detect
@@ -263,18 +263,16 @@ def _load_file(
         report = LoadReport(source=reader.path, notes=notes)
         shapes = {k: _node_shape_dtype(reader, n, k) for k, n in nodes.items()}
         targets, plan = _prepare(model, report, shapes, strict, place)
+        if verify and not place.assign:
+            # All or nothing: every checksum is checked before the first byte lands in the
+            # model (the file is read twice, the second time from the page cache).
+            reader.verify_many([nodes[skey]["key"] for skey in plan.values()])
         with torch.no_grad():
-            try:
-                if place.assign:
-                    read = _reading(reader, nodes, verify)
-                    place.assign_all(model, targets, plan, report.tied, read)
-                else:
-                    _read_in_place(reader, nodes, targets, plan, verify)
-            except CorruptionError as exc:
-                raise CorruptionError(
-                    f"{exc}. The model was partly overwritten before the damage was found: "
-                    "reload it from a good checkpoint before using it"
-                ) from exc
+            if place.assign:  # fresh tensors: the model changes only once all are read
+                read = _reading(reader, nodes, verify)
+                place.assign_all(model, targets, plan, report.tied, read)
+            else:
+                _read_in_place(reader, nodes, targets, plan, verify=False)
         _finish(report, targets, plan)
     return report
 

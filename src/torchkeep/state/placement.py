@@ -114,14 +114,19 @@ class Placement:
         tied: list[tuple[str, str]],
         read: Callable[[str], torch.Tensor],
     ) -> None:
-        """Make each loaded tensor the model's parameter/buffer; tied keys share the new one."""
+        """Make each loaded tensor the model's parameter/buffer; tied keys share the new one.
+
+        Every tensor is read (and verified) before the first one is put in place, so a corrupt
+        file leaves the model as it was.
+        """
         slots = {tkey: _slot(model, tkey) for tkey in [*plan, *(k for k, _ in tied)]}
         made: dict[int, torch.Tensor] = {}
         for tkey, skey in plan.items():
             old = targets[tkey]
             if id(old) not in made:
                 made[id(old)] = self._new(old, read(skey))
-            _put(*slots[tkey], made[id(old)])
+        for tkey in plan:
+            _put(*slots[tkey], made[id(targets[tkey])])
         for key, twin in tied:
             _put(*slots[key], made[id(targets[twin])])
 
