@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
 from ..readers.containers import ScanResult
-from ..readers.export_archive import scan_export_archive
+from ..readers.export_archive import is_export_archive, scan_export_archive
 from ..readers.torch_file import refusal, unsafe_globals
 from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
@@ -90,8 +90,11 @@ def load_exported(path: PathLike, *, trusted: bool = False) -> torch.export.Expo
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise FormatError(f"{path}: not a torch.export archive (written by export_model)")
+    if not zipfile.is_zipfile(path) or not (trusted or is_export_archive(path)):
+        raise FormatError(
+            f"{path}: not a torch.export archive (written by export_model or torch.export.save "
+            "with torch 2.8 or later; an older archive loads only with trusted=True)"
+        )
     if not trusted:
         scan = scan_archive(path)
         if unsafe_globals(scan):

@@ -159,10 +159,10 @@ def _member_stream(archive: zipfile.ZipFile, info: zipfile.ZipInfo, result: Scan
             start = info.header_offset + 30 + int.from_bytes(local[26:28], "little")
             start += int.from_bytes(local[28:30], "little")
             return Window(archive.fp, start, info.file_size)
-    if info.file_size > result.budget:
+    if info.file_size > min(result.budget, knobs.SCAN_MAX_PICKLE_BYTES):
         raise ScanLimitError(
-            f"nested archive of {info.file_size} bytes exceeds the scan budget (raise "
-            "TORCHKEEP_SCAN_MAX_TOTAL_BYTES for a file you expect to be this large)"
+            f"compressed nested archive of {info.file_size} bytes is over the scan cap (raise "
+            "TORCHKEEP_SCAN_MAX_PICKLE_BYTES for a file you expect to be this large)"
         )
     spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115 - returned
     with archive.open(info) as member:
@@ -255,7 +255,8 @@ def scan_tar(stream: IO[bytes], result: ScanResult, name: str, depth: int = 0) -
             for info in members:
                 handle = tar.extractfile(info)
                 if handle is not None:
-                    scan_pickle(handle, result, f"{name}/{info.name}", strict=False)
+                    strict = info.name == "pickle"  # the others interleave raw bytes
+                    scan_pickle(handle, result, f"{name}/{info.name}", strict=strict)
     except ScanLimitError as exc:
         result.problems.append(f"{name}: {exc}")
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:

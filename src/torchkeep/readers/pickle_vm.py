@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copyreg
 import pickletools
+import warnings
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -142,13 +143,17 @@ class Machine:
 
     # -- stack primitives (the errors CPython's unpickler would raise) --
     def push(self, value: Any) -> None:
-        self.size += 1
+        self.grow(1)
+        self.stack.append(value)
+
+    def grow(self, n: int) -> None:
+        """Count ``n`` more stack, mark or memo entries against the cap."""
+        self.size += n
         if self.size > self.max_size:
             raise ScanLimitError(
                 f"pickle holds more than {self.max_size} stack and memo entries (raise "
                 "TORCHKEEP_SCAN_MAX_PICKLE_OBJECTS for a file you expect to be this large)"
             )
-        self.stack.append(value)
 
     def pop(self) -> Any:
         if not self.stack:
@@ -190,6 +195,8 @@ def _describe(value: Any) -> str:
         return "a string"
     if isinstance(value, int):
         return "an int"
+    if isinstance(value, Global):
+        return f"the global {value.ref} itself"
     return f"a {value.kind}" if isinstance(value, _Opaque) else repr(type(value).__name__)
 
 
@@ -225,7 +232,7 @@ def _push_arg(m: Machine, arg: Any) -> None:
 
 
 def _mark(m: Machine, arg: Any) -> None:
-    m.size += 1
+    m.grow(1)
     m.marks.append(m.stack)
     m.stack = []
 
@@ -240,7 +247,7 @@ def _pop(m: Machine, arg: Any) -> None:
 def _put(m: Machine, index: Any) -> None:
     if index < 0:
         raise PickleError("negative memo index")
-    m.size += index not in m.memo
+    m.grow(index not in m.memo)
     m.memo[index] = m.top()
 
 
@@ -359,9 +366,25 @@ HANDLERS: dict[str, Any] = {
 }
 
 
+def _names_after(stream: IO[bytes], out: Outcome) -> None:
+    """After an unresolvable step, still name the globals that GLOBAL/INST opcodes spell out."""
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name in ("GLOBAL", "INST"):
+                module, _, name = arg.partition(" ")
+                out.add_global(".".join(_fix_name(module, name, 2)))
+    except Exception:  # noqa: BLE001, S110 - the rest of a stream already reported unsafe
+        pass
+
+
 def simulate(stream: IO[bytes], outcome: Outcome | None = None) -> Outcome:
     """Replay one pickle (up to its STOP) from ``stream``; problems are recorded, not raised."""
-    out = outcome or Outcome()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # genops warns about odd escapes in text pickles
+        return _simulate(stream, outcome or Outcome())
+
+
+def _simulate(stream: IO[bytes], out: Outcome) -> Outcome:
     machine = Machine(out)
     at = 0
     try:
@@ -380,6 +403,7 @@ def simulate(stream: IO[bytes], outcome: Outcome | None = None) -> Outcome:
         out.problems.append(str(exc))
     except PickleError as exc:
         out.problems.append(f"{exc} (opcode at byte {at})")
+        _names_after(stream, out)
     except Exception as exc:  # noqa: BLE001 - genops reports malformed streams many ways
         out.problems.append(f"malformed pickle near byte {at} ({type(exc).__name__}: {exc})")
     return out
