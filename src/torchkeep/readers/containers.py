@@ -4,9 +4,10 @@ A checkpoint reaches an unpickler through several containers: a torch zip (``<to
 and other ``*.pkl`` members, archives nested in archives), the legacy stream format (five
 pickles in a row, then raw storages), the legacy tar format and plain pickle files. This module
 walks them the way torch's loaders would and hands every pickle stream to the simulated
-unpickler (:mod:`.pickle_vm`). Reads are bounded: no member is ever read whole; pickles are
-streamed through a capped reader, nested archives stored uncompressed are read in place and
-compressed ones are spooled (counted against ``SCAN_MAX_TOTAL_BYTES``); member counts and
+unpickler (:mod:`.pickle_vm`). Reads are bounded: nested archives stored uncompressed are read
+in place and
+compressed ones are spooled (counted against ``SCAN_MAX_TOTAL_BYTES``); each pickle is read
+into memory up to ``SCAN_MAX_PICKLE_BYTES`` and parsed from there; member counts and
 nesting depth are capped (:mod:`torchkeep.knobs`).
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from .. import knobs
-from .pickle_vm import CappedReader, Outcome, ScanLimitError, simulate
+from .pickle_vm import Outcome, ScanLimitError, simulate
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch's legacy format starts with this pickled int
 _ZIP_HEADS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -60,15 +61,38 @@ class ScanResult:
         return self.refused(allowed) + [f"unresolved: {p}" for p in self.problems]
 
 
-def scan_pickle(stream: IO[bytes], result: ScanResult, name: str, strict: bool = True) -> Outcome:
-    """Scan one pickle from ``stream`` (read through a capped reader) into ``result``."""
-    limit = min(knobs.SCAN_MAX_PICKLE_BYTES, max(result.budget, 0))
-    reader = stream if isinstance(stream, CappedReader) else CappedReader(stream, limit)
-    start = reader.pos
-    outcome = simulate(reader)
-    result.budget -= reader.pos - start
-    result.record(name, outcome, strict)
+def _bounded(stream: IO[bytes], result: ScanResult) -> tuple[io.BytesIO, bool]:
+    """At most the per-pickle cap of ``stream`` in memory; whether the stream went on past it.
+
+    The scan then parses from memory at C speed; a member claiming more is never inflated
+    beyond the cap, whatever its declared size.
+    """
+    limit = max(min(knobs.SCAN_MAX_PICKLE_BYTES, result.budget), 0)
+    data = stream.read(limit)
+    result.budget -= len(data)
+    return io.BytesIO(data), len(data) == limit and bool(stream.read(1))
+
+
+def _over_cap(outcome: Outcome) -> None:
+    outcome.problems[:] = [
+        f"pickle is larger than the scan cap of {knobs.SCAN_MAX_PICKLE_BYTES} bytes (raise "
+        "TORCHKEEP_SCAN_MAX_PICKLE_BYTES for a file you expect to be this large)"
+    ]
+
+
+def _scan_at(buffer: io.BytesIO, more: bool, result: ScanResult, name: str, strict: bool):
+    start = buffer.tell()
+    outcome = simulate(buffer)
+    if more and not outcome.complete and buffer.tell() >= len(buffer.getbuffer()) - 64:
+        _over_cap(outcome)  # cut off by the cap, not malformed
+    result.record(f"{name}@{start}", outcome, strict)
     return outcome
+
+
+def scan_pickle(stream: IO[bytes], result: ScanResult, name: str, strict: bool = True) -> Outcome:
+    """Scan the one pickle at the start of ``stream`` into ``result`` (bounded read)."""
+    buffer, more = _bounded(stream, result)
+    return _scan_at(buffer, more, result, name, strict)
 
 
 def scan_pickles(stream: IO[bytes], result: ScanResult, name: str) -> None:
@@ -78,19 +102,17 @@ def scan_pickles(stream: IO[bytes], result: ScanResult, name: str) -> None:
     the storage keys (five pickles, strict). After any other first pickle, further pickles are
     scanned leniently (their globals reported) until the bytes stop being a pickle.
     """
-    limit = min(knobs.SCAN_MAX_PICKLE_BYTES, max(result.budget, 0))
-    reader = CappedReader(stream, limit)
-    first = scan_pickle(reader, result, f"{name}@0")
+    buffer, more = _bounded(stream, result)
+    first = _scan_at(buffer, more, result, name, True)
     if not first.complete:
         return
     legacy = type(first.value) is int and first.value == LEGACY_MAGIC
     for _ in range(4 if legacy else 7):
-        start = reader.pos
-        if not reader.raw.read(1):
+        if buffer.tell() >= len(buffer.getbuffer()):
+            if legacy and more:
+                _scan_at(buffer, more, result, name, True)  # reports the cap
             return
-        reader.raw.seek(-1, io.SEEK_CUR)
-        outcome = scan_pickle(reader, result, f"{name}@{start}", strict=legacy)
-        if not outcome.complete:
+        if not _scan_at(buffer, more, result, name, legacy).complete:
             return
 
 

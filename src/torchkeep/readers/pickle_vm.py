@@ -8,9 +8,9 @@ That makes every import exact (``STACK_GLOBAL`` operands are whatever the simula
 memo gets included) and every call attributable to the global it calls. Anything the model cannot
 resolve - a non-string ``STACK_GLOBAL`` operand, a call of a computed value, stack underflow, an
 unknown opcode, a truncated stream, an unregistered extension code - is recorded as a problem,
-and a pickle with a problem is unsafe. Sizes are bounded (:mod:`torchkeep.knobs`): the stream
-is read through :class:`CappedReader` and the stack, marks and memo together hold at most
-``SCAN_MAX_PICKLE_OBJECTS`` entries.
+and a pickle with a problem is unsafe. Sizes are bounded (:mod:`torchkeep.knobs`): the caller
+hands over at most ``SCAN_MAX_PICKLE_BYTES`` (:mod:`.containers`), and the stack, marks and memo
+together hold at most ``SCAN_MAX_PICKLE_OBJECTS`` entries.
 """
 
 from __future__ import annotations
@@ -85,40 +85,6 @@ class Outcome:
             self.globals.append(ref)
 
 
-class CappedReader:
-    """A read-only view of a stream that refuses to read past ``limit`` bytes."""
-
-    def __init__(self, raw: IO[bytes], limit: int) -> None:
-        self.raw, self.limit, self.pos = raw, limit, 0
-
-    def _over(self) -> ScanLimitError:
-        return ScanLimitError(
-            f"pickle is larger than the scan cap of {self.limit} bytes (raise "
-            "TORCHKEEP_SCAN_MAX_PICKLE_BYTES for a file you expect to be this large)"
-        )
-
-    def read(self, n: int | None = -1) -> bytes:
-        if n is None or n < 0:
-            n = self.limit - self.pos + 1
-        elif n > self.limit - self.pos:
-            raise self._over()  # refused before anything is read or allocated
-        data = self.raw.read(n)
-        self.pos += len(data)
-        if self.pos > self.limit:
-            raise self._over()
-        return data
-
-    def readline(self, size: int = -1) -> bytes:
-        line = self.raw.readline(self.limit - self.pos + 1)
-        self.pos += len(line)
-        if self.pos > self.limit:
-            raise self._over()
-        return line
-
-    def tell(self) -> int:
-        return self.pos
-
-
 def _fix_name(module: str, name: str, proto: int) -> tuple[str, str]:
     """Python 2 names map to Python 3 ones exactly as ``pickle.Unpickler.find_class`` does."""
     if proto < 3:
@@ -143,17 +109,22 @@ class Machine:
 
     # -- stack primitives (the errors CPython's unpickler would raise) --
     def push(self, value: Any) -> None:
-        self.grow(1)
+        self.size += 1
+        if self.size > self.max_size:
+            raise self.full()
         self.stack.append(value)
 
     def grow(self, n: int) -> None:
         """Count ``n`` more stack, mark or memo entries against the cap."""
         self.size += n
         if self.size > self.max_size:
-            raise ScanLimitError(
-                f"pickle holds more than {self.max_size} stack and memo entries (raise "
-                "TORCHKEEP_SCAN_MAX_PICKLE_OBJECTS for a file you expect to be this large)"
-            )
+            raise self.full()
+
+    def full(self) -> ScanLimitError:
+        return ScanLimitError(
+            f"pickle holds more than {self.max_size} stack and memo entries (raise "
+            "TORCHKEEP_SCAN_MAX_PICKLE_OBJECTS for a file you expect to be this large)"
+        )
 
     def pop(self) -> Any:
         if not self.stack:
@@ -386,17 +357,17 @@ def simulate(stream: IO[bytes], outcome: Outcome | None = None) -> Outcome:
 
 def _simulate(stream: IO[bytes], out: Outcome) -> Outcome:
     machine = Machine(out)
-    at = 0
+    at, handlers = 0, HANDLERS
     try:
-        for opcode, arg, pos in pickletools.genops(stream):
-            at = pos if pos is not None else at
-            if opcode.name == "STOP":
+        for opcode, arg, at in pickletools.genops(stream):  # noqa: B007 - ``at`` for messages
+            name = opcode.name
+            if name == "STOP":
                 out.value = machine.pop()
                 out.complete = True
                 return out
-            handler = HANDLERS.get(opcode.name)
+            handler = handlers.get(name)
             if handler is None:
-                raise PickleError(f"opcode {opcode.name} is not modelled")
+                raise PickleError(f"opcode {name} is not modelled")
             handler(machine, arg)
         out.problems.append("the stream ends before the pickle's STOP opcode")
     except ScanLimitError as exc:
