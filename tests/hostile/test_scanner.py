@@ -178,7 +178,7 @@ for path in paths:
         if path.endswith(".plain"):
             pickle.load(open(path, "rb"))
         elif path.endswith(".pt2"):
-            torch.export.load(path)
+            torch.export.load(path).module()(torch.randn(3, 4))
         else:
             torch.load(path, weights_only=False)
     except Exception:
@@ -271,9 +271,10 @@ def test_export_archives(stock_pt2, tmp_path) -> None:
             torchkeep.load_exported(path)
         assert CliRunner().invoke(cli, ["scan", str(path)]).exit_code == 1, name
     assert not os.path.exists(sentinel)
-    chosen = ("sample_text_pickle", "sample_no_proto", "pickled_weight", "opaque_constant")
+    chosen = ("sample_text_pickle", "sample_no_proto", "pickled_weight", "opaque_constant",
+              "guards_code", "expr_eval")  # fmt: skip
     live = _control(sentinel, [paths[n] for n in chosen])
-    assert all(live.values()) and len(live) == 4, live
+    assert all(live.values()) and len(live) == len(chosen), live
 
 
 # -- every entry point, guarded --
@@ -324,7 +325,7 @@ def test_zip_bombs_scan_in_bounded_memory_and_time() -> None:
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     grown_kib, seconds = proc.stdout.split()
-    assert int(grown_kib) < 150_000 and float(seconds) < 10, proc.stdout
+    assert int(grown_kib) < 320_000 and float(seconds) < 10, proc.stdout  # 3x the 64 MiB cap
 
 
 def test_caps(monkeypatch) -> None:
