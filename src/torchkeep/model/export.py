@@ -79,13 +79,15 @@ def scan_archive(path: str) -> ScanResult:
 
 
 def load_exported(path: PathLike, *, trusted: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export.load`` after a static check of everything it would unpickle or run.
+    """An exported program, read without running code from the archive unless trusted.
 
-    Refuses (:class:`UnsafeFileError`) an archive whose pickles need globals outside the
-    weights-only allow-list, or that holds anything the check cannot prove harmless (compiled
-    AOTInductor code, TorchScript objects, symbolic expressions that are not arithmetic, graph
-    nodes that call something other than an operator, guards code), unless ``trusted=True``.
-    Run it with ``program.module()(*inputs)``.
+    Untrusted (the default): a static check first refuses (:class:`UnsafeFileError`) an archive
+    whose pickles need globals outside the weights-only allow-list, or that holds anything it
+    cannot prove harmless (compiled AOTInductor code, TorchScript objects, symbolic expressions
+    that are not arithmetic, graph nodes that call something other than an operator, guards
+    code); then the parts are read by torchkeep with every pickle weights-only
+    (:mod:`.export_load`), never through ``torch.export.load``'s full-unpickler paths.
+    ``trusted=True`` is ``torch.export.load`` unchanged. Run it with ``program.module()(*x)``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -99,6 +101,11 @@ def load_exported(path: PathLike, *, trusted: bool = False) -> torch.export.Expo
         scan = scan_archive(path)
         if unsafe_globals(scan):
             raise refusal(path, scan, " (inside the torch.export archive)")
+        # Imported here: torch's export deserializer costs seconds to import (sympy), and
+        # only this call needs it.
+        from .export_load import load_untrusted
+
+        return load_untrusted(path)
     try:
         return torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive

@@ -31,6 +31,8 @@ _CONFIGS = {"data/weights/": "weights", "data/constants/": "constants"}
 _EXPR = re.compile(r"[A-Za-z0-9_+\-*/%(),.<>=!&|~ ]*")
 _NAME = re.compile(r"[A-Za-z_]\w*")
 _SYMBOL = re.compile(r"(?:[a-z]{1,4}\d+|[A-Z][A-Za-z]*\d*|oo|zoo|nan|True|False|E|I|pi)")
+# How torch writes a symbol with assumptions: Symbol('s31', positive=True, integer=True)
+_SYMBOL_CALL = re.compile(r"Symbol\('([a-z]{1,4}\d+)'(?:, ?[a-z]+=(?:True|False))*\)")
 _TARGET = re.compile(r"(?:torch\.ops|_operator|math)(?:\.\w+)+|#\w+(?:\.\w+)*(?::\w+)?")
 
 
@@ -80,13 +82,20 @@ def _config_members(archive: zipfile.ZipFile, infos: list, result: ScanResult) -
     return raw - pickled
 
 
+def _problem(result: ScanResult, message: str) -> None:
+    if message not in result.problems:
+        result.problems.append(message)
+
+
 def _check_expr(text: Any, where: str, result: ScanResult) -> None:
-    if not isinstance(text, str) or len(text) > 10_000 or not _EXPR.fullmatch(text):
-        result.problems.append(f"{where}: symbolic expression {text!r:.80} is not arithmetic")
+    """``sympify`` evaluates the string: only arithmetic on symbols and sympy functions."""
+    plain = _SYMBOL_CALL.sub(r"\1", text) if isinstance(text, str) else text
+    if not isinstance(plain, str) or len(plain) > 10_000 or not _EXPR.fullmatch(plain):
+        _problem(result, f"{where}: symbolic expression {text!r:.80} is not arithmetic")
         return
-    for name in _NAME.findall(text):
+    for name in _NAME.findall(plain):
         if not _SYMBOL.fullmatch(name):
-            result.problems.append(f"{where}: symbolic expression names {name!r:.40}")
+            _problem(result, f"{where}: symbolic expression names {name!r:.40}")
 
 
 def _check_graph(node: Any, where: str, result: ScanResult, depth: int = 0) -> None:
