@@ -120,3 +120,29 @@ def test_untrusted_load_of_dynamic_shapes_tied_weights_and_constants(tmp_path) -
     ptrs = {k: v.data_ptr() for k, v in loaded.state_dict.items()}
     ref_ptrs = {k: v.data_ptr() for k, v in reference.state_dict.items()}
     assert (len(set(ptrs.values())), len(ptrs)) == (len(set(ref_ptrs.values())), len(ref_ptrs))
+
+
+def test_untrusted_load_reads_a_pickled_weight_weights_only(exported, tmp_path) -> None:
+    """A weight the config marks ``use_pickle`` (a torch.save zip) loads through weights-only."""
+    import io
+    import json
+
+    path, model, x, _ = exported
+    out = tmp_path / "pickled.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        top = src.namelist()[0].split("/", 1)[0]
+        config = json.loads(src.read(f"{top}/data/weights/model_weights_config.json"))
+        fqn, meta = next(iter(config["config"].items()))
+        meta["use_pickle"] = True
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("model_weights_config.json"):
+                data = json.dumps(config).encode()
+            elif info.filename == f"{top}/data/weights/{meta['path_name']}":
+                buffer = io.BytesIO()
+                torch.save(dict(model.named_parameters())[fqn], buffer)  # as torch pickles it
+                data = buffer.getvalue()
+            dst.writestr(info, data)
+    loaded = torchkeep.load_exported(out)
+    assert torch.equal(loaded.state_dict[fqn], model.state_dict()[fqn])
+    assert torch.allclose(loaded.module()(x), model(x), atol=1e-6)
