@@ -37,6 +37,7 @@ class ScanResult:
     globals: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     pickles: list[str] = field(default_factory=list)  # names of the scanned pickle streams
+    unreadable: list[str] = field(default_factory=list)  # containers that are not archives
     budget: int = field(default_factory=lambda: knobs.SCAN_MAX_TOTAL_BYTES)
 
     def add(self, ref: str) -> None:
@@ -257,7 +258,9 @@ def scan_zip_stream(
         result.problems.append(f"{name}: {exc}")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
             NotImplementedError, RuntimeError) as exc:  # fmt: skip
-        result.problems.append(f"{name}: unreadable zip archive ({type(exc).__name__}: {exc})")
+        message = f"{name}: unreadable zip archive ({type(exc).__name__}: {exc})"
+        result.problems.append(message)
+        result.unreadable.append(message)
 
 
 def scan_tar(stream: IO[bytes], result: ScanResult, name: str, depth: int = 0) -> None:
@@ -283,6 +286,7 @@ def scan_tar(stream: IO[bytes], result: ScanResult, name: str, depth: int = 0) -
         result.problems.append(f"{name}: {exc}")
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         result.problems.append(f"{name}: unreadable tar archive ({exc})")
+        result.unreadable.append(result.problems[-1])
 
 
 def _tar_members(tar: tarfile.TarFile, name: str, depth: int) -> Iterable[tarfile.TarInfo]:

@@ -64,10 +64,12 @@ def load_torch_file(
 ) -> Any:
     """``torch.load`` with ``weights_only=True`` unless the caller trusts the file."""
     if not trusted:
-        # Refused globals are refused here, named; a file the scan merely cannot resolve goes
-        # on to torch's weights-only unpickler, which refuses anything it would not accept.
+        # Nothing reaches torch's unpickler (or its whole-record reads: a deflated 1 GiB
+        # data.pkl) unless the scan proved it harmless; refused globals are named.
         scan = scan_file(path)
-        if scan.refused(allowed_globals()):
+        if scan.unreadable and not scan.refused(allowed_globals()):
+            raise FormatError(f"{path}: not a readable torch.save file ({scan.unreadable[0]})")
+        if unsafe_globals(scan):
             raise refusal(path, scan)
     kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": not trusted}
     if mmap:
