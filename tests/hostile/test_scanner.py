@@ -224,6 +224,8 @@ def export_variants(stock: bytes, sentinel: str) -> dict[str, bytes]:
     opaque = json.loads(_member(stock, "data/constants/model_constants_config.json"))
     opaque["config"]["evil"] = {"path_name": "opaque_obj_0", "is_param": False,
                                 "use_pickle": True, "tensor_meta": None}  # fmt: skip
+    legacy = json.loads(_member(stock, "data/weights/model_weights_config.json"))
+    legacy["config"]["hidden"] = {**next(iter(legacy["config"].values())), "path_name": "model.pt"}
     model = json.loads(_member(stock, "models/model.json"))
     model["guards_code"] = [f"__import__('os').system({cmd!r})"]
     graph = _member(stock, "models/model.json").decode()
@@ -241,6 +243,10 @@ def export_variants(stock: bytes, sentinel: str) -> dict[str, bytes]:
             "data/constants/model_constants_config.json": json.dumps(opaque).encode(),
             "data/constants/opaque_obj_0": text}),
         "stray_member": sv.replace_members(stock, {"data/other.bin": text}),
+        # the legacy weights record, also listed as a raw payload to hide it from a scan
+        "legacy_weights_named_raw": sv.replace_members(stock, {
+            "data/weights/model_weights_config.json": json.dumps(legacy).encode(),
+            "data/weights/model.pt": text}),
         "aoti_library": sv.replace_members(stock, {"data/aotinductor/model/x.so": b"\x7fELF"}),
         "guards_code": sv.replace_members(stock, {"models/model.json": json.dumps(model).encode()}),
         "node_target": sv.replace_members(stock, {"models/model.json": target.encode()}),
@@ -272,7 +278,7 @@ def test_export_archives(stock_pt2, tmp_path) -> None:
         assert CliRunner().invoke(cli, ["scan", str(path)]).exit_code == 1, name
     assert not os.path.exists(sentinel)
     chosen = ("sample_text_pickle", "sample_no_proto", "pickled_weight", "opaque_constant",
-              "guards_code", "expr_eval")  # fmt: skip
+              "guards_code", "expr_eval", "legacy_weights_named_raw")  # fmt: skip
     live = _control(sentinel, [paths[n] for n in chosen])
     assert all(live.values()) and len(live) == len(chosen), live
 

@@ -45,7 +45,15 @@ class _Archive:
     def read(self, rel: str) -> bytes:
         if rel not in self.names:
             raise FormatError(f"{self.path}: the archive has no {rel}")
-        return self.zf.read(self.names[rel])
+        info = self.zf.getinfo(self.names[rel])
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(
+            knobs.SCAN_MAX_PICKLE_BYTES, 64 * info.compress_size
+        ):  # torch writes members stored; a deflated giant is a bomb, not a weight
+            raise FormatError(
+                f"{self.path}: {rel} inflates to {info.file_size} bytes from "
+                f"{info.compress_size}; refused (torch.export.save stores members uncompressed)"
+            )
+        return self.zf.read(info)
 
     def json(self, rel: str) -> Any:
         info = self.zf.getinfo(self.names[rel]) if rel in self.names else None

@@ -79,7 +79,8 @@ def _config_members(archive: zipfile.ZipFile, infos: list, result: ScanResult) -
                     "torch.export.load unpickles with the TorchScript unpickler"
                 )
             (pickled if meta.get("use_pickle") or "obj_" in name else raw).add(folder + name)
-    return raw - pickled
+    # a "raw" name that a loader also reads another way (the legacy <model>.pt record) is not raw
+    return {name for name in raw - pickled if not name.endswith(".pt")}
 
 
 def _problem(result: ScanResult, message: str) -> None:
