@@ -424,3 +424,13 @@ def test_fuzz_scanner_never_crashes_or_calls() -> None:
     start = time.monotonic()
     assert fuzz_scanner(1500) == 1500
     assert _CALLED == [] and time.monotonic() - start < 30
+
+
+def test_cli_scan_output_is_inert(tmp_path) -> None:
+    """Global names come from the file: markup and escape sequences must not reach a terminal."""
+    path = tmp_path / "markup.pkl"
+    path.write_bytes(b"c[link=http://x]os\x1b]0;owned\x07\nsys\x1b[2Jtem\n(V1\ntR.")
+    out = CliRunner().invoke(cli, ["scan", str(path)], color=True)
+    assert out.exit_code == 1
+    assert "\x1b]0" not in out.output and "\x1b[2J" not in out.output and "\x07" not in out.output
+    assert "[link=http://x]os" in out.output  # shown literally, not as a link
