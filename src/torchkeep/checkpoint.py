@@ -20,7 +20,7 @@ from .storage.fileobj import is_file_object, readable_copy, writable_path
 from .transfer.asyncsave import save_blocking
 from .transfer.reader import FileReader
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 
 
 def save_checkpoint(

@@ -27,8 +27,8 @@ class CorruptionError(TorchkeepError):
     """Stored content does not match its checksum (bit rot, torn write, tampering)."""
 
 
-# Alias with the name users search for.
 ChecksumError = CorruptionError
+"""Another name for :class:`CorruptionError`, the name users search for."""
 
 
 class UnsafeFileError(TorchkeepError):

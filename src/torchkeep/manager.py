@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 from . import retention
@@ -34,7 +34,7 @@ from .transfer.asyncsave import AsyncSaver, SaveHandle
 from .transfer.writer import PreparedFile, prepare, write_prepared
 
 
-def clean_metrics(metrics: dict | None) -> dict[str, Any]:
+def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     """Metrics as JSON numbers/strings (tensors and NumPy scalars become floats)."""
     out: dict[str, Any] = {}
     for key, value in (metrics or {}).items():
@@ -73,7 +73,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike[str],
         *,
         keep_last: int | None = None,
         keep_best: int | None = None,
@@ -85,7 +85,7 @@ class CheckpointManager:
     ) -> None:
         retention.validate_policy(keep_last, keep_best, monitor, mode, keep_every)
         self.directory = os.path.abspath(os.fspath(directory))
-        self.policy = dict(
+        self.policy = retention.Policy(
             keep_last=keep_last,
             keep_best=keep_best,
             monitor=monitor,
@@ -105,7 +105,7 @@ class CheckpointManager:
 
     # -- saving ------------------------------------------------------------------------------
     def save(
-        self, step: int, state: MutableMapping[str, Any], metrics: dict | None = None
+        self, step: int, state: MutableMapping[str, Any], metrics: Mapping[str, Any] | None = None
     ) -> SaveHandle:
         """Commit ``state`` as ``step`` (then apply retention); returns the save's handle."""
         self._check_open()
@@ -164,6 +164,7 @@ class CheckpointManager:
         return list_steps(self.directory)
 
     def latest_step(self) -> int | None:
+        """The newest committed step (None when the directory has none)."""
         steps = self.steps()
         return steps[-1].step if steps else None
 

@@ -11,12 +11,23 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from typing import TypedDict
 
 from .errors import TorchkeepError
 from .storage.lock import DirLock
 from .storage.run_dir import StepInfo, delete_step, list_steps
 
 MODES = ("min", "max")
+
+
+class Policy(TypedDict):
+    """A manager's retention policy, as passed to :func:`prune` and :func:`kept_reasons`."""
+
+    keep_last: int | None
+    keep_best: int | None
+    monitor: str | None
+    mode: str
+    keep_every: int | None
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -59,8 +70,8 @@ def metric_value(info: StepInfo, monitor: str) -> float | None:
 
 def keep_best(steps: Sequence[StepInfo], n: int, monitor: str, mode: str = "min") -> set[int]:
     """The ``n`` steps with the best ``monitor`` value; ties favour the newer step."""
-    scored = [(metric_value(s, monitor), s.step) for s in steps]
-    scored = [(v, step) for v, step in scored if v is not None]
+    values = [(metric_value(s, monitor), s.step) for s in steps]
+    scored = [(v, step) for v, step in values if v is not None]
     sign = 1.0 if mode == "min" else -1.0
     scored.sort(key=lambda item: (sign * item[0], -item[1]))
     return {step for _, step in scored[:n]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from ..transfer.memcopy import describe as describe_copy
 from .convert import convert_cmd
 from .diff import diff_cmd
 from .errors import GuardedGroup
@@ -30,7 +31,9 @@ EPILOG = (
 @click.group(
     cls=GuardedGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
 )
-@click.version_option(__version__, prog_name="torchkeep")
+@click.version_option(
+    __version__, prog_name="torchkeep", message=f"%(prog)s %(version)s\n{describe_copy()}"
+)
 def cli() -> None:
     """Inspect, compare, convert and verify PyTorch checkpoints of any format, safely.
 

@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO, cast
 
 import click
 from rich.console import Console
@@ -42,7 +42,7 @@ def out() -> Console:
     Piped output gets a width no table reaches, so columns are never cut with an ellipsis.
     """
     width = None if sys.stdout.isatty() else PIPE_WIDTH
-    return Console(file=TerminalGuard(sys.stdout), soft_wrap=True, highlight=False, width=width)
+    return Console(file=_guarded(sys.stdout), soft_wrap=True, highlight=False, width=width)
 
 
 def key_table(*headers: str, title: str) -> Table:
@@ -56,7 +56,7 @@ def key_table(*headers: str, title: str) -> Table:
 
 
 def err() -> Console:
-    return Console(file=TerminalGuard(sys.stderr), highlight=False)
+    return Console(file=_guarded(sys.stderr), highlight=False)
 
 
 def human(n: int) -> str:
@@ -109,3 +109,10 @@ def progress_bar(label: str, total: int) -> Iterator[Any]:
     with bar:
         task = bar.add_task(label, total=max(total, 1))
         yield lambda n: bar.advance(task, n)
+
+
+def _guarded(stream: TextIO) -> TextIO:
+    # TerminalGuard forwards every attribute it does not define to the stream, so it is a
+    # text stream to rich although it does not subclass one (subclassing io.TextIOBase would
+    # shadow that forwarding with the base class's isatty/fileno).
+    return cast(TextIO, TerminalGuard(stream))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import IO, cast
 
 import click
 from rich.table import Table
@@ -69,7 +70,8 @@ def _dcp_item(folder: str, index, info, known: set[str]) -> dict:
             offset >= 0 and length >= 0 and offset + length <= size
         ):
             raise FormatError(f"{path}: DCP item at {offset}+{length} is out of range")
-        scan_payload(Window(handle, offset, length), result, where)
+        # Window is a raw binary stream (read/seek/tell): an IO[bytes] in all but name.
+        scan_payload(cast(IO[bytes], Window(handle, offset, length)), result, where)
     return _entry(where, "dcp-item", result, known)
 
 

@@ -95,6 +95,9 @@ def compare_structure(a: Structure, b: Structure) -> list[str]:
     return problems
 
 
+_MODES: dict[object, str] = {True: ", training", False: ", eval"}
+
+
 def _show(entry: dict[str, Any]) -> str:
-    mode = {True: ", training", False: ", eval"}.get(entry.get("training"), "")
+    mode = _MODES.get(entry.get("training"), "")
     return f"{entry['class']}{mode}"

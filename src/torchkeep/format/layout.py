@@ -101,8 +101,10 @@ def _point(leaf: TensorLeaf, entry: Entry, view: dict | None = None) -> None:
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
-    end = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
-    return t.storage_offset(), end
+    # int(): torch types these as int | SymInt (symbolic under tracing); saving is eager.
+    start = int(t.storage_offset())
+    end = start + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    return start, end
 
 
 def _region_entry(group: list[TensorLeaf], taken: set[str]) -> Entry:

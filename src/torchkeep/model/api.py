@@ -23,7 +23,7 @@ from . import fit
 from .capture import capture
 from .rebuild import ClassesArg, ClassResolver, Rebuilder
 
-PathLike = str | os.PathLike
+PathLike = str | os.PathLike[str]
 MODEL_ENTRY = "__torchkeep_model__"
 KIND_KEY, KIND_VALUE = "torchkeep_kind", "model"
 LAYOUT_VERSION = 1

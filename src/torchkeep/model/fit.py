@@ -86,16 +86,18 @@ def _constructor_rows(cls: type, args: dict, built: nn.Module, prefix: str, repo
     ]
 
 
-def _is_probe(node: ast.AST) -> bool:
-    """``hasattr(self, "name")`` / ``getattr(...)`` / ``setattr(...)`` with a literal name."""
-    return (
+def _probed_name(node: ast.AST) -> str | None:
+    """The literal name of ``hasattr(self, "name")`` / ``getattr(...)`` / ``setattr(...)``."""
+    if (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
         and node.func.id in ("hasattr", "getattr", "setattr")
         and len(node.args) >= 2
-        and isinstance(node.args[1], ast.Constant)
-        and isinstance(node.args[1].value, str)
-    )
+    ):
+        name = node.args[1]
+        if isinstance(name, ast.Constant) and isinstance(name.value, str):
+            return name.value
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -114,13 +116,14 @@ def _forward_names(cls: type) -> frozenset[str] | None:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
         return None
-    reads, lazy = set(), set()
+    reads: set[str] = set()
+    lazy: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             if node.value.id == "self":
                 (reads if isinstance(node.ctx, ast.Load) else lazy).add(node.attr)
-        elif _is_probe(node):
-            lazy.add(node.args[1].value)
+        elif (probed := _probed_name(node)) is not None:
+            lazy.add(probed)
     return frozenset(reads - lazy)
 
 
@@ -156,9 +159,10 @@ def check_fit(root_node: dict, model: nn.Module, source: str) -> None:
                 covered = True
             _source_rows(cls, built, node, prefix, report)
         for name, child in node.get("modules", {}).items():
-            if isinstance(child, dict) and "class" in child:
+            sub = built._modules.get(name)
+            if isinstance(child, dict) and "class" in child and sub is not None:
                 path = f"{prefix}.{name}" if prefix else name
-                stack.append((child, built._modules[name], path, covered))
+                stack.append((child, sub, path, covered))
     if not report.ok:
         raise StateDictMismatchError(
             f"{source}: the saved model does not fit the current code of its classes "

@@ -69,7 +69,7 @@ class ClassResolver:
                 self.by_name[f"{cls.__module__}:{cls.__qualname__}"] = cls
                 self.by_name.setdefault(cls.__qualname__, cls)
 
-    def resolve(self, ref: Any, path: str) -> type:
+    def resolve(self, ref: Any, path: str) -> type[nn.Module]:
         module, qual = _split(ref, "class", self.file, path)
         cls = self.by_name.get(f"{module}:{qual}")
         if cls is None:

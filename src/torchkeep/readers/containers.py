@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from .. import knobs
 from .pickle_vm import Outcome, ScanLimitError, simulate
@@ -162,7 +162,7 @@ class Window(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer: Any) -> int:
         n = min(len(buffer), self.length - self.pos)
         if n <= 0:
             return 0

@@ -172,7 +172,8 @@ def _describe(value: Any) -> str:
 
 
 def _ext(m: Machine, code: Any) -> None:
-    key = copyreg._inverted_registry.get(code)  # the same registry the unpickler consults
+    # The same registry the unpickler consults; private, so typeshed does not declare it.
+    key = copyreg._inverted_registry.get(code)  # type: ignore[attr-defined]
     if key is None:
         raise PickleError(f"extension code {code} is not registered (EXT opcode)")
     m.push(m.global_(key[0], key[1], f"extension code {code}"))
@@ -341,7 +342,7 @@ def _names_after(stream: IO[bytes], out: Outcome) -> None:
     """After an unresolvable step, still name the globals that GLOBAL/INST opcodes spell out."""
     try:
         for opcode, arg, _ in pickletools.genops(stream):
-            if opcode.name in ("GLOBAL", "INST"):
+            if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
                 module, _, name = arg.partition(" ")
                 out.add_global(".".join(_fix_name(module, name, 2)))
     except Exception:  # noqa: BLE001, S110 - the rest of a stream already reported unsafe
@@ -357,7 +358,8 @@ def simulate(stream: IO[bytes], outcome: Outcome | None = None) -> Outcome:
 
 def _simulate(stream: IO[bytes], out: Outcome) -> Outcome:
     machine = Machine(out)
-    at, handlers = 0, HANDLERS
+    at: int | None = 0
+    handlers = HANDLERS
     try:
         for opcode, arg, at in pickletools.genops(stream):  # noqa: B007 - ``at`` for messages
             name = opcode.name

@@ -30,7 +30,11 @@ from .select import WRAPPER_KEYS, Kinds, select
 
 __all__ = ["WRAPPER_KEYS", "load_from_reader", "load_state_dict"]
 
-Source = str | os.PathLike | Mapping[str, Any] | BinaryIO
+Source = str | os.PathLike[str] | Mapping[str, Any] | BinaryIO
+#: A tensor's shape and dtype, as planned from a mapping or a file header.
+ShapeDtype = tuple[tuple[int, ...], torch.dtype]
+#: A tensor node of a torchkeep file's typed tree (a JSON object).
+Node = dict[str, Any]
 
 
 def load_state_dict(
@@ -64,7 +68,6 @@ def load_state_dict(
     if key is not None and not (isinstance(key, str) and key):
         raise TypeError(f"key must be a non-empty dotted string such as 'state_dict', not {key!r}")
     place = Placement(assign, map_location)
-    options = dict(strict=strict, key=key, prefix=prefix, place=place)
     if is_file_object(source):
         with readable_copy(source) as tmp:
             report = load_state_dict(
@@ -74,7 +77,7 @@ def load_state_dict(
         report.source = f"<{type(source).__name__}>"
         return report
     if isinstance(source, Mapping):
-        return _load_mapping(model, source, **options)
+        return _load_mapping(model, source, strict=strict, key=key, prefix=prefix, place=place)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             "source must be a path, a mapping of tensors or a binary file object, not "
@@ -83,9 +86,13 @@ def load_state_dict(
     path = os.fspath(source)
     if detect.sniff(path) != detect.SAFETENSORS:  # torch.save file, or a folder checkpoint
         state = load(path, map_location=place.read_location(model), verify=verify)
-        return _load_mapping(model, state, name=path, **options)
+        return _load_mapping(
+            model, state, name=path, strict=strict, key=key, prefix=prefix, place=place
+        )
     with FileReader(path) as reader:
-        return _load_file(model, reader, verify=verify, **options)
+        return _load_file(
+            model, reader, verify=verify, strict=strict, key=key, prefix=prefix, place=place
+        )
 
 
 def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,7 +125,7 @@ def _check(report: LoadReport, strict: bool) -> None:
 
 
 def _plan(
-    report: LoadReport, targets: dict[str, torch.Tensor], sources: dict[str, tuple]
+    report: LoadReport, targets: dict[str, torch.Tensor], sources: dict[str, ShapeDtype]
 ) -> dict[str, str]:
     """Fill the report; returns target key -> source key for the tensors that will load."""
     mapping, notes = match_keys(list(sources), list(targets))
@@ -146,7 +153,11 @@ def _plan(
 
 
 def _prepare(
-    model: nn.Module, report: LoadReport, sources: dict[str, tuple], strict: bool, place: Placement
+    model: nn.Module,
+    report: LoadReport,
+    sources: dict[str, ShapeDtype],
+    strict: bool,
+    place: Placement,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Plan, then refuse (before any change) a mismatch under ``strict`` or a no-op on meta."""
     targets = _targets(model)
@@ -202,7 +213,7 @@ def _file_sources(
     key: str | tuple[str, ...] | None,
     prefix: str | None,
     target_keys: Any,
-) -> tuple[dict[str, dict], list[str]]:
+) -> tuple[dict[str, Node], list[str]]:
     """Map state-dict key -> tensor node, by walking the typed tree (no tensor is read)."""
 
     def is_leaf(node: Any) -> bool:
@@ -215,7 +226,7 @@ def _file_sources(
     )
 
 
-class _Mapping(dict):
+class _Mapping(dict[str, Any]):
     """A dict node of the file turned into a dict; any other dict met in the tree is a node."""
 
 
@@ -226,7 +237,7 @@ def _node_to_plain(node: Any) -> Any:
     return node
 
 
-def _node_shape_dtype(reader: FileReader, node: dict, path: str) -> tuple[tuple, torch.dtype]:
+def _node_shape_dtype(reader: FileReader, node: Node, path: str) -> ShapeDtype:
     """The shape and dtype a tensor node loads as, from the header alone (nothing is read)."""
     try:
         info = reader.entry(node["key"])
@@ -242,7 +253,7 @@ def _node_shape_dtype(reader: FileReader, node: dict, path: str) -> tuple[tuple,
         raise FormatError(f"{reader.path}: tensor at {path} is malformed ({exc})") from exc
 
 
-def _node_dtype(reader: FileReader, node: dict) -> torch.dtype:
+def _node_dtype(reader: FileReader, node: Node) -> torch.dtype:
     if "dtype" in node:
         return dtype_from_name(node["dtype"])
     return SAFETENSORS_TO_TORCH[reader.entry(node["key"]).dtype]
@@ -277,7 +288,7 @@ def _load_file(
     return report
 
 
-def _reading(reader: FileReader, nodes: dict[str, dict], verify: bool) -> Any:
+def _reading(reader: FileReader, nodes: dict[str, Node], verify: bool) -> Any:
     """``source key -> tensor`` read from the file (entries shared by several keys read once)."""
     cache: dict[str, torch.Tensor] = {}
 
@@ -292,7 +303,7 @@ def _reading(reader: FileReader, nodes: dict[str, dict], verify: bool) -> Any:
 
 def _read_in_place(
     reader: FileReader,
-    nodes: dict[str, dict],
+    nodes: dict[str, Node],
     targets: dict[str, torch.Tensor],
     plan: dict[str, str],
     verify: bool,
@@ -311,7 +322,7 @@ def _read_in_place(
         _fill(reader, nodes[skey], targets[tkey], verify, skey)
 
 
-def _is_direct(reader: FileReader, node: dict, data: torch.Tensor) -> bool:
+def _is_direct(reader: FileReader, node: Node, data: torch.Tensor) -> bool:
     """True when the file's bytes can be read straight into ``data`` (same dtype and layout)."""
     return (
         "view" not in node
@@ -322,7 +333,7 @@ def _is_direct(reader: FileReader, node: dict, data: torch.Tensor) -> bool:
     )
 
 
-def _fill(reader: FileReader, node: dict, target: torch.Tensor, verify: bool, path: str) -> None:
+def _fill(reader: FileReader, node: Node, target: torch.Tensor, verify: bool, path: str) -> None:
     """Copy one tensor from the file into ``target``: directly when layouts allow, else via copy."""
     data = target.data
     if _is_direct(reader, node, data):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+Shape = tuple[int, ...]
+
 
 @dataclass
 class LoadReport:
@@ -19,7 +21,8 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-    shape_mismatches: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    #: (key, shape in the checkpoint, shape in the model)
+    shape_mismatches: list[tuple[str, Shape, Shape]] = field(default_factory=list)
     dtype_changes: list[tuple[str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: (key, loaded key): keys the checkpoint lacks that are the same tensor as a loaded key

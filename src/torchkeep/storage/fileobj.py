@@ -14,12 +14,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:  # typing_extensions ships with torch; needed only by the type checker
+    from typing_extensions import TypeIs
 
 CHUNK = 1 << 20
 
 
-def is_file_object(obj: Any) -> bool:
+def is_file_object(obj: Any) -> TypeIs[BinaryIO]:
     """True for objects with ``read`` or ``write`` that are not paths."""
     return not isinstance(obj, (str, bytes, os.PathLike)) and (
         hasattr(obj, "read") or hasattr(obj, "write")

@@ -193,7 +193,7 @@ def writer_is_dead(name: str) -> bool:
 
 def sweep_temps(directory: str) -> list[str]:
     """Delete temporaries in ``directory`` left by dead writers; returns the removed paths."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:

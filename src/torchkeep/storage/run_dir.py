@@ -17,7 +17,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .._version import __version__
 from ..errors import UnsafePathError
@@ -40,8 +42,9 @@ class StepInfo:
     path: str
     time: float
     size: int
-    metrics: dict = field(default_factory=dict)
-    policy: dict | None = None  # retention policy of the manager that saved it (meta.json)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: retention policy of the manager that saved it (meta.json)
+    policy: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)  # meta.json values that were ignored
 
 
@@ -127,8 +130,11 @@ def _plain_metric(value: object) -> bool:
     return isinstance(value, str) and len(value) <= _MAX_TEXT
 
 
-def _checked_policy(value: object, problems: list[str]) -> dict | None:
+def _checked_policy(value: object, problems: list[str]) -> dict[str, Any] | None:
     if value is None:
+        return None
+    if not isinstance(value, dict):
+        problems.append("meta.json 'policy' is not a retention policy (ignored)")
         return None
     ok = (
         isinstance(value, dict)
@@ -212,7 +218,7 @@ def write_step(
     write_state: Fill,
     metrics: dict,
     stamp: float,
-    policy: dict | None = None,
+    policy: Mapping[str, Any] | None = None,
     backend: Backend = LOCAL,
 ) -> str:
     """Write one step (``state.tk`` by ``write_state``, then ``meta.json``) and commit it.

@@ -206,7 +206,9 @@ def _wait_all() -> None:
     """At exit: finish in-flight saves; report (do not hide) a failure nobody waited for."""
     for saver in list(_SAVERS):
         handle = saver.wait_previous()
-        error = handle._error if handle is not None else None
+        if handle is None:
+            continue
+        error = handle._error
         if error is not None and not handle._seen:
             print(
                 f"torchkeep: background save {handle.description} failed: {error}", file=sys.stderr
@@ -231,7 +233,7 @@ def write_file(prepared: PreparedFile, path: str) -> str:
 
 
 def save_async(
-    obj: Any, path: str | os.PathLike, *, metadata: dict[str, str] | None = None
+    obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
 ) -> SaveHandle:
     """Start saving ``obj`` to ``path``; returns once the tensors are snapshotted.
 

@@ -10,10 +10,13 @@ uses AVX2 stores where the CPU has them, SSE2 otherwise (``_streamcopy.LEVEL``).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
 from .. import knobs
 
+_streamcopy: ModuleType | None
 try:
     from .. import _streamcopy
 except ImportError:  # built without a C compiler: numpy's copy does the same job, slower
@@ -25,9 +28,19 @@ def streaming_available() -> bool:
     return _streamcopy is not None and _streamcopy.LEVEL > 0 and bool(knobs.STREAMING_COPY)
 
 
+def describe() -> str:
+    """One line saying which copy async-save snapshots use (``torchkeep --version``)."""
+    if _streamcopy is None:
+        return "streaming-copy C extension: not built; snapshots copy with numpy (slower)"
+    level = ("memcpy", "SSE2", "AVX2")[min(max(_streamcopy.LEVEL, 0), 2)]
+    state = "on" if streaming_available() else "off (TORCHKEEP_STREAMING_COPY=0 or no SIMD)"
+    return f"streaming-copy C extension: built ({level} stores), {state}"
+
+
 def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
     """Copy the contiguous byte array ``src`` into ``dst`` (same size); releases the GIL."""
-    if streaming_available():
-        _streamcopy.copy(dst, src)
+    ext = _streamcopy
+    if ext is not None and streaming_available():
+        ext.copy(dst, src)
     else:
         np.copyto(dst, src)

@@ -195,7 +195,7 @@ def _read_hashing(reader: FileReader, job: ReadJob) -> list[tuple[str, str]]:
 
 def run_reads(reader: FileReader, jobs: list[ReadJob], verify: bool) -> None:
     """Run ``jobs`` on a thread pool with bounded look-ahead; checks checksums in file order."""
-    hashers: dict[str, Any] = {}
+    hashers: dict[int, Any] = {}  # id(whole tensor) -> running hash of its chunks
     if len(jobs) == 1:  # nothing to overlap: skip the pool
         for key, actual in _do_job(reader, jobs[0], verify):
             reader._check(key, actual)
@@ -225,7 +225,7 @@ def run_reads(reader: FileReader, jobs: list[ReadJob], verify: bool) -> None:
         drain(future for _, future in pending)
 
 
-def _hash_chunk(reader: FileReader, hashers: dict[str, Any], job: ReadJob) -> None:
+def _hash_chunk(reader: FileReader, hashers: dict[int, Any], job: ReadJob) -> None:
     key, whole = job.members[0]
     hasher = hashers.setdefault(id(whole), checksum.new_hasher())
     hasher.update(job.buffers[0])

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -21,6 +21,7 @@ from ..errors import CorruptionError, FormatError, TorchkeepError
 from ..format import checksum, header
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.header import EntryInfo, Header
+from ..format.memory import byte_view
 from ..format.tree import TAG
 from ..format.tree_decode import decode, iter_tensor_nodes
 from ..storage.paths import open_regular
@@ -199,12 +200,16 @@ class FileReader:
         """Entry ``key`` as a tensor backed by a private memory map of the file (no copy)."""
         info = self.entry(key)
         if self._mapped is None:
-            storage = torch.UntypedStorage.from_file(self.path, shared=False, nbytes=self.size)
+            # torch's stub types from_file loosely; on UntypedStorage it returns one.
+            storage = cast(
+                torch.UntypedStorage,
+                torch.UntypedStorage.from_file(self.path, shared=False, nbytes=self.size),
+            )
             self._mapped = torch.empty(0, dtype=torch.uint8).set_(storage)
         start = self.header.data_start + info.begin
         raw = self._mapped[start : start + info.nbytes]
         if verify and self.checksums:
-            self._check(key, checksum.digest(memoryview(raw.numpy())))
+            self._check(key, checksum.digest(byte_view(raw)))
         dtype = SAFETENSORS_TO_TORCH[info.dtype]
         try:
             return raw.view(dtype).reshape(info.shape)
