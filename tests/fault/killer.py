@@ -25,7 +25,7 @@ import traceback
 
 import torch
 from faultlib import CRASH_EXIT, FaultOps, temps_in
-from scenarios import check_after_fault, committed, save_version
+from scenarios import check_after_fault, committed, is_step, save_version
 
 import torchkeep
 from torchkeep.manager import CheckpointManager
@@ -73,7 +73,7 @@ def _wait(pid: int, kill_after: float | None = None) -> tuple[str, int]:
 
 def _sweep_and_check(kind: str, target: str) -> None:
     """The next open must sweep what a dead writer left."""
-    if kind == "step":
+    if is_step(kind):
         CheckpointManager(target, rng=False).close()
         left = temps_in(target)
     else:
@@ -93,7 +93,7 @@ def _save_in_child(kind: str, target: str, version: int) -> None:
 class Campaign:
     def __init__(self, kind: str, workdir: str, seed: int) -> None:
         self.kind = kind
-        self.target = os.path.join(workdir, "run" if kind == "step" else "ckpt.tk")
+        self.target = os.path.join(workdir, "run" if is_step(kind) else "ckpt.tk")
         self.rng = random.Random(seed)
         self.failures: list[str] = []
         self.outcomes: dict[str, int] = {}
@@ -189,7 +189,7 @@ class Campaign:
         return trials
 
     def fsize(self, trials: int) -> int:
-        size = os.path.getsize(self.target) if self.kind != "step" else 20_000
+        size = os.path.getsize(self.target) if not is_step(self.kind) else 20_000
         for trial in range(trials):
             limit = 1 + (trial * (size + 4096)) // max(1, trials - 1)
             old, new = self.current, self.current + 1
