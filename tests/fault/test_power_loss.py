@@ -100,7 +100,6 @@ def test_model_catches_a_missing_directory_fsync(tmp_path, monkeypatch) -> None:
     assert committed("file", str(state / "ckpt.tk")) == [1]
 
 
-
 class SkipCommitFsync(FaultOps):
     """A recorder whose fsync of a committed directory right after a commit rename into it (not
     a rename to a trash name, not inside a step being assembled) does nothing: the bug of a
@@ -110,7 +109,8 @@ class SkipCommitFsync(FaultOps):
         last = self.log[-1] if self.log else ()
         path = os.path.abspath(path)
         committing = last[:1] == ("replace",) and os.path.dirname(last[2]) == path
-        if committing and not is_temp(os.path.basename(last[2])) and not is_temp(os.path.basename(path)):
+        names = (os.path.basename(last[2]), os.path.basename(path)) if committing else ()
+        if committing and not any(is_temp(name) for name in names):
             self.skipped = getattr(self, "skipped", 0) + 1
             return
         super().fsync_dir(path)
