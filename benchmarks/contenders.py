@@ -106,7 +106,9 @@ def save_device_ceiling(obj: Any, path: str) -> dict:
     checkpoints; the row's seconds are the final full-size write only.
     """
     setting = os.path.join(os.path.dirname(os.path.abspath(path)), "ceiling-setting.json")
-    return device_ceiling(path, checkpoint_bytes(obj), setting_file=setting)
+    result = device_ceiling(path, checkpoint_bytes(obj), setting_file=setting)
+    result["peak_extra"] = None  # its own write buffers (and a sweep's): no memory claim
+    return result
 
 
 def save_buffered(obj: Any, path: str) -> dict:
