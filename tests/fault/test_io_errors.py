@@ -1,8 +1,11 @@
 """Issue 5 items 4-5 at the I/O interface: an error injected at every operation of a save.
 
-Each case asserts: the error reached the caller as a TorchkeepError, the previous checkpoint
-still loads and verifies (or the new one, when the fault hit after the commit), nothing partial
-is visible, and no temporary is left behind (except when the fault hit the cleanup itself).
+Each case asserts: the error reached the caller as a StorageError carrying the injected errno
+(every one, also a failed directory fsync after the rename, when the files already look fine,
+and a failure in retention after the commit), the previous checkpoint still loads and verifies
+(or the new one, when the fault hit after the commit), nothing partial is visible, and no
+temporary is left behind (except when the fault hit the cleanup itself). Manager steps run with
+retention (``step``) and without (``bare_step``).
 """
 
 from __future__ import annotations
@@ -128,3 +131,21 @@ def test_enospc_message_says_disk_full(tmp_path) -> None:
     with use_ops(injector), pytest.raises(torchkeep.StorageError, match="disk is full"):
         save_version("file", target, old + 1)
     assert committed("file", target) == [old]
+
+
+@pytest.mark.parametrize("kind", ["file", "bare_step", "async"])
+def test_failed_directory_fsync_after_the_rename_is_raised(kind: str, tmp_path) -> None:
+    """The rename already happened, so the files look fine; the save must still fail with a
+    StorageError saying the new content may not be durable (not return as if it were)."""
+    target, old = _prepare(kind, tmp_path)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    probe, _ = _prepare(kind, probe_dir)
+    kinds = [rec[0] for rec in _count_ops(kind, probe, old + 1).log]  # where is the last one?
+    last_dir_sync = sum(1 for k in kinds if k == "fsync_dir") - 1
+    assert kinds.index("replace") < len(kinds) - 1 - kinds[::-1].index("fsync_dir")
+    injector = FaultOps(at=last_dir_sync, action="raise", err=errno.EIO, kinds=("fsync_dir",))
+    with use_ops(injector), pytest.raises(torchkeep.StorageError, match="may not be durable"):
+        save_version(kind, target, old + 1)
+    assert injector.fired and injector.kinds_seen()[-1] == "fsync_dir"
+    assert old + 1 in committed(kind, target)  # in place, as the message says

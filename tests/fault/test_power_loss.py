@@ -5,6 +5,8 @@ A save of version ``new`` over ``old`` is recorded operation by operation, then 
 current; file bytes synced, all written, or the last write torn). Every state must load as the
 old or the new version, and once the save has returned, the synced state must hold the new one.
 A missing file fsync, a missing directory fsync, or a rename before the data is durable fails.
+Manager steps run with retention (``step``, keep_last=2) and without (``bare_step``): retention's
+own fsync of the run directory would hide a missing fsync after the step's commit rename.
 """
 
 from __future__ import annotations
