@@ -12,11 +12,11 @@ from typing import Any
 
 from torch import nn
 
-from .asyncsave import save_blocking
-from .format.reader import FileReader
 from .state.capture import capture, restore
 from .state.module import load_from_reader
 from .state.report import LoadReport
+from .transfer.asyncsave import save_blocking
+from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike
 
@@ -38,6 +38,7 @@ def load_checkpoint(
     *,
     rng: bool = True,
     verify: bool = True,
+    follow_symlinks: bool = True,
 ) -> MutableMapping[str, Any]:
     """Restore ``path`` into ``state`` in place and return ``state``.
 
@@ -45,9 +46,11 @@ def load_checkpoint(
     the dict; RNG state is restored unless ``rng=False``. A key, shape or object mismatch raises
     :class:`torchkeep.StateDictMismatchError` naming the entry; a corrupt file raises
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
+    ``follow_symlinks=False`` refuses a link at ``path`` (the manager's steps: a run directory
+    may have been prepared by someone else).
     """
     path = os.fspath(path)
-    with FileReader(path) as reader:
+    with FileReader(path, follow_symlinks=follow_symlinks) as reader:
         # Module weights are mapped placeholders here: verified and shape-checked before
         # anything changes (a corrupt file leaves every object untouched), then read straight
         # into the parameters, so no second copy of the weights is ever held.

@@ -15,6 +15,7 @@ from ..readers.open import open_view
 from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json, progress_bar
+from .safe_text import sanitize
 
 _CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries (8 MB each)
 
@@ -144,6 +145,6 @@ def diff_cmd(a: str, b: str, as_json: bool, trusted: bool, atol: float, rtol: fl
     if as_json:
         print_json(result)
     else:
-        _print(result)
+        _print(sanitize(result))
     if not result["equal"]:
         sys.exit(EXIT_FAILED)

@@ -11,6 +11,7 @@ from ..format.dtypes import dtype_name
 from ..readers.open import open_view
 from ..readers.view import CheckpointView, jsonable
 from .render import err, human, opt, out, print_json, progress_bar, tensor_row
+from .safe_text import sanitize
 
 _OPTIMIZER_SIGNS = [
     ({"betas", "amsgrad", "decoupled_weight_decay"}, "AdamW"),
@@ -156,4 +157,4 @@ def inspect_cmd(path: str, as_json: bool, trusted: bool, no_verify: bool, limit:
     if as_json:
         print_json(info)
     else:
-        _print(info, limit if limit > 0 else len(info["tensors"]))
+        _print(sanitize(info), limit if limit > 0 else len(info["tensors"]))

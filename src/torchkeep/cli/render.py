@@ -15,6 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from ..format.dtypes import dtype_name
 from ..readers.view import Ref
+from .safe_text import TerminalGuard
 
 _OPEN = {
     "trusted": click.option(
@@ -30,11 +31,12 @@ def opt(name: str) -> Any:
 
 
 def out() -> Console:
-    return Console(file=sys.stdout, soft_wrap=True, highlight=False)
+    """The console for results; control characters other than rich's colours never pass."""
+    return Console(file=TerminalGuard(sys.stdout), soft_wrap=True, highlight=False)
 
 
 def err() -> Console:
-    return Console(file=sys.stderr, highlight=False)
+    return Console(file=TerminalGuard(sys.stderr), highlight=False)
 
 
 def human(n: int) -> str:

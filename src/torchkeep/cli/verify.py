@@ -10,6 +10,7 @@ from ..errors import TorchkeepError
 from ..readers.open import open_view
 from .errors import EXIT_FAILED, one_line
 from .render import opt, out, print_json, progress_bar
+from .safe_text import markup_safe, sanitize
 
 
 def verify_path(path: str, trusted: bool) -> dict:
@@ -62,10 +63,11 @@ def verify_cmd(path: str, as_json: bool, trusted: bool) -> None:
     if as_json:
         print_json(result)
     else:
+        shown, path = sanitize(result), markup_safe(path)
         console = out()
-        for problem in result["problems"]:
+        for problem in shown["problems"]:
             console.print(f"[red]FAIL[/red] {problem}")
-        for note in result.get("notes", []):
+        for note in shown.get("notes", []):
             console.print(f"note: {note}")
         what = f"checksums ({result['checksums']})" if result["checksums"] else "structure"
         if result["ok"]:

@@ -17,14 +17,15 @@ from typing import Any
 import torch
 
 from .. import knobs
-from ..errors import CorruptionError, FormatError
-from ..gcpause import paused_gc
-from . import checksum, header
-from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-from .header import EntryInfo, Header
+from ..errors import CorruptionError, FormatError, TorchkeepError
+from ..format import checksum, header
+from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
+from ..format.header import EntryInfo, Header
+from ..format.tree import TAG
+from ..format.tree_decode import decode, iter_tensor_nodes
+from ..storage.paths import open_regular
+from .gcpause import paused_gc
 from .parallel_read import plan_reads, run_reads
-from .tree import TAG
-from .tree_decode import decode, iter_tensor_nodes
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
 
@@ -32,9 +33,11 @@ MapLocation = Any  # None | str | torch.device | dict[str, str]
 class FileReader:
     """An open torchkeep/safetensors file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, follow_symlinks: bool = True) -> None:
+        """Open ``path``; ``follow_symlinks=False`` for files found in a directory (a link there
+        could lead outside it). Anything but a regular file is refused."""
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
         try:
             self.size = os.fstat(self._fd).st_size
             with paused_gc():  # a header can hold tens of thousands of small dicts
@@ -386,8 +389,6 @@ def target_device(saved: Any, map_location: MapLocation, path: str, file: str) -
 
 
 def _require_available(device: torch.device, path: str, file: str) -> None:
-    from ..errors import TorchkeepError
-
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TorchkeepError(
             f"{file}: tensor at {path or '<root>'} was saved on {device} but CUDA is not "
