@@ -159,22 +159,27 @@ def temps_in(directory: str) -> list[str]:
 IDLE, IN_SAVE, IO_BEGUN = 0, 1, 1
 
 
-@dataclass
-class PhaseOps(FaultOps):
-    """A FileOps that records, in a byte shared with the parent, that a save's I/O has begun.
+class PhaseOps(FileOps):
+    """The real FileOps, plus a byte shared with the parent saying that a save's I/O has begun.
 
     ``flag`` is a shared anonymous ``mmap`` (it survives ``fork``). The child sets byte 0 to
-    ``IN_SAVE`` before a save and back to ``IDLE`` after it returns; every operation sets byte 1
-    to ``IO_BEGUN``. After a SIGKILL the parent reads both: a kill that landed while byte 0 was
-    ``IN_SAVE`` and byte 1 ``IO_BEGUN`` interrupted a save between its first I/O and its return.
-    Only the latest operation is kept in ``log``, so a long loop of saves stays small.
+    ``IN_SAVE`` before a save and back to ``IDLE`` after it returns; the save's first operation
+    (creating its temporary file or step directory) sets byte 1 to ``IO_BEGUN``. After a
+    SIGKILL the parent reads both: a kill that landed while byte 0 was ``IN_SAVE`` and byte 1
+    ``IO_BEGUN`` interrupted a save between its first I/O and its return. Nothing else is
+    wrapped, so the writer threads run exactly as without it (no lock, no log).
     """
 
-    flag: Any = None
+    def __init__(self, flag: mmap.mmap) -> None:
+        self.flag = flag
 
-    def _step(self, kind: str, *record: Any) -> None:
+    def open_new(self, path: str) -> int:
         self.flag[1] = IO_BEGUN
-        self.log[:] = [(kind,)]  # only the latest record (the wrappers rewrite log[-1])
+        return super().open_new(path)
+
+    def mkdir(self, path: str) -> None:
+        self.flag[1] = IO_BEGUN
+        super().mkdir(path)
 
 
 def new_phase_flag() -> mmap.mmap:
