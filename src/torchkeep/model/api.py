@@ -27,6 +27,9 @@ PathLike = str | os.PathLike
 MODEL_ENTRY = "__torchkeep_model__"
 KIND_KEY, KIND_VALUE = "torchkeep_kind", "model"
 LAYOUT_VERSION = 1
+#: Layout 2 adds per-module ``values`` (classes, configuration objects) and the ``objects`` table;
+#: a file without them is written as layout 1, so older torchkeep versions still read it.
+LAYOUTS = (1, 2)
 
 
 def save_model(
@@ -53,6 +56,8 @@ def save_model(
     if MODEL_ENTRY in described.tensors:
         raise TorchkeepError(f"the model has a tensor named {MODEL_ENTRY!r}; rename it")
     entry = {"version": LAYOUT_VERSION, "root": described.root, "extra": described.extra}
+    if described.objects or _has_values(described.root):
+        entry.update(version=2, objects=described.objects)
     meta = {**(metadata or {}), KIND_KEY: KIND_VALUE}
     save({**described.tensors, MODEL_ENTRY: entry}, path, metadata=meta)
 
@@ -86,7 +91,7 @@ def load_model(
             )
         content = reader.load(map_location=map_location, verify=verify)
     entry = content.pop(MODEL_ENTRY, None) if isinstance(content, dict) else None
-    if not isinstance(entry, dict) or entry.get("version") != LAYOUT_VERSION:
+    if not isinstance(entry, dict) or entry.get("version") not in LAYOUTS:
         raise FormatError(
             f"{path}: the whole-model entry is missing or of an unknown layout version; "
             "upgrade torchkeep or re-save the model"
@@ -95,11 +100,22 @@ def load_model(
     if not isinstance(extra, dict):
         raise FormatError(f"{path}: the whole-model entry's 'extra' is malformed")
     tensors = {k: v for k, v in {**content, **extra}.items() if isinstance(v, torch.Tensor)}
-    rebuilder = Rebuilder(ClassResolver(classes, trusted, path), tensors, path)
+    objects = entry.get("objects") if entry["version"] == 2 else None
+    rebuilder = Rebuilder(ClassResolver(classes, trusted, path), tensors, path, objects)
     model = rebuilder.module(entry.get("root"), "")
     if check_fit:
-        fit.check_fit(entry["root"], model, path)
+        fit.check_fit(entry["root"], model, path, trusted=trusted)
     return model.eval()
+
+
+def _has_values(node: dict) -> bool:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.get("values"):
+            return True
+        stack += [c for c in current.get("modules", {}).values() if isinstance(c, dict)]
+    return False
 
 
 def _load_pickled(path: str, map_location: MapLocation, trusted: bool) -> nn.Module:

@@ -1,0 +1,177 @@
+"""Attribute values beyond plain data: classes, configuration objects, and containers of them.
+
+Encoded as tagged one-key dicts so the typed tree stores them as data:
+
+* ``{"plain": v}`` - plain data (numbers, strings, tensors, containers of those);
+* ``{"class": "module:QualName"}`` - a class (``self._norm_layer = nn.BatchNorm2d``);
+* ``{"function": "namespace:name"}`` - an allow-listed function (see :mod:`.refs`);
+* ``{"object": i}`` - entry ``i`` of the model's object table, ``{"class": ..., "state": {..}}``
+  (a ``PretrainedConfig``, a dataclass); an object reached twice is stored once, so
+  ``model.config is model.transformer.config`` stays true after loading;
+* ``{"list"|"tuple": [...]}``, ``{"dict": [[key, value], ...]}`` - containers (plain keys).
+
+Decoding resolves every class through the caller's allow-list (the resolver passed in) and makes
+objects with ``object.__new__`` plus a ``__dict__`` update: no ``__init__`` and no callable
+named by the file runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import FormatError, UnsupportedValueError
+from .classes import data_class_problem, is_module_class
+from .refs import check_plain, class_path, function_ref
+
+MAX_DEPTH = 32
+_SEQUENCES = {"list": list, "tuple": tuple}
+
+
+def is_plain(value: Any, path: str) -> bool:
+    try:
+        check_plain(value, path)
+    except UnsupportedValueError:
+        return False
+    return True
+
+
+class ValueEncoder:
+    """Encodes attribute values of one model; owns its object table."""
+
+    def __init__(self) -> None:
+        self.objects: list[dict] = []
+        self._memo: dict[int, int] = {}
+        self._keep: list[Any] = []  # keeps ids stable while encoding
+
+    def encode(self, value: Any, path: str, depth: int = 0) -> dict:
+        if depth > MAX_DEPTH:
+            raise UnsupportedValueError(f"{path}: nested too deeply")
+        if is_plain(value, path):
+            return {"plain": value}
+        if isinstance(value, type):
+            return {"class": class_path(value, path)}
+        kind = type(value)
+        if kind in (list, tuple):
+            items = [self.encode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+            return {kind.__name__: items}
+        if kind is dict:
+            return {"dict": [self._item(k, v, path, depth) for k, v in value.items()]}
+        if callable(value) and data_class_problem(kind) is not None:
+            return {"function": function_ref(value, path)}
+        return {"object": self._object(value, path, depth)}
+
+    def _item(self, key: Any, value: Any, path: str, depth: int) -> list:
+        where = f"{path}[{key!r}]"
+        if not is_plain(key, where) or not isinstance(key, (str, int, float, bool, type(None))):
+            raise UnsupportedValueError(f"{where}: dict keys must be strings or numbers here")
+        return [key, self.encode(value, where, depth + 1)]
+
+    def _object(self, obj: Any, path: str, depth: int) -> int:
+        if id(obj) in self._memo:
+            return self._memo[id(obj)]
+        cls = type(obj)
+        problem = data_class_problem(cls)
+        if problem is None and not isinstance(getattr(obj, "__dict__", None), dict):
+            problem = "it has no __dict__"
+        if problem is not None:
+            raise UnsupportedValueError(
+                f"{path}: a {cls.__module__}.{cls.__qualname__} cannot be saved safely: "
+                f"{problem}. Whole-model files store plain data, classes, and objects whose "
+                "state is plain data in __dict__ (configuration objects, dataclasses); remove "
+                "the attribute, make it plain data, or save the state_dict instead"
+            )
+        index = self._memo[id(obj)] = len(self.objects)
+        self._keep.append(obj)
+        entry: dict[str, Any] = {"class": class_path(cls, path)}
+        self.objects.append(entry)
+        entry["state"] = {
+            _state_name(name, path): self.encode(v, f"{path}.{name}", depth + 1)
+            for name, v in vars(obj).items()
+        }
+        return index
+
+
+def _state_name(name: Any, path: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("__"):
+        raise UnsupportedValueError(f"{path}: attribute name {name!r} cannot be saved")
+    return name
+
+
+Resolve = Callable[[Any, str, str], type]  # (reference, path, kind) -> allowed class
+
+
+class ValueDecoder:
+    """Rebuilds encoded values; classes come only from ``resolve`` (the caller's allow-list)."""
+
+    def __init__(self, resolve: Resolve, table: Any, functions: Callable, file: str) -> None:
+        self.resolve = resolve
+        self.functions = functions
+        self.file = file
+        if table is None:
+            table = []
+        if not isinstance(table, list):
+            raise FormatError(f"{file}: the whole-model object table is malformed")
+        self.table = table
+        self.objects: list[Any] = []
+        for i, item in enumerate(table):  # pass 1: classes decided, bare instances made
+            if not isinstance(item, dict) or set(item) != {"class", "state"}:
+                raise FormatError(f"{file}: object {i} of the whole-model file is malformed")
+            cls = resolve(item["class"], f"<object {i}>", "object")
+            self.objects.append(object.__new__(cls))
+        for i, item in enumerate(table):  # pass 2: state, possibly referring to other objects
+            state = item["state"]
+            if not isinstance(state, dict):
+                raise FormatError(f"{file}: object {i} of the whole-model file is malformed")
+            where = f"<object {i}>"
+            filled = {
+                _name(k, file, where): self.decode(v, f"{where}.{k}") for k, v in state.items()
+            }
+            object.__getattribute__(self.objects[i], "__dict__").update(filled)
+
+    def decode(self, node: Any, path: str, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise FormatError(f"{self.file}: {path} is nested too deeply")
+        if not isinstance(node, dict) or len(node) != 1:
+            raise FormatError(f"{self.file}: attribute {path} is malformed")
+        ((tag, payload),) = node.items()
+        if tag == "plain":
+            return payload
+        if tag == "class":
+            return self.resolve(payload, path, "class")
+        if tag == "function":
+            return self.functions(payload, self.file, path)
+        if tag == "object":
+            if type(payload) is not int or not 0 <= payload < len(self.objects):
+                raise FormatError(f"{self.file}: {path} refers to no saved object")
+            return self.objects[payload]
+        if tag in _SEQUENCES and isinstance(payload, list):
+            items = [self.decode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(payload)]
+            return _SEQUENCES[tag](items)
+        if tag == "dict" and isinstance(payload, list):
+            return dict(self._pair(pair, path, depth) for pair in payload)
+        raise FormatError(f"{self.file}: attribute {path} has an unknown kind {tag!r}")
+
+    def _pair(self, pair: Any, path: str, depth: int) -> tuple:
+        ok = isinstance(pair, list) and len(pair) == 2
+        if not ok or not isinstance(pair[0], (str, int, float, bool, type(None))):
+            raise FormatError(f"{self.file}: a dict entry of {path} is malformed")
+        return pair[0], self.decode(pair[1], f"{path}[{pair[0]!r}]", depth + 1)
+
+
+def _name(name: Any, file: str, path: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("__"):
+        raise FormatError(f"{file}: {path}: attribute name {name!r} refused")
+    return name
+
+
+def class_kind_problem(cls: Any, kind: str) -> str | None:
+    """Why an allowed class may not be used as ``kind`` ("module", "class", "object")."""
+    if kind == "module":
+        return None if is_module_class(cls) else "is not an nn.Module subclass"
+    if kind == "class":
+        if is_module_class(cls) or data_class_problem(cls) is None:
+            return None
+        return "is neither an nn.Module subclass nor a plain data class"
+    problem = data_class_problem(cls)
+    return None if problem is None else f"cannot be rebuilt from plain data ({problem})"
