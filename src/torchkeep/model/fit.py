@@ -125,11 +125,18 @@ def _forward_names(cls: type) -> frozenset[str] | None:
         elif _is_probe(node):
             lazy.add(node.args[1].value)
     func = tree.body[0] if tree.body else None
-    for node in _always_run(getattr(func, "body", [])):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            if node.value.id == "self" and isinstance(node.ctx, ast.Load):
-                reads.add(node.attr)
+    reads = {n.attr for n in _always_run(getattr(func, "body", [])) if _self_attr(n, ast.Load)}
     return frozenset(reads - lazy)
+
+
+def _self_attr(node: ast.AST, ctx: type) -> bool:
+    """``self.NAME`` in the given context (load or store)."""
+    return (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+        and isinstance(node.ctx, ctx)
+    )
 
 
 def _always_run(body: list[ast.AST]) -> list[ast.AST]:
@@ -164,10 +171,7 @@ def _unconditional_self_assigns(body: list[ast.stmt]) -> set[str]:
         if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) and stmt.value is not None:
             targets = [stmt.target]
         for target in targets:
-            for node in ast.walk(target):
-                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                    if node.value.id == "self" and isinstance(node.ctx, ast.Store):
-                        names.add(node.attr)
+            names.update(n.attr for n in ast.walk(target) if _self_attr(n, ast.Store))
     return names
 
 
