@@ -113,19 +113,23 @@ def test_config_class_must_be_allowed(tmp_path) -> None:
     assert "config" in entry["root"]["values"]
 
 
-def test_llama_kernel_wrappers_refused_with_key_path(tmp_path) -> None:
+def test_llama_with_kernel_wrappers(tmp_path) -> None:
     """With the ``kernels`` package (a transformers dependency) Llama attention layers keep
-    per-instance wrappers of a class made inside a function; they cannot be found again by
-    name, so save_model refuses before writing, naming the attribute (a known gap)."""
+    per-instance wrapper modules (``_kernel_funcs``) whose class is made inside a function; they
+    are stored as the class of the module-level wrapper and rebuilt without running its code."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = _llama()
-    attn = model.model.layers[0].self_attn
-    if not attn.__dict__.get("_kernel_funcs"):
-        torchkeep.save_model(model, tmp_path / "m.tk")  # without kernels: an ordinary model
-        loaded = torchkeep.load_model(tmp_path / "m.tk")
-        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-        return
-    with pytest.raises(torchkeep.TorchkeepError, match=r"self_attn\._kernel_funcs"):
-        torchkeep.save_model(model, tmp_path / "m.tk")
-    assert not (tmp_path / "m.tk").exists()
+        model = _llama().eval()
+    torchkeep.save_model(model, tmp_path / "m.tk")
+    loaded = torchkeep.load_model(tmp_path / "m.tk")
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    _same_state(model, loaded)
+    assert loaded.config == model.config
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    funcs = model.model.layers[0].self_attn.__dict__.get("_kernel_funcs")
+    if funcs:  # each layer has its own wrapper again, of the same class
+        again = loaded.model.layers[0].self_attn._kernel_funcs
+        assert {k: type(v) for k, v in again.items()} == {k: type(v) for k, v in funcs.items()}
+        assert again is not loaded.model.layers[1].self_attn._kernel_funcs

@@ -54,7 +54,7 @@ class _Capturer:
         self.out = Capture(root={})
         self.module_paths: dict[int, str] = {}
         self.tensor_keys: dict[int, str] = {}
-        self.values = ValueEncoder()
+        self.values = ValueEncoder(self.module)
         self.out.objects = self.values.objects
 
     def module(self, mod: nn.Module, prefix: str) -> dict:

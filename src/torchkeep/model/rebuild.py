@@ -22,8 +22,9 @@ from torch import nn
 
 from ..errors import ClassNotAllowedError, FormatError
 from .capture import FUNCTION_NAMESPACES, INTERNALS, safe_function
-from .classes import MODULE_HOOKS, static_lookup, user_hooks
-from .values import ValueDecoder, class_kind_problem
+from .classes import MODULE_HOOKS, is_torch_class, mro, static_lookup, user_hooks
+from .refs import TYPE_OF
+from .values import ValueDecoder, class_kind_problem, stateless
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -34,13 +35,22 @@ def _split(ref: Any, what: str, file: str, path: str) -> tuple[str, str]:
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise FormatError(f"{file}: {what} at {path or '<root>'} is not 'module:name' ({ref!r})")
     module, qual = ref.split(":")
+    if what == "class" and qual.endswith(TYPE_OF) and _DOTTED.match(module):
+        return module, qual  # the class of a module-level object (checked by _static_get)
     if not (_DOTTED.match(module) and _DOTTED.match(qual)) or "__" in qual:
         raise FormatError(f"{file}: {what} at {path or '<root>'} is malformed ({ref!r})")
     return module, qual
 
 
 def _static_get(obj: Any, qual: str) -> Any:
-    """Follow ``a.b.c`` through ``__dict__`` entries only (no descriptors, no ``__getattr__``)."""
+    """Follow ``a.b.c`` through ``__dict__`` entries only (no descriptors, no ``__getattr__``).
+
+    ``name@type`` is the class of the public module-level object ``name``.
+    """
+    if qual.endswith(TYPE_OF):
+        name = qual[: -len(TYPE_OF)]
+        found = vars(obj).get(name) if _NAME.match(name) and not name.startswith("_") else None
+        return None if found is None or isinstance(found, type) else type(found)
     for part in qual.split("."):
         namespace = vars(obj) if hasattr(obj, "__dict__") else {}
         if part not in namespace:
@@ -73,7 +83,7 @@ class ClassResolver:
                 self.by_name[f"{cls.__module__}:{cls.__qualname__}"] = cls
                 self.by_name.setdefault(cls.__qualname__, cls)
 
-    def resolve(self, ref: Any, path: str, kind: str = "module") -> type:
+    def resolve(self, ref: Any, path: str, kind: str = "module", empty: bool = False) -> type:
         """The allowed class ``ref`` names, usable as ``kind`` ("module", "class", "object")."""
         module, qual = _split(ref, "class", self.file, path)
         cls = self.by_name.get(f"{module}:{qual}")
@@ -92,11 +102,14 @@ class ClassResolver:
                 "crafted to run code, or needs trusted=True"
             )
         if kind == "module":
-            self._check_hooks(cls, f"{module}.{qual}", path)
+            self._check_hooks(cls, f"{module}.{qual}", path, empty)
         return cls
 
-    def _check_hooks(self, cls: type, name: str, path: str) -> None:
-        hooks = user_hooks(cls, MODULE_HOOKS)
+    def _check_hooks(self, cls: type, name: str, path: str, empty: bool) -> None:
+        """A module without state of its own is filled by torch's ``__setstate__`` instead of
+        the class's own (there is nothing for it to restore); other hooks are refused."""
+        names = MODULE_HOOKS if not empty else tuple(h for h in MODULE_HOOKS if h != "__setstate__")
+        hooks = user_hooks(cls, names)
         if hooks and not self.trusted:
             raise ClassNotAllowedError(
                 f"{self.file}: module {path or '<root>'} is a {name}, which defines "
@@ -163,12 +176,12 @@ class Rebuilder:
         self.file = file
         self.built: dict[str, nn.Module] = {}
         self.params: dict[str, nn.Parameter] = {}
-        self.values = ValueDecoder(resolver.resolve, objects, resolve_function, file)
+        self.values = ValueDecoder(resolver.resolve, objects, resolve_function, file, self.module)
 
     def module(self, node: Any, path: str) -> nn.Module:
         if not isinstance(node, dict) or not isinstance(node.get("class"), str):
             raise FormatError(f"{self.file}: module {path or '<root>'} is malformed")
-        cls = self.resolver.resolve(node["class"], path)
+        cls = self.resolver.resolve(node["class"], path, "module", stateless(node))
         state = {name: _fresh(value) for name, value in _TEMPLATE.items()}
         state["training"] = node.get("training") is True
         state["_parameters"] = self._table(node.get("params"), path, parameter=True)
@@ -265,8 +278,9 @@ def _new_module(cls: type, state: dict, trusted: bool) -> nn.Module:
         obj.__setstate__(state)
         return obj
     obj = object.__new__(cls)
-    _, setstate = static_lookup(cls, "__setstate__")  # torch's own (checked by the resolver)
-    setstate(obj, state)
+    torch_setstate = next(vars(k)["__setstate__"] for k in mro(cls)
+                          if "__setstate__" in vars(k) and is_torch_class(k))  # fmt: skip
+    torch_setstate(obj, state)  # a class's own __setstate__ was allowed only when stateless
     return obj
 
 

@@ -23,9 +23,30 @@ FUNCTION_NAMESPACES = (("torch.nn.functional", F), ("torch", torch), ("operator"
 _SCALARS = (type(None), bool, int, float, str, bytes, complex, torch.dtype, torch.device)
 
 
+#: Suffix of a reference to "the class of this module-level object" (``module:name@type``).
+TYPE_OF = "@type"
+
+
+def _instance_of(cls: type) -> str | None:
+    """``module:name@type`` when a public module-level object is an instance of ``cls``.
+
+    Covers a class made inside a factory whose instance its module keeps, e.g. the ``kernels``
+    package's function wrappers (``apply_rotary_pos_emb``) that Hugging Face attention layers
+    copy into ``_kernel_funcs``; it is how that package's own pickling finds the class.
+    """
+    module = sys.modules.get(cls.__module__) if isinstance(cls.__module__, str) else None
+    for name, obj in (vars(module) if module is not None else {}).items():
+        if type(obj) is cls and name.isidentifier() and not name.startswith("_"):
+            return f"{cls.__module__}:{name}{TYPE_OF}"
+    return None
+
+
 def class_path(cls: type, where: str = "<root>") -> str:
     """``module:qualname`` of a class; refuses classes that cannot be found again by name."""
     qual = cls.__qualname__
+    found_as = _instance_of(cls) if "<locals>" in qual else None
+    if found_as is not None:
+        return found_as
     if "<locals>" in qual or "<" in cls.__module__:
         raise UnsupportedValueError(
             f"{where}: class {cls.__module__}.{qual} is defined inside a function and cannot "

@@ -8,6 +8,9 @@ Encoded as tagged one-key dicts so the typed tree stores them as data:
 * ``{"object": i}`` - entry ``i`` of the model's object table, ``{"class": ..., "state": {..}}``
   (a ``PretrainedConfig``, a dataclass); an object reached twice is stored once, so
   ``model.config is model.transformer.config`` stays true after loading;
+* ``{"module": node}`` - a module without state of its own (no parameters, buffers,
+  submodules or attributes) kept in a container attribute, described like a submodule (the
+  ``kernels`` package's per-layer function wrappers in Hugging Face attention layers);
 * ``{"list"|"tuple": [...]}``, ``{"dict": [[key, value], ...]}`` - containers (plain keys).
 
 Decoding resolves every class through the caller's allow-list (the resolver passed in) and makes
@@ -20,12 +23,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from torch import nn
+
 from ..errors import FormatError, UnsupportedValueError
 from .classes import data_class_problem, is_module_class
 from .refs import check_plain, class_path, function_ref
 
 MAX_DEPTH = 32
 _SEQUENCES = {"list": list, "tuple": tuple}
+
+
+#: Entries of a module node that hold state (see :mod:`.capture`).
+STATE_KEYS = ("params", "buffers", "modules", "attrs", "functions", "tensor_attrs", "values")
+
+
+def stateless(node: dict) -> bool:
+    """A module node with nothing of its own but its class and training flag."""
+    return not any(node.get(key) for key in STATE_KEYS) and "init_args" not in node
 
 
 def is_plain(value: Any, path: str) -> bool:
@@ -39,7 +53,8 @@ def is_plain(value: Any, path: str) -> bool:
 class ValueEncoder:
     """Encodes attribute values of one model; owns its object table."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: Callable[[Any, str], dict]) -> None:
+        self.module = module  # describes a module (the capturer's)
         self.objects: list[dict] = []
         self._memo: dict[int, int] = {}
         self._keep: list[Any] = []  # keeps ids stable while encoding
@@ -57,6 +72,15 @@ class ValueEncoder:
             return {kind.__name__: items}
         if kind is dict:
             return {"dict": [self._item(k, v, path, depth) for k, v in value.items()]}
+        if isinstance(value, nn.Module):
+            node = self.module(value, path)
+            if not stateless(node):
+                raise UnsupportedValueError(
+                    f"{path}: a module with state (parameters, buffers, submodules or "
+                    "attributes) kept outside _modules cannot be saved; register it as a "
+                    "submodule (nn.ModuleDict / nn.ModuleList)"
+                )
+            return {"module": node}
         if callable(value) and data_class_problem(kind) is not None:
             return {"function": function_ref(value, path)}
         return {"object": self._object(value, path, depth)}
@@ -104,9 +128,12 @@ Resolve = Callable[[Any, str, str], type]  # (reference, path, kind) -> allowed 
 class ValueDecoder:
     """Rebuilds encoded values; classes come only from ``resolve`` (the caller's allow-list)."""
 
-    def __init__(self, resolve: Resolve, table: Any, functions: Callable, file: str) -> None:
+    def __init__(
+        self, resolve: Resolve, table: Any, functions: Callable, file: str, module: Callable
+    ) -> None:
         self.resolve = resolve
         self.functions = functions
+        self.module = module  # rebuilds a module node (the rebuilder's)
         self.file = file
         if table is None:
             table = []
@@ -145,6 +172,8 @@ class ValueDecoder:
             if type(payload) is not int or not 0 <= payload < len(self.objects):
                 raise FormatError(f"{self.file}: {path} refers to no saved object")
             return self.objects[payload]
+        if tag == "module" and isinstance(payload, dict) and stateless(payload):
+            return self.module(payload, path)
         if tag in _SEQUENCES and isinstance(payload, list):
             items = [self.decode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(payload)]
             return _SEQUENCES[tag](items)
