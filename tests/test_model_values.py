@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import torchkeep
-from torchkeep.errors import ClassNotAllowedError, UnsupportedValueError
+from torchkeep.errors import ClassNotAllowedError, FormatError, UnsupportedValueError
+from torchkeep.model.api import KIND_KEY, KIND_VALUE, MODEL_ENTRY
 
 
 @dataclasses.dataclass
@@ -127,3 +128,44 @@ def test_plain_models_keep_layout_1(tmp_path) -> None:
     """Files without classes or objects stay readable by older torchkeep versions."""
     torchkeep.save_model(nn.Sequential(nn.Linear(2, 2)), tmp_path / "m.tk")
     assert torchkeep.load(tmp_path / "m.tk")["__torchkeep_model__"]["version"] == 1
+
+
+def _forged(path, values: dict, objects) -> str:
+    node = {"class": "torch.nn:ReLU", "training": False, "params": {}, "buffers": {},
+            "modules": {}, "values": values}  # fmt: skip
+    entry = {"version": 2, "root": node, "extra": {}, "objects": objects}
+    torchkeep.save({MODEL_ENTRY: entry}, path, metadata={KIND_KEY: KIND_VALUE})
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "values, objects, trusted",
+    [
+        ({"a": {"dict": [[1.5, {"plain": 1}]]}}, [], False),
+        ({"a": {"dict": [[2**62, {"plain": 1}]]}}, [], False),
+        ({"a": {"object": 0}}, "not a list", False),
+        ({"a": {"object": 0}}, [{"class": "tests:X"}], False),
+        ({"a": {"object": -1}}, [], False),
+        ({"a": {"object": 0}}, [{"class": "collections:OrderedDict", "state": {}}], True),
+        ({"a": {"object": 0}}, [{"class": "pathlib:PurePath", "state": {"x": {"plain": 1}}}], True),
+        ({"a": {"plain": 1, "class": "torch.nn:ReLU"}}, [], False),
+        ({"a": {"list": "no"}}, [], False),
+        ({"forward": {"class": "torch.nn:ReLU"}}, [], False),  # would shadow a method
+    ],
+    ids=[
+        "float-key",
+        "huge-int-key",
+        "table",
+        "entry",
+        "index",
+        "builtin",
+        "slots",
+        "two-tags",
+        "list",
+        "shadow",
+    ],  # fmt: skip
+)
+def test_malformed_values_are_format_errors(tmp_path, values, objects, trusted) -> None:
+    path = _forged(tmp_path / "m.tk", values, objects)
+    with pytest.raises(FormatError):
+        torchkeep.load_model(path, trusted=trusted)

@@ -112,7 +112,8 @@ def check_plain(value: Any, path: str, depth: int = 0) -> None:
     what = "a function" if callable(value) else f"a {kind.__module__}.{kind.__qualname__}"
     raise UnsupportedValueError(
         f"{path}: {what} cannot be saved safely (whole-model files store numbers, strings, "
-        "bools, None, dtypes, devices, tensors and tuples/lists/dicts of them, and functions of "
-        "torch.nn.functional/torch/operator as direct attributes); remove the attribute, make it "
-        "plain data, or save the state_dict instead"
+        "bools, None, dtypes, devices, tensors and tuples/lists/dicts of them, classes, "
+        "configuration objects whose state is such data, and functions of "
+        "torch.nn.functional/torch/operator); remove the attribute, make it plain data, or save "
+        "the state_dict instead"
     )

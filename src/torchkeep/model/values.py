@@ -87,8 +87,11 @@ class ValueEncoder:
 
     def _item(self, key: Any, value: Any, path: str, depth: int) -> list:
         where = f"{path}[{key!r}]"
-        if not is_plain(key, where) or not isinstance(key, (str, int, float, bool, type(None))):
-            raise UnsupportedValueError(f"{where}: dict keys must be strings or numbers here")
+        if not key_ok(key):
+            raise UnsupportedValueError(
+                f"{where}: keys of a dict holding classes or objects must be strings, bools, "
+                "None or integers below 2**61"
+            )
         return [key, self.encode(value, where, depth + 1)]
 
     def _object(self, obj: Any, path: str, depth: int) -> int:
@@ -145,7 +148,7 @@ class ValueDecoder:
             if not isinstance(item, dict) or set(item) != {"class", "state"}:
                 raise FormatError(f"{file}: object {i} of the whole-model file is malformed")
             cls = resolve(item["class"], f"<object {i}>", "object")
-            self.objects.append(object.__new__(cls))
+            self.objects.append(_bare(cls, file, i))
         for i, item in enumerate(table):  # pass 2: state, possibly referring to other objects
             state = item["state"]
             if not isinstance(state, dict):
@@ -154,7 +157,7 @@ class ValueDecoder:
             filled = {
                 _name(k, file, where): self.decode(v, f"{where}.{k}") for k, v in state.items()
             }
-            object.__getattribute__(self.objects[i], "__dict__").update(filled)
+            _fill(self.objects[i], filled, file, i)
 
     def decode(self, node: Any, path: str, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
@@ -182,10 +185,35 @@ class ValueDecoder:
         raise FormatError(f"{self.file}: attribute {path} has an unknown kind {tag!r}")
 
     def _pair(self, pair: Any, path: str, depth: int) -> tuple:
-        ok = isinstance(pair, list) and len(pair) == 2
-        if not ok or not isinstance(pair[0], (str, int, float, bool, type(None))):
+        if not (isinstance(pair, list) and len(pair) == 2 and key_ok(pair[0])):
             raise FormatError(f"{self.file}: a dict entry of {path} is malformed")
         return pair[0], self.decode(pair[1], f"{path}[{pair[0]!r}]", depth + 1)
+
+
+def key_ok(key: Any) -> bool:
+    """Keys whose hashes a file cannot make collide (str hashing is randomized; small ints and
+    bools hash to distinct values), so a crafted dict cannot make decoding quadratic."""
+    if type(key) is int:
+        return abs(key) < 2**61 - 1
+    return type(key) in (str, bool, type(None))
+
+
+def _bare(cls: type, file: str, index: int) -> Any:
+    try:
+        return object.__new__(cls)
+    except TypeError as exc:  # a builtin base (only reachable with trusted=True)
+        raise FormatError(
+            f"{file}: object {index} ({cls.__qualname__}) cannot be rebuilt from plain data ({exc})"
+        ) from exc
+
+
+def _fill(obj: Any, state: dict, file: str, index: int) -> None:
+    try:
+        object.__getattribute__(obj, "__dict__").update(state)
+    except AttributeError as exc:  # no __dict__ (only reachable with trusted=True)
+        raise FormatError(
+            f"{file}: object {index} ({type(obj).__qualname__}) has no __dict__ to fill ({exc})"
+        ) from exc
 
 
 def _name(name: Any, file: str, path: str) -> str:
