@@ -66,6 +66,12 @@ class DelVictim(nn.Module):
         touch("del")
 
 
+class GetattributeVictim(nn.Module):
+    def __getattribute__(self, name):
+        touch("getattribute " + name)
+        return super().__getattribute__(name)
+
+
 class Meta(type):
     def __call__(cls, *args, **kwargs):
         touch("meta call")
@@ -226,6 +232,7 @@ def _cases(sentinel: str) -> dict[str, tuple[dict, list | None]]:
         "__setstate__": (_seq(_node("victims:SetstateVictim", attrs={"x": 1})), None),
         "__del__": (_seq(_node("victims:DelVictim")), None),
         "metaclass": (_seq(_node("victims:MetaVictim")), None),
+        "__getattribute__": (_seq(_node("victims:GetattributeVictim")), None),
         "shared then victim": (
             _node(
                 "torch.nn:Sequential",
@@ -321,6 +328,7 @@ def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> Non
             by_case.setdefault(r["case"], set()).add(r["outcome"])
     # Classes that would need their own code to be rebuilt are refused; plain ones load.
     for case in ("root __new__", "__setstate__", "__del__", "metaclass", "class attr Popen",
+                 "__getattribute__",
                  "object ConfigNew", "object ConfigDel", "object ConfigSetstate",
                  "object ConfigSlots", "object ConfigDict", "object MetaConfig",
                  "object Popen", "function victim", "unknown tag", "stateless __del__",

@@ -7,8 +7,9 @@ through attribute access on the class, so no descriptor, ``__getattr__``, metacl
 Two kinds of classes are rebuilt from plain data:
 
 * **module classes** (``nn.Module`` subclasses): made with ``object.__new__`` and filled through
-  ``__setstate__``; a ``__new__``, ``__setstate__`` or ``__del__`` defined outside torch would run
-  user code with state from the file, so such classes need ``trusted=True``;
+  torch's ``__setstate__``; a ``__new__``, ``__setstate__``, ``__del__`` or ``__getattribute__``
+  defined outside torch would run user code with state from the file, so such classes need
+  ``trusted=True``;
 * **data classes** (configuration objects: Hugging Face ``PretrainedConfig``, dataclasses, simple
   attribute bags): made with ``object.__new__`` and filled by updating ``__dict__``; no
   ``__init__``/``__post_init__``/``__setattr__`` runs. Allowed only when the class is a plain
@@ -25,8 +26,9 @@ from torch import nn
 
 #: Metaclasses whose class-level lookups run no user code.
 PLAIN_METACLASSES = (type, abc.ABCMeta)
-#: Special methods that would run user code while (or after) rebuilding a module instance.
-MODULE_HOOKS = ("__new__", "__setstate__", "__del__")
+#: Special methods that would run user code while (or after) rebuilding a module instance
+#: (``__getattribute__`` runs on every attribute access, torch's own ``__setstate__`` included).
+MODULE_HOOKS = ("__new__", "__setstate__", "__del__", "__getattribute__")
 #: ... and a configuration object's: those plus its own pickling protocol.
 DATA_HOOKS = ("__new__", "__setstate__", "__del__", "__getstate__", "__reduce__", "__reduce_ex__")
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined by a ``class`` statement

@@ -280,7 +280,12 @@ def _new_module(cls: type, state: dict, trusted: bool) -> nn.Module:
     obj = object.__new__(cls)
     torch_setstate = next(vars(k)["__setstate__"] for k in mro(cls)
                           if "__setstate__" in vars(k) and is_torch_class(k))  # fmt: skip
-    torch_setstate(obj, state)  # a class's own __setstate__ was allowed only when stateless
+    if torch_setstate is vars(nn.Module)["__setstate__"]:
+        # What nn.Module.__setstate__ does with a complete state (every internal is in
+        # ``state``), without attribute access through the class (no __getattribute__ runs).
+        object.__getattribute__(obj, "__dict__").update(state)
+    else:
+        torch_setstate(obj, state)  # e.g. nn.LSTM's; the class's own ran only if stateless
     return obj
 
 
