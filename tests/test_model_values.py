@@ -169,3 +169,26 @@ def test_malformed_values_are_format_errors(tmp_path, values, objects, trusted) 
     path = _forged(tmp_path / "m.tk", values, objects)
     with pytest.raises(FormatError):
         torchkeep.load_model(path, trusted=trusted)
+
+
+class OwnSetstate(nn.Module):
+    """A module class with its own __setstate__: rebuilding it would run that code."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scale = 3
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.restored = True
+
+
+def test_own_setstate_warns_at_save_and_needs_trust(tmp_path) -> None:
+    path = tmp_path / "m.tk"
+    with pytest.warns(UserWarning, match=r"OwnSetstate \(OwnSetstate.__setstate__\)"):
+        torchkeep.save_model(OwnSetstate(), path)
+    with pytest.raises(ClassNotAllowedError, match="__setstate__"):
+        torchkeep.load_model(path)
+    loaded = torchkeep.load_model(path, trusted=True)  # pickle semantics: the class's code runs
+    assert loaded.restored is True and loaded.scale == 3

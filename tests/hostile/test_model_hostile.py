@@ -248,6 +248,7 @@ def _cases(sentinel: str) -> dict[str, tuple[dict, list | None]]:
         "class in list": _value({"list": [{"plain": 1}, {"class": "victims:NewVictim"}]}),
         "class in dict": _value({"dict": [["k", {"class": "victims:ConfigNew"}]]}),
         "function victim": _value({"function": "victims:touch"}),
+        "functions field": (_seq(_node("torch.nn:ReLU", functions={"f": "victims:touch"})), None),
         "function os.system": _value({"function": "os:system"}),
         "unknown tag": _value({"lambda": "x"}),
         "stateless __setstate__": (_seq(_node("victims:SetstateVictim")), None),
@@ -328,7 +329,7 @@ def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> Non
             by_case.setdefault(r["case"], set()).add(r["outcome"])
     # Classes that would need their own code to be rebuilt are refused; plain ones load.
     for case in ("root __new__", "__setstate__", "__del__", "metaclass", "class attr Popen",
-                 "__getattribute__",
+                 "__getattribute__", "functions field",
                  "object ConfigNew", "object ConfigDel", "object ConfigSetstate",
                  "object ConfigSlots", "object ConfigDict", "object MetaConfig",
                  "object Popen", "function victim", "unknown tag", "stateless __del__",

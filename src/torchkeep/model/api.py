@@ -53,6 +53,13 @@ def save_model(
             + ", ".join(described.hooks_dropped[:8]),
             stacklevel=2,
         )
+    if described.needs_trust:
+        listing = "; ".join(f"{c} ({', '.join(h)})" for c, h in described.needs_trust.items())
+        warnings.warn(
+            f"save_model({os.fspath(path)!r}): classes with their own special methods will need "
+            f"load_model(..., trusted=True), which runs them: {listing[:400]}",
+            stacklevel=2,
+        )
     if MODEL_ENTRY in described.tensors:
         raise TorchkeepError(f"the model has a tensor named {MODEL_ENTRY!r}; rename it")
     entry = {"version": LAYOUT_VERSION, "root": described.root, "extra": described.extra}

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedValueError
+from .classes import MODULE_HOOKS, user_hooks
 from .fit import init_args
 from .refs import FUNCTION_NAMESPACES, check_plain, class_path, function_ref, safe_function
-from .values import ValueEncoder, is_plain
+from .values import ValueEncoder, is_plain, stateless
 
 __all__ = [
     "FUNCTION_NAMESPACES",
@@ -45,6 +46,7 @@ class Capture:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # persistent (state_dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # non-persistent buffers
     hooks_dropped: list[str] = field(default_factory=list)
+    needs_trust: dict[str, list[str]] = field(default_factory=dict)  # class path -> its hooks
     objects: list[dict] = field(default_factory=list)  # configuration objects, by index
 
 
@@ -73,6 +75,11 @@ class _Capturer:
         node["attrs"], node["functions"], node["tensor_attrs"], values = self._attrs(mod, prefix)
         if values:
             node["values"] = values
+        hooks = user_hooks(type(mod), MODULE_HOOKS)
+        if stateless(node):
+            hooks = [h for h in hooks if not h.endswith(".__setstate__")]
+        if hooks:
+            self.out.needs_trust[node["class"]] = hooks
         args = init_args(mod, node["attrs"])
         if args is not None:
             node["init_args"] = args
