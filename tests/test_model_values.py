@@ -5,11 +5,13 @@ simple config objects; what cannot be rebuilt from plain data is refused with it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torchkeep
@@ -49,6 +51,20 @@ class Slotted:
         self.width = 3
 
 
+class TimmLike(nn.Module):
+    """timm blocks keep ``norm_layer=partial(nn.LayerNorm, eps=1e-6)`` and call it later."""
+
+    def __init__(self, norm_layer=None):
+        super().__init__()
+        norm_layer = norm_layer or functools.partial(nn.LayerNorm, eps=1e-6)
+        self.norm_layer = norm_layer
+        self.acts = {"gelu": functools.partial(F.gelu, approximate="tanh"), "relu": nn.ReLU}
+        self.norm = norm_layer(4)
+
+    def forward(self, x):
+        return self.acts["gelu"](self.norm(x))
+
+
 class ResNetLike(nn.Module):
     """torchvision's ResNet keeps its norm layer class; timm blocks keep act_layer."""
 
@@ -84,6 +100,21 @@ def test_torchvision_style_round_trip(tmp_path) -> None:
         loaded.frozen.eps = 1.0  # still frozen
     assert loaded.bag.nested["cfg"] is loaded.cfg  # one object, as in the original
     assert loaded.bag.inits == 1 and loaded.bag.doubled == 8  # __init__ not run again
+
+
+def test_partial_of_classes_and_functions(tmp_path) -> None:
+    model = TimmLike().eval()
+    torchkeep.save_model(model, tmp_path / "m.tk")
+    loaded = torchkeep.load_model(tmp_path / "m.tk")
+    x = torch.randn(2, 4)
+    assert torch.equal(model(x), loaded(x))
+    part = loaded.norm_layer
+    assert isinstance(part, functools.partial) and part.func is nn.LayerNorm
+    assert part.keywords == {"eps": 1e-6} and part(4).eps == 1e-6  # still usable
+    assert loaded.acts["relu"] is nn.ReLU and loaded.acts["gelu"].func is F.gelu
+    model.norm_layer = functools.partial(lambda n: n, 3)
+    with pytest.raises(UnsupportedValueError, match="norm_layer"):
+        torchkeep.save_model(model, tmp_path / "bad.tk")
 
 
 def test_config_class_needs_the_allow_list(tmp_path) -> None:

@@ -250,6 +250,19 @@ def _cases(sentinel: str) -> dict[str, tuple[dict, list | None]]:
         "class in list": _value({"list": [{"plain": 1}, {"class": "victims:NewVictim"}]}),
         "class in dict": _value({"dict": [["k", {"class": "victims:ConfigNew"}]]}),
         "function victim": _value({"function": "victims:touch"}),
+        "partial of victim class": _value(
+            {
+                "partial": [
+                    {"class": "victims:InitVictim"},
+                    {"list": []},
+                    {"dict": [["path", {"plain": sentinel}], ["size", {"plain": 1 << 40}]]},
+                ]
+            }
+        ),
+        "partial of victim function": _value(
+            {"partial": [{"function": "victims:touch"}, {"list": []}, {"dict": []}]}
+        ),
+        "partial of object": _value({"partial": [{"object": 0}, {"list": []}, {"dict": []}]}),
         "functions field": (_seq(_node("torch.nn:ReLU", functions={"f": "victims:touch"})), None),
         "function os.system": _value({"function": "os:system"}),
         "unknown tag": _value({"lambda": "x"}),
@@ -331,7 +344,8 @@ def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> Non
             by_case.setdefault(r["case"], set()).add(r["outcome"])
     # Classes that would need their own code to be rebuilt are refused; plain ones load.
     for case in ("root __new__", "__setstate__", "__del__", "metaclass", "class attr Popen",
-                 "__getattribute__", "functions field",
+                 "__getattribute__", "functions field", "partial of victim function",
+                 "partial of object",
                  "object ConfigNew", "object ConfigDel", "object ConfigSetstate",
                  "object ConfigSlots", "object ConfigDict", "object MetaConfig",
                  "object Popen", "function victim", "unknown tag", "stateless __del__",
@@ -339,7 +353,7 @@ def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> Non
                  "@type of function", "@type private", "@type empty"):  # fmt: skip
         assert "ok" not in by_case[case], (case, by_case[case])
     for case in ("root init_args", "child init_args", "object ConfigInit", "object ConfigPost",
-                 "class attr victim module", "stateless __setstate__",
+                 "class attr victim module", "stateless __setstate__", "partial of victim class",
                  "value module __setstate__"):  # fmt: skip
         assert by_case[case] == {"ok"}, (case, by_case[case])
 

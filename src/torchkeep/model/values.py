@@ -11,6 +11,8 @@ Encoded as tagged one-key dicts so the typed tree stores them as data:
 * ``{"module": node}`` - a module without state of its own (no parameters, buffers,
   submodules or attributes) kept in a container attribute, described like a submodule (the
   ``kernels`` package's per-layer function wrappers in Hugging Face attention layers);
+* ``{"partial": [func, args, keywords]}`` - ``functools.partial`` of an allowed class or function
+  (timm-style ``norm_layer=partial(nn.LayerNorm, eps=1e-6)``); rebuilt without calling ``func``;
 * ``{"list"|"tuple": [...]}``, ``{"dict": [[key, value], ...]}`` - containers (plain keys).
 
 Decoding resolves every class through the caller's allow-list (the resolver passed in) and makes
@@ -20,6 +22,7 @@ named by the file runs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -72,6 +75,8 @@ class ValueEncoder:
             return {kind.__name__: items}
         if kind is dict:
             return {"dict": [self._item(k, v, path, depth) for k, v in value.items()]}
+        if kind is functools.partial:
+            return {"partial": self._partial(value, path, depth)}
         if isinstance(value, nn.Module):
             node = self.module(value, path)
             if not stateless(node):
@@ -84,6 +89,18 @@ class ValueEncoder:
         if callable(value) and data_class_problem(kind) is not None:
             return {"function": function_ref(value, path)}
         return {"object": self._object(value, path, depth)}
+
+    def _partial(self, value: functools.partial, path: str, depth: int) -> list:
+        if vars(value):
+            raise UnsupportedValueError(f"{path}: a functools.partial with attributes of its own")
+        func = value.func
+        if not isinstance(func, type):  # a class, or an allow-listed function
+            func_node = {"function": function_ref(func, path)}
+        else:
+            func_node = {"class": class_path(func, path)}
+        args = self.encode(list(value.args), f"{path}.args", depth + 1)
+        keywords = self.encode(dict(value.keywords), f"{path}.keywords", depth + 1)
+        return [func_node, args, keywords]
 
     def _item(self, key: Any, value: Any, path: str, depth: int) -> list:
         where = f"{path}[{key!r}]"
@@ -175,6 +192,8 @@ class ValueDecoder:
             if type(payload) is not int or not 0 <= payload < len(self.objects):
                 raise FormatError(f"{self.file}: {path} refers to no saved object")
             return self.objects[payload]
+        if tag == "partial" and isinstance(payload, list) and len(payload) == 3:
+            return self._partial(payload, path, depth)
         if tag == "module" and isinstance(payload, dict) and stateless(payload):
             return self.module(payload, path)
         if tag in _SEQUENCES and isinstance(payload, list):
@@ -183,6 +202,20 @@ class ValueDecoder:
         if tag == "dict" and isinstance(payload, list):
             return dict(self._pair(pair, path, depth) for pair in payload)
         raise FormatError(f"{self.file}: attribute {path} has an unknown kind {tag!r}")
+
+    def _partial(self, payload: list, path: str, depth: int) -> functools.partial:
+        """``functools.partial`` only stores ``func`` and the arguments; nothing is called."""
+        func_node, args_node, keywords_node = payload
+        if not (isinstance(func_node, dict) and set(func_node) <= {"class", "function"}):
+            raise FormatError(f"{self.file}: {path}: a partial's function is malformed")
+        func = self.decode(func_node, f"{path}.func", depth + 1)
+        args = self.decode(args_node, f"{path}.args", depth + 1)
+        keywords = self.decode(keywords_node, f"{path}.keywords", depth + 1)
+        if not (type(args) is list and type(keywords) is dict):
+            raise FormatError(f"{self.file}: {path}: a partial's arguments are malformed")
+        if not all(type(k) is str and k.isidentifier() for k in keywords):
+            raise FormatError(f"{self.file}: {path}: a partial's keyword names are malformed")
+        return functools.partial(func, *args, **keywords)
 
     def _pair(self, pair: Any, path: str, depth: int) -> tuple:
         if not (isinstance(pair, list) and len(pair) == 2 and key_ok(pair[0])):
