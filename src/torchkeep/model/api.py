@@ -41,10 +41,12 @@ def save_model(
 ) -> None:
     """Save the whole ``model`` (structure and weights) to ``path`` atomically, without pickle.
 
-    Classes are recorded by import path; attributes must be plain data (or functions of
-    ``torch.nn.functional``/``torch``/``operator``). Anything else, and registered hooks unless
-    ``drop_hooks=True``, raises :class:`UnsupportedValueError` naming the attribute path before
-    any byte is written. torch.compile / DataParallel / DDP wrappers are removed.
+    Classes are recorded by import path; attributes must be plain data, classes, configuration
+    objects whose state is plain data (``PretrainedConfig``, dataclasses), ``functools.partial``
+    of those, or functions of ``torch.nn.functional``/``torch``/``operator``. Anything else, and
+    registered hooks unless ``drop_hooks=True``, raises :class:`UnsupportedValueError` naming the
+    attribute path before any byte is written. torch.compile / DataParallel / DDP wrappers are
+    removed.
     """
     described = capture(model, drop_hooks=drop_hooks)
     if described.hooks_dropped:
@@ -80,11 +82,15 @@ def load_model(
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (or, with ``trusted=True``, ``torch.save``).
 
-    Classes resolve only when allowed: ``torch.nn``, ``classes=[...]`` (or a dict mapping saved
-    ``module:qualname`` to a class that moved), classes whose module is already imported, and
-    with ``trusted=True`` any importable class. No ``__init__`` runs while rebuilding. The model
-    comes back in ``eval()`` mode. ``check_fit`` compares it with the current code of its
-    classes and raises :class:`StateDictMismatchError` with a table when the architecture changed.
+    Classes (of modules, class-valued attributes and configuration objects) resolve only when
+    allowed: ``torch.nn``, ``classes=[...]`` (or a dict mapping saved ``module:qualname`` to a
+    class that moved), classes whose module is already imported, and with ``trusted=True`` any
+    importable class. No code of a class named by the file runs unless ``trusted=True``: no
+    ``__init__``, and a class with its own ``__new__``/``__setstate__``/``__del__``/
+    ``__getattribute__`` is refused. The model comes back in ``eval()`` mode. ``check_fit``
+    compares it with the current source of its classes (parsed, not run; with ``trusted=True``
+    also their constructors on the meta device) and raises :class:`StateDictMismatchError` with
+    a table when the architecture changed.
     """
     path = os.fspath(path)
     if detect.sniff(path) != detect.SAFETENSORS:
