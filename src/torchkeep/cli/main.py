@@ -21,6 +21,7 @@ from .errors import EXIT_ERROR, GuardedGroup, debug
 from .inspect import inspect_cmd
 from .ls import ls_cmd
 from .prune import prune_cmd
+from .safe_text import one_line_safe
 from .scan import scan_cmd
 from .verify import verify_cmd
 
@@ -41,10 +42,10 @@ class CliGroup(GuardedGroup):
         except ImportError as exc:
             if debug():
                 raise
-            name = repr(getattr(exc, "name", None) or "a module")[:120]
+            name = one_line_safe(repr(getattr(exc, "name", None) or "a module"))[:120]
             click.echo(
                 f"error: the pickle needs the module {name}, which cannot be imported "
-                f"({' '.join(str(exc).split())[:200]!r}); run the command where "
+                f"({one_line_safe(str(exc))[:200]}); run the command where "
                 "the model's code is importable (with --trusted the current directory is "
                 "searched, as with `python -c`) or set PYTHONPATH",
                 err=True,
