@@ -131,6 +131,22 @@ class ConfigSlots:
 
 class ConfigDict(dict):
     pass
+
+
+class MapSetitem(dict):
+    def __init__(self, *args, **kwargs):
+        touch("map init")
+
+    def __setitem__(self, key, value):
+        touch("map setitem")
+
+
+class MapDel(dict):
+    def __del__(self):
+        touch("map del")
+
+
+DEL_INSTANCE = object.__new__(DelVictim)  # reached as "victims:DEL_INSTANCE@type"
 """
 
 RUNNER = """
@@ -287,6 +303,12 @@ def _cases(sentinel: str) -> dict[str, tuple[dict, list | None]]:
         _value({"object": 0})[0],
         [{"class": "subprocess:Popen", "state": {"args": {"plain": ["touch", sentinel]}}}],
     )
+    mappings = {"setitem": "MapSetitem", "__del__": "MapDel", "not a dict": "ConfigInit",
+                "builtin dict": "builtins:dict"}  # fmt: skip
+    for name, cls in mappings.items():
+        ref = cls if ":" in cls else f"victims:{cls}"
+        table = [{"class": ref, "state": {}, "items": [["a", {"plain": sentinel}]]}]
+        cases[f"mapping {name}"] = (_value({"object": 0})[0], table)
     cases["object nested victim class"] = (
         _value({"object": 0})[0],
         [{"class": "victims:ConfigInit", "state": {"kind": {"class": "victims:NewVictim"}}}],
@@ -298,7 +320,14 @@ def _cases(sentinel: str) -> dict[str, tuple[dict, list | None]]:
     return cases
 
 
-CONTROLS = ("root __new__", "__setstate__", "__del__", "object ConfigDel")
+CONTROLS = (
+    "root __new__",
+    "__setstate__",
+    "__del__",
+    "object ConfigDel",
+    "mapping __del__",
+    "@type of __del__ instance",
+)
 
 
 def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> None:
@@ -345,6 +374,7 @@ def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> Non
     # Classes that would need their own code to be rebuilt are refused; plain ones load.
     for case in ("root __new__", "__setstate__", "__del__", "metaclass", "class attr Popen",
                  "__getattribute__", "functions field", "partial of victim function",
+                 "mapping __del__", "mapping not a dict", "mapping builtin dict",
                  "partial of object",
                  "object ConfigNew", "object ConfigDel", "object ConfigSetstate",
                  "object ConfigSlots", "object ConfigDict", "object MetaConfig",
@@ -354,6 +384,7 @@ def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> Non
         assert "ok" not in by_case[case], (case, by_case[case])
     for case in ("root init_args", "child init_args", "object ConfigInit", "object ConfigPost",
                  "class attr victim module", "stateless __setstate__", "partial of victim class",
+                 "mapping setitem",
                  "value module __setstate__"):  # fmt: skip
         assert by_case[case] == {"ok"}, (case, by_case[case])
 

@@ -53,12 +53,17 @@ def static_lookup(cls: type, name: str) -> tuple[type | None, Any]:
     return None, None
 
 
+def is_builtin(cls: type) -> bool:
+    """A type implemented in C (``object``, ``dict``...): its methods are not user code."""
+    return not type.__dict__["__flags__"].__get__(cls) & _HEAPTYPE
+
+
 def user_hooks(cls: type, names: tuple[str, ...]) -> list[str]:
-    """Which of ``names`` a class outside torch (and not ``object``) defines for ``cls``."""
+    """Which of ``names`` a Python class outside torch defines for ``cls`` (builtins' are C)."""
     found = []
     for name in names:
         owner, _ = static_lookup(cls, name)
-        if owner is not None and owner is not object and not is_torch_class(owner):
+        if owner is not None and not is_builtin(owner) and not is_torch_class(owner):
             found.append(f"{owner.__qualname__}.{name}")
     return found
 
@@ -72,8 +77,12 @@ def is_module_class(cls: Any) -> bool:
     return isinstance(cls, type) and plain_metaclass(cls) and nn.Module in mro(cls)
 
 
-def data_class_problem(cls: Any) -> str | None:
-    """Why instances of ``cls`` cannot be stored/rebuilt as plain data; None when they can."""
+def data_class_problem(cls: Any, base: type = object) -> str | None:
+    """Why instances of ``cls`` cannot be stored/rebuilt as plain data; None when they can.
+
+    ``base=dict``: a ``dict`` subclass (Lightning's ``AttributeDict``), rebuilt with
+    ``dict.__new__`` and ``dict.update``, whose items and ``__dict__`` are plain data.
+    """
     if not isinstance(cls, type):
         return "it is not a class"
     if not plain_metaclass(cls):
@@ -81,8 +90,10 @@ def data_class_problem(cls: Any) -> str | None:
     classes = mro(cls)
     if nn.Module in classes:
         return "it is a module stored outside _modules; assign it as a submodule"
-    for klass in classes[:-1]:
-        if not type.__dict__["__flags__"].__get__(klass) & _HEAPTYPE:
+    if base is not object and (len(classes) < 3 or classes[-2] is not base):
+        return f"it is not a {base.__qualname__} subclass"
+    for klass in classes[: -1 if base is object else -2]:
+        if is_builtin(klass):
             return f"it derives from the builtin type {klass.__qualname__}"
         if vars(klass).get("__slots__") not in (None, (), []):
             return f"{klass.__qualname__} keeps its state in __slots__"

@@ -84,7 +84,7 @@ class ClassResolver:
                 self.by_name.setdefault(cls.__qualname__, cls)
 
     def resolve(self, ref: Any, path: str, kind: str = "module", empty: bool = False) -> type:
-        """The allowed class ``ref`` names, usable as ``kind`` ("module", "class", "object")."""
+        """The allowed class ``ref`` names, usable as ``kind`` (module, class, object, mapping)."""
         module, qual = _split(ref, "class", self.file, path)
         cls = self.by_name.get(f"{module}:{qual}")
         if cls is None:
@@ -120,7 +120,9 @@ class ClassResolver:
 
     def _lookup(self, module: str, qual: str, path: str, kind: str) -> Any:
         loaded = sys.modules.get(module)
-        if loaded is None and (self.trusted or (_is_torch_nn(module) and kind != "object")):
+        if loaded is None and (
+            self.trusted or (_is_torch_nn(module) and kind in ("module", "class"))
+        ):
             try:
                 loaded = importlib.import_module(module)
             except ImportError as exc:

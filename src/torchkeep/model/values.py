@@ -6,7 +6,8 @@ Encoded as tagged one-key dicts so the typed tree stores them as data:
 * ``{"class": "module:QualName"}`` - a class (``self._norm_layer = nn.BatchNorm2d``);
 * ``{"function": "namespace:name"}`` - an allow-listed function (see :mod:`.refs`);
 * ``{"object": i}`` - entry ``i`` of the model's object table, ``{"class": ..., "state": {..}}``
-  (a ``PretrainedConfig``, a dataclass); an object reached twice is stored once, so
+  (a ``PretrainedConfig``, a dataclass), plus ``"items": [[key, value], ...]`` for a ``dict``
+  subclass (Lightning's ``AttributeDict``); an object reached twice is stored once, so
   ``model.config is model.transformer.config`` stays true after loading;
 * ``{"module": node}`` - a module without state of its own (no parameters, buffers,
   submodules or attributes) kept in a container attribute, described like a submodule (the
@@ -115,7 +116,8 @@ class ValueEncoder:
         if id(obj) in self._memo:
             return self._memo[id(obj)]
         cls = type(obj)
-        problem = data_class_problem(cls)
+        mapping = isinstance(obj, dict)
+        problem = data_class_problem(cls, dict if mapping else object)
         if problem is None and not isinstance(getattr(obj, "__dict__", None), dict):
             problem = "it has no __dict__"
         if problem is not None:
@@ -133,6 +135,8 @@ class ValueEncoder:
             _state_name(name, path): self.encode(v, f"{path}.{name}", depth + 1)
             for name, v in vars(obj).items()
         }
+        if mapping:
+            entry["items"] = [self._item(k, v, path, depth) for k, v in dict.items(obj)]
         return index
 
 
@@ -162,10 +166,12 @@ class ValueDecoder:
         self.table = table
         self.objects: list[Any] = []
         for i, item in enumerate(table):  # pass 1: classes decided, bare instances made
-            if not isinstance(item, dict) or set(item) != {"class", "state"}:
+            keys = set(item) if isinstance(item, dict) else set()
+            if keys not in ({"class", "state"}, {"class", "state", "items"}):
                 raise FormatError(f"{file}: object {i} of the whole-model file is malformed")
-            cls = resolve(item["class"], f"<object {i}>", "object")
-            self.objects.append(_bare(cls, file, i))
+            kind = "mapping" if "items" in keys else "object"
+            cls = resolve(item["class"], f"<object {i}>", kind)
+            self.objects.append(_bare(cls, file, i, dict if kind == "mapping" else object))
         for i, item in enumerate(table):  # pass 2: state, possibly referring to other objects
             state = item["state"]
             if not isinstance(state, dict):
@@ -175,6 +181,11 @@ class ValueDecoder:
                 _name(k, file, where): self.decode(v, f"{where}.{k}") for k, v in state.items()
             }
             _fill(self.objects[i], filled, file, i)
+            if "items" in item:
+                items = item["items"]
+                if not isinstance(items, list):
+                    raise FormatError(f"{file}: object {i} of the whole-model file is malformed")
+                dict.update(self.objects[i], (self._pair(p, where, 0) for p in items))
 
     def decode(self, node: Any, path: str, depth: int = 0) -> Any:
         if depth > MAX_DEPTH:
@@ -231,9 +242,9 @@ def key_ok(key: Any) -> bool:
     return type(key) in (str, bool, type(None))
 
 
-def _bare(cls: type, file: str, index: int) -> Any:
+def _bare(cls: type, file: str, index: int, base: type = object) -> Any:
     try:
-        return object.__new__(cls)
+        return base.__new__(cls)  # object.__new__ / dict.__new__: C code, nothing of cls runs
     except TypeError as exc:  # a builtin base (only reachable with trusted=True)
         raise FormatError(
             f"{file}: object {index} ({cls.__qualname__}) cannot be rebuilt from plain data ({exc})"
@@ -256,12 +267,12 @@ def _name(name: Any, file: str, path: str) -> str:
 
 
 def class_kind_problem(cls: Any, kind: str) -> str | None:
-    """Why an allowed class may not be used as ``kind`` ("module", "class", "object")."""
+    """Why an allowed class may not be used as ``kind`` (module, class, object, mapping)."""
     if kind == "module":
         return None if is_module_class(cls) else "is not an nn.Module subclass"
     if kind == "class":
         if is_module_class(cls) or data_class_problem(cls) is None:
             return None
         return "is neither an nn.Module subclass nor a plain data class"
-    problem = data_class_problem(cls)
+    problem = data_class_problem(cls, dict if kind == "mapping" else object)
     return None if problem is None else f"cannot be rebuilt from plain data ({problem})"
