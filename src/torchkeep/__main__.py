@@ -1,4 +1,4 @@
-"""``python -m torchkeep``: the command-line interface, same as the ``torchkeep`` script."""
+"""``python -m torchkeep``: the command-line interface (same as the ``torchkeep`` script)."""
 
 from .cli.main import main
 

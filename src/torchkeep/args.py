@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 MapLocation = Any  # None | str | torch.device | dict[str, str | torch.device] | callable
+"""Where tensors go, as ``torch.load`` takes it: None (where they were saved), a device or
+device string, a ``{saved: target}`` dict of devices, or a callable."""
 
 
 def _device(value: Any, what: str) -> torch.device:

@@ -15,7 +15,9 @@ from .transfer.asyncsave import save_blocking
 from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike[str]
+"""A file-system path: ``str`` or ``pathlib.Path``."""
 Target = PathLike | BinaryIO
+"""A path, or a binary file object (``io.BytesIO``, ``open(p, "rb")``/``"wb"``)."""
 
 
 def save(obj: Any, path: Target, *, metadata: dict[str, str] | None = None) -> None:

@@ -28,6 +28,7 @@ from ..readers.torch_file import refusal, unsafe_globals
 from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
 from .capture import unwrap
+from .export_load import load_untrusted
 
 PathLike = str | os.PathLike
 
@@ -101,10 +102,6 @@ def load_exported(path: PathLike, *, trusted: bool = False) -> torch.export.Expo
         scan = scan_archive(path)
         if unsafe_globals(scan):
             raise refusal(path, scan, " (inside the torch.export archive)")
-        # Imported here: torch's export deserializer costs seconds to import (sympy), and
-        # only this call needs it.
-        from .export_load import load_untrusted
-
         return load_untrusted(path)
     try:
         return torch.export.load(path)

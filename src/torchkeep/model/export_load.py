@@ -11,28 +11,32 @@ and opaque objects, and AOTInductor code, are never read here (the scan refuses 
 
 from __future__ import annotations
 
+import functools
+import importlib
 import io
 import json
 import zipfile
+from types import ModuleType
 from typing import Any
 
 import torch
-from torch._export.serde import schema
-from torch._export.serde.serialize import (
-    ExportedProgramDeserializer,
-    _bytes_to_dataclass,
-    _dict_to_dataclass,
-    deserialize_device,
-    deserialize_scalar_type,
-    deserialize_size,
-    deserialize_storage_offset,
-    deserialize_stride,
-)
 
 from .. import knobs
 from ..errors import FormatError, UnsafeFileError
 
 _MODEL = "model"
+
+
+# torch's export deserializer is imported on first use, not with torchkeep: importing it costs
+# seconds (it pulls in sympy) and only an untrusted load_exported needs it.
+@functools.cache
+def _serde() -> ModuleType:
+    return importlib.import_module("torch._export.serde.serialize")
+
+
+@functools.cache
+def _schema() -> ModuleType:
+    return importlib.import_module("torch._export.serde.schema")
 
 
 class _Archive:
@@ -75,8 +79,8 @@ def _weights_only(data: bytes, where: str) -> Any:
 
 def _raw_tensor(archive: _Archive, rel: str, meta: Any, cache: dict) -> torch.Tensor:
     """A raw payload viewed with the archive's sizes and strides (aliases share storage)."""
-    dtype = deserialize_scalar_type(meta.dtype)
-    size, stride = deserialize_size(meta.sizes), deserialize_stride(meta.strides)
+    dtype = _serde().deserialize_scalar_type(meta.dtype)
+    size, stride = _serde().deserialize_size(meta.sizes), _serde().deserialize_stride(meta.strides)
     if rel not in cache:
         data = archive.read(rel)
         item = torch.empty((), dtype=dtype).element_size()
@@ -87,7 +91,9 @@ def _raw_tensor(archive: _Archive, rel: str, meta: Any, cache: dict) -> torch.Te
     flat = cache[rel]
     if flat is None:
         return torch.zeros(size, dtype=dtype)
-    return torch.as_strided(flat, size, stride, deserialize_storage_offset(meta.storage_offset))
+    return torch.as_strided(
+        flat, size, stride, _serde().deserialize_storage_offset(meta.storage_offset)
+    )
 
 
 def _payloads(archive: _Archive, folder: str, kind: str) -> dict[str, Any]:
@@ -95,8 +101,8 @@ def _payloads(archive: _Archive, folder: str, kind: str) -> dict[str, Any]:
     legacy = f"{folder}{_MODEL}.pt"
     if legacy in archive.names:
         return _weights_only(archive.read(legacy), f"{archive.path}: {legacy}")
-    config = _dict_to_dataclass(
-        schema.PayloadConfig, archive.json(f"{folder}{_MODEL}_{kind}_config.json")
+    config = _serde()._dict_to_dataclass(
+        _schema().PayloadConfig, archive.json(f"{folder}{_MODEL}_{kind}_config.json")
     )
     out: dict[str, Any] = {}
     cache: dict[str, Any] = {}
@@ -109,7 +115,7 @@ def _payloads(archive: _Archive, folder: str, kind: str) -> dict[str, Any]:
         if meta is None:
             raise FormatError(f"{archive.path}: {rel} ({fqn}) has no tensor metadata")
         tensor = _raw_tensor(archive, rel, meta, cache)
-        device = deserialize_device(meta.device)
+        device = _serde().deserialize_device(meta.device)
         if device.type != "cpu":
             tensor = tensor.to(device)
         if payload.is_param:
@@ -123,16 +129,18 @@ def load_untrusted(path: str) -> torch.export.ExportedProgram:
     try:
         with zipfile.ZipFile(path) as zf:
             archive = _Archive(zf, path)
-            program = _bytes_to_dataclass(
-                schema.ExportedProgram, archive.read(f"models/{_MODEL}.json")
+            program = _serde()._bytes_to_dataclass(
+                _schema().ExportedProgram, archive.read(f"models/{_MODEL}.json")
             )
             state_dict = _payloads(archive, "data/weights/", "weights")
             constants = _payloads(archive, "data/constants/", "constants")
             sample = f"data/sample_inputs/{_MODEL}.pt"
             inputs = archive.read(sample) if sample in archive.names else b""
             example = _weights_only(inputs, f"{path}: {sample}") if inputs else None
-            return ExportedProgramDeserializer().deserialize(
-                program, state_dict, constants, example
+            return (
+                _serde()
+                .ExportedProgramDeserializer()
+                .deserialize(program, state_dict, constants, example)
             )
     except (UnsafeFileError, FormatError):
         raise

@@ -74,6 +74,7 @@ class FileReader:
 
     @property
     def is_torchkeep(self) -> bool:
+        """True for a torchkeep file, False for a plain safetensors file."""
         return self.header.is_torchkeep
 
     def _meta_json(self, name: str) -> Any:
@@ -138,13 +139,17 @@ class FileReader:
 
     # -- reading tensors ----------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """The stored tensor entries' names, in file order (flattened paths for torchkeep)."""
         return list(self.header.entries)
 
     @property
     def metadata(self) -> dict[str, str]:
+        """A copy of the file's ``__metadata__`` strings."""
         return dict(self.header.metadata)
 
     def entry(self, key: str) -> EntryInfo:
+        """The header's record of entry ``key`` (dtype, shape, byte range); KeyError names the
+        file when there is none."""
         try:
             return self.header.entries[key]
         except KeyError:
@@ -318,6 +323,7 @@ class FileReader:
         return decode(self.tree, resolve, self.path)
 
     def close(self) -> None:
+        """Close the file (idempotent); tensors from :meth:`map_entry` stay valid."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
