@@ -119,7 +119,7 @@ _keep_last, _keep_best, _keep_every = keep_last, keep_best, keep_every
 
 
 def prune(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike[str],
     *,
     keep_last: int | None = None,
     keep_best: int | None = None,
