@@ -42,3 +42,11 @@ def test_undocumented_public_objects_are_flagged(tmp_path: Path) -> None:
 
 def test_torchkeep_public_api_is_documented() -> None:
     assert _hook().problems(str(ROOT / "src")) == []
+
+
+def test_guides_missing_from_nav_are_listed(tmp_path: Path) -> None:
+    (tmp_path / "index.md").write_text("# Home\n")
+    (tmp_path / "remote.md").write_text("intro\n\n# Remote storage\n")
+    nav = [{"Home": "index.md"}, {"Guides": [{"Old": "old.md"}]}]
+    config = _hook().on_config({"nav": nav, "docs_dir": str(tmp_path)})
+    assert config["nav"][1]["Guides"] == [{"Old": "old.md"}, {"Remote storage": "remote.md"}]

@@ -5,6 +5,8 @@
   warning, which ``mkdocs build --strict`` (``make lint``) turns into a failure. mkdocstrings
   itself only hides undocumented objects, so without this check they would vanish silently.
 * The docstrings use Sphinx roles (``:class:`X```); the rendered pages show them as code.
+* A guide added to ``docs/`` without a ``nav`` entry in mkdocs.yml is listed under "Guides"
+  (titled by its first heading) instead of being left out of the navigation.
 * The commands' ``Examples:`` blocks (click's ``\\b`` paragraphs, whose line breaks
   mkdocs-click keeps but Markdown joins) are shown as code blocks in the CLI reference.
 """
@@ -64,6 +66,38 @@ def _get(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = obj.members.get(part) if obj is not None else None
     return obj
+
+
+def _nav_files(nav: Any) -> set[str]:
+    if isinstance(nav, str):
+        return {nav}
+    if isinstance(nav, dict):
+        return set().union(*(_nav_files(v) for v in nav.values()))
+    if isinstance(nav, list):
+        return set().union(*(_nav_files(v) for v in nav))
+    return set()
+
+
+def _title(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("#"):
+                return line.lstrip("#").strip().strip("`")
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def on_config(config: Any) -> Any:
+    """Append the guides ``nav`` does not name to its "Guides" section."""
+    nav = config["nav"] or []
+    guides = next((e["Guides"] for e in nav if isinstance(e, dict) and "Guides" in e), None)
+    if guides is None:
+        return config
+    listed = _nav_files(nav)
+    for name in sorted(os.listdir(config["docs_dir"])):
+        path = os.path.join(config["docs_dir"], name)
+        if name.endswith(".md") and name not in listed and os.path.isfile(path):
+            guides.append({_title(path): name})
+    return config
 
 
 def on_pre_build(config: Any) -> None:
