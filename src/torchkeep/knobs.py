@@ -73,3 +73,13 @@ HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)
 #: Most elements a saved view may expose. Views are lazy, but a hostile stride-0 view of 2**62
 #: elements would make any later pass over it (diff, convert, clone) run for ever.
 MAX_VIEW_ELEMENTS = _env_int("MAX_VIEW_ELEMENTS", 2**32)
+#: Resource limits on what a file may claim (docs/guarantees.md, "Resource limits"). The
+#: tensors a file exposes (views and aliases counted at their full logical size) may total at
+#: most ``MAX_EXPANSION`` times the file's real size plus ``EXPANSION_FLOOR_BYTES``: a tiny file
+#: cannot make ``diff``, ``convert`` or a caller's pass over its tensors allocate or loop over
+#: gigabytes through stride-0 (expanded) views. Raise them for a trusted file that needs more.
+MAX_EXPANSION = _env_int("MAX_EXPANSION", 64)
+EXPANSION_FLOOR_BYTES = _env_int("EXPANSION_FLOOR_BYTES", 256 * 1024 * 1024)
+#: Most keys of one dict or set in the typed tree that may share one hash value (equal
+#: hashes make building the dict quadratic; ints and tuples of ints have predictable hashes).
+MAX_HASH_COLLISIONS = _env_int("MAX_HASH_COLLISIONS", 64)

@@ -19,8 +19,8 @@ import torch
 from .. import knobs
 from ..errors import CorruptionError, FormatError
 from ..gcpause import paused_gc
-from . import checksum, header
-from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
+from . import bounds, checksum, header
+from .dtypes import SAFETENSORS_TO_TORCH, override_dtype
 from .header import EntryInfo, Header
 from .parallel_read import plan_reads, run_reads
 from .tree import TAG
@@ -122,13 +122,16 @@ class FileReader:
             ordered = sorted(self.header.entries.items(), key=lambda kv: kv[1].begin)
             return {TAG: "dict", "v": {k: {TAG: "tensor", "key": k} for k, _ in ordered}}
         tree = self._meta_json(header.META_TREE)
-        for path, node in iter_tensor_nodes(tree, self.path):
+        nodes = iter_tensor_nodes(tree, self.path)
+        for path, node in nodes:
             key = node.get("key")
             if not isinstance(key, str) or key not in self.header.entries:
                 raise FormatError(
                     f"{self.path}: value {path or '<root>'} refers to tensor {key!r}, "
                     "which is not in the file"
                 )
+        claimed = bounds.tree_bytes((node for _, node in nodes), self.header.entries)
+        bounds.check_expansion(claimed, self.size, self.path)  # views cannot amplify the file
         return tree
 
     # -- reading tensors ----------------------------------------------------------------------
@@ -314,12 +317,12 @@ def materialize(node: dict, entry: torch.Tensor, file: str, path: str) -> torch.
     try:
         tensor = entry
         if "dtype" in node:
-            dtype = dtype_from_name(node["dtype"])
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            dtype = override_dtype(node["dtype"])  # never quantized or bits*
+            itemsize = dtype.itemsize
             if entry.dtype != torch.uint8 or entry.numel() % itemsize:
                 raise ValueError("dtype override needs a raw U8 entry of a fitting size")
             flat = entry.reshape(-1)
-            if flat.storage_offset() % torch.empty((), dtype=dtype).element_size():
+            if flat.storage_offset() % itemsize:
                 flat = flat.clone()  # misaligned inside a memory map: copy once
             tensor = flat.view(dtype)
         if "view" in node:

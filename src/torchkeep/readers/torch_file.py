@@ -7,6 +7,7 @@ how to opt in. Only ``trusted=True`` loads with the full unpickler; there is no 
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 import warnings
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, UnsafeFileError
+from ..format import bounds
 from .pickle_scan import ScanResult, scan_file
 
 
@@ -64,7 +66,7 @@ def load_torch_file(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(path, **kwargs)
+            obj = torch.load(path, **kwargs)
     except pickle.UnpicklingError as exc:
         if trusted:
             raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
@@ -75,3 +77,36 @@ def load_torch_file(
         if mmap and "mmap" in str(exc):
             return load_torch_file(path, map_location, False, trusted)
         raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
+    check_object_bytes(obj, os.path.getsize(path), path)
+    return obj
+
+
+def object_bytes(obj: Any) -> int:
+    """Logical bytes of every tensor reachable through dicts, lists, tuples, sets and modules
+    (aliases counted each time), walked without recursion; each container is visited once,
+    so a self-referencing pickle cannot loop."""
+    total, seen, stack = 0, set(), [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+            continue
+        if not isinstance(item, (dict, list, tuple, set, frozenset, torch.nn.Module)):
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.nn.Module):  # only from a trusted whole-model pickle
+            stack.extend(t for _, t in item.state_dict(keep_vars=True).items())
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        else:
+            stack.extend(item)
+    return total
+
+
+def check_object_bytes(obj: Any, real_bytes: int, where: str) -> None:
+    """Refuse a loaded object whose tensors (e.g. expanded stride-0 views of one stored
+    element) claim far more bytes than the file holds (:func:`bounds.check_expansion`)."""
+    bounds.check_expansion(object_bytes(obj), real_bytes, where)
