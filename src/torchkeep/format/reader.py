@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,10 @@ class FileReader:
         self.path = os.fspath(path)
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            self.size = os.fstat(self._fd).st_size
+            info = os.fstat(self._fd)
+            if not stat.S_ISREG(info.st_mode):  # a folder or device reads as garbage or fails
+                raise FormatError(f"{self.path}: is not a regular file (a folder or device)")
+            self.size = info.st_size
             with paused_gc():  # a header can hold tens of thousands of small dicts
                 self.header = self._read_header()
                 self.checksums = self._read_checksums()

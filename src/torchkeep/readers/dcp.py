@@ -150,7 +150,7 @@ class DcpView(CheckpointView):
         blob = self._blob(info)
         value = self._torch_load(blob, f"{self.folder}: {fqn}")
         check_object_bytes(value, len(blob), f"{self.folder}: {fqn}")
-        return skeleton_of(value, fqn)
+        return skeleton_of(value, fqn, f"{self.folder}: {fqn}")
 
     def _tensor_ref(self, fqn: str, item: Any) -> Ref:
         shape = tuple(int(d) for d in item.size)

@@ -56,6 +56,8 @@ def load_torch_file(
     path: str, map_location: Any = None, mmap: bool = False, trusted: bool = False
 ) -> Any:
     """``torch.load`` with ``weights_only=True`` unless the caller trusts the file."""
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: is not a regular file (torch.save writes one file)")
     if not trusted:
         scan = scan_file(path)
         if unsafe_globals(scan):
@@ -81,16 +83,19 @@ def load_torch_file(
     return obj
 
 
-def object_bytes(obj: Any) -> int:
+def object_bytes(obj: Any, where: str) -> int:
     """Logical bytes of every tensor reachable through dicts, lists, tuples, sets and modules
     (aliases counted each time), walked without recursion; each container is visited once,
-    so a self-referencing pickle cannot loop."""
+    so a self-referencing pickle cannot loop. A ``torch.Size`` holding a dimension beyond 64
+    bits (which torch cannot even print) raises :class:`FormatError`."""
     total, seen, stack = 0, set(), [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
             total += item.numel() * item.element_size()
             continue
+        if isinstance(item, torch.Size) and not all(-(2**63) <= d < 2**63 for d in item):
+            raise FormatError(f"{where}: a torch.Size holds a dimension beyond 64 bits")
         if not isinstance(item, (dict, list, tuple, set, frozenset, torch.nn.Module)):
             continue
         if id(item) in seen:
@@ -109,4 +114,4 @@ def object_bytes(obj: Any) -> int:
 def check_object_bytes(obj: Any, real_bytes: int, where: str) -> None:
     """Refuse a loaded object whose tensors (e.g. expanded stride-0 views of one stored
     element) claim far more bytes than the file holds (:func:`bounds.check_expansion`)."""
-    bounds.check_expansion(object_bytes(obj), real_bytes, where)
+    bounds.check_expansion(object_bytes(obj, where), real_bytes, where)
