@@ -118,7 +118,16 @@ def torch_bombs() -> dict[str, bytes]:
         "pt_size_2_70": _save({"s": torch.Size([2**70])}),
         "pt_long_key_paths": _save({"A" * 200_000: {str(i): 0 for i in range(20_000)}}),
         "pt_deep_lists": torch_zip(deep),
+        "pt_legacy_storage_numel": _legacy_numel(),
     }
+
+
+def _legacy_numel() -> bytes:
+    """A legacy torch.save file whose pickle claims a 2**31-element float64 storage (16 GiB)
+    for 12,345 stored elements: pickles have no offsets, so the longer int just fits."""
+    legacy = {"_use_new_zipfile_serialization": False}
+    raw = _save({"w": torch.zeros(12345, dtype=torch.float64)}, **legacy)
+    return raw.replace(b"M90", b"J\xff\xff\xff\x7f", 1)  # BININT2 12345 -> BININT 2**31-1
 
 
 def _props(dtype: torch.dtype = torch.float32) -> TensorProperties:
