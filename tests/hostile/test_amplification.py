@@ -100,6 +100,17 @@ def test_legitimate_expanded_views_stay_readable(tmp_path) -> None:
     assert bounds.expansion_limit(os.path.getsize(tk)) > ids.numel() * 8 + 3 * weight.nbytes
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_tensors_count_their_stored_values(tmp_path) -> None:
+    """A sparse adjacency matrix of 2**20 x 2**20 (4 TiB dense) stores a few values: legitimate."""
+    indices = torch.tensor([[0, 5, 2**20 - 1], [1, 7, 3]])
+    sparse = torch.sparse_coo_tensor(indices, torch.ones(3), (2**20, 2**20))
+    path = tmp_path / "sparse.pt"
+    torch.save({"adj": sparse, "csr": sparse.to_sparse_csr()}, path)
+    out = torchkeep.load(path)
+    assert out["adj"].shape == (2**20, 2**20) and out["adj"]._nnz() == 3
+
+
 def test_colliding_keys_cost_linear_time(tmp_path) -> None:
     """100,000 keys with one hash took ~60 s to insert (quadratic); refused in well under a
     second. Keys colliding in groups of MAX_HASH_COLLISIONS stay linear and load."""
@@ -130,6 +141,7 @@ def test_hash_spread_counts_equal_hashes_not_equal_keys() -> None:
         bounds.check_hash_spread([(k * P, "a") for k in range(100)], "x")
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 def test_every_storable_dtype_round_trips_and_diffs(tmp_path) -> None:
     """The dtype override allow-list is exactly what the writer stores: exotic dtypes load,
     and diff compares the ones torch cannot compare by their bytes instead of crashing."""

@@ -92,7 +92,7 @@ def object_bytes(obj: Any, where: str) -> int:
     while stack:
         item = stack.pop()
         if isinstance(item, torch.Tensor):
-            total += item.numel() * item.element_size()
+            total += _logical_bytes(item)
             continue
         if isinstance(item, torch.Size) and not all(-(2**63) <= d < 2**63 for d in item):
             raise FormatError(f"{where}: a torch.Size holds a dimension beyond 64 bits")
@@ -115,3 +115,12 @@ def check_object_bytes(obj: Any, real_bytes: int, where: str) -> None:
     """Refuse a loaded object whose tensors (e.g. expanded stride-0 views of one stored
     element) claim far more bytes than the file holds (:func:`bounds.check_expansion`)."""
     bounds.check_expansion(object_bytes(obj, where), real_bytes, where)
+
+
+def _logical_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a pass over ``tensor`` touches: every element of a strided tensor (an expanded
+    view counts at full size), the stored values of a sparse one (its dense size is not read)."""
+    if tensor.layout == torch.strided:
+        return tensor.numel() * tensor.element_size()
+    values = tensor._values() if tensor.is_sparse else tensor.values()
+    return values.numel() * values.element_size()
