@@ -101,6 +101,7 @@ def test_legitimate_expanded_views_stay_readable(tmp_path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")
 def test_sparse_tensors_count_their_stored_values(tmp_path) -> None:
     """A sparse adjacency matrix of 2**20 x 2**20 (4 TiB dense) stores a few values: legitimate."""
     indices = torch.tensor([[0, 5, 2**20 - 1], [1, 7, 3]])
