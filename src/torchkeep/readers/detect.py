@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from ..errors import CheckpointNotFoundError, FormatError
 
@@ -12,8 +13,28 @@ TORCH_LEGACY = "torch-legacy"
 HF_SHARDED = "hf-sharded"
 DCP = "dcp"
 ACCELERATE = "accelerate"
+HF_TRAINER = "hf-trainer"
 RUN_DIR = "run-dir"
 RUN_STEP = "run-step"
+
+MODEL_FILE = re.compile(
+    r"^((model|adapter_model)(_\d+)?\.safetensors|(pytorch_model|adapter_model)(_\d+)?\.bin)$"
+)
+ACCELERATE_STATE = re.compile(
+    r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|sampler(_\d+)?\.bin|scaler\.pt|"
+    r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|dl_state_dict(_\d+)?\.bin)$"
+)
+TRAINER_STATE = "trainer_state.json"
+
+
+def is_accelerate_folder(names: list[str]) -> bool:
+    """An Accelerate folder holds model weights plus optimizer / RNG state files."""
+    return any(MODEL_FILE.match(n) for n in names) and any(ACCELERATE_STATE.match(n) for n in names)
+
+
+def is_trainer_folder(names: list[str]) -> bool:
+    """A Hugging Face ``Trainer`` checkpoint folder: ``trainer_state.json`` is its mark."""
+    return TRAINER_STATE in names
 
 
 def sniff_file(path: str) -> str:
@@ -50,12 +71,12 @@ def sniff(path: str | os.PathLike) -> str:
 def sniff_dir(path: str) -> str:
     """Format of a folder checkpoint, judged by the files it holds."""
     names = os.listdir(path)
+    if is_trainer_folder(names):  # before HF_SHARDED: a Trainer folder may hold a sharded model
+        return HF_TRAINER
     if "model.safetensors.index.json" in names:
         return HF_SHARDED
     if ".metadata" in names and any(n.endswith(".distcp") for n in names):
         return DCP
-    from .folders import is_accelerate_folder
-
     if is_accelerate_folder(names):
         return ACCELERATE
     from .run_dir import is_run_dir
@@ -67,5 +88,6 @@ def sniff_dir(path: str) -> str:
     raise FormatError(
         f"{path}: folder is not a recognized checkpoint (expected a torchkeep run directory, "
         "a Hugging Face sharded folder with model.safetensors.index.json, a "
-        "torch.distributed.checkpoint folder with .metadata, or an Accelerate save_state folder)"
+        "torch.distributed.checkpoint folder with .metadata, an Accelerate save_state folder or a "
+        "Hugging Face Trainer checkpoint-N folder with trainer_state.json)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -36,6 +37,10 @@ def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
         from .folders import AccelerateView
 
         return AccelerateView(path, trusted)
+    if kind == detect.HF_TRAINER:
+        from .folders import TrainerView
+
+        return TrainerView(path, trusted)
     if kind == detect.RUN_DIR:
         from .run_dir import RunView
 
@@ -54,6 +59,8 @@ def load_folder(path: str, map_location: Any = None, trusted: bool = False) -> A
     """
     with open_view(path, trusted=trusted) as view:
         obj = view.materialize()
+        for note in view.notes:  # e.g. a pickle left out because it needs trusted=True
+            warnings.warn(f"{path}: {note}", stacklevel=3)
     if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type != "cpu":
         target = torch.device(map_location)
         return map_tensors(obj, lambda t: t.to(target))

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError, UnsafeFileError
+from . import safe_globals
 from .pickle_scan import ScanResult, scan_file
 
 
@@ -30,7 +31,7 @@ def allowed_globals() -> set[str]:
     ]:
         if isinstance(ref, str):
             allowed.add(ref)
-    return allowed
+    return allowed | safe_globals.ALLOWED_NAMES
 
 
 def unsafe_globals(scan: ScanResult) -> list[str]:
@@ -62,9 +63,10 @@ def load_torch_file(
     if mmap:
         kwargs["mmap"] = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, **kwargs)
+        if trusted:
+            return _torch_load(path, kwargs)
+        with safe_globals.allowed():  # NumPy RNG states through checked stand-ins
+            return safe_globals.resolve(_torch_load(path, kwargs))
     except pickle.UnpicklingError as exc:
         if trusted:
             raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
@@ -75,3 +77,9 @@ def load_torch_file(
         if mmap and "mmap" in str(exc):
             return load_torch_file(path, map_location, False, trusted)
         raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
+
+
+def _torch_load(path: str, kwargs: dict[str, Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, **kwargs)
