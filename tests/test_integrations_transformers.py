@@ -67,7 +67,7 @@ def assert_same(a: dict, b: dict) -> None:
 def test_stock_trainer_folder_is_read_by_torchkeep(tmp_path) -> None:
     train(transformers.Trainer, tmp_path, 2, 2)
     folder = tmp_path / "checkpoint-2"
-    assert PICKLES <= set(os.listdir(folder))
+    assert set(os.listdir(folder)) >= PICKLES
     with open_view(folder) as view:
         assert view.format == "hf-trainer"
         assert "model.transformer.wte.weight" in view.refs
@@ -76,7 +76,8 @@ def test_stock_trainer_folder_is_read_by_torchkeep(tmp_path) -> None:
         (note,) = view.notes  # training_args.bin: listed as the pickle it is, not loaded
         assert note.startswith("training_args.bin: a pickle importing transformers.")
         assert view.check() == []
-    state = torchkeep.load(folder)  # RNG state included, without trusted=True
+    with pytest.warns(UserWarning, match="training_args.bin: a pickle"):
+        state = torchkeep.load(folder)  # RNG state included, without trusted=True
     name, keys, *_ = state["rng_state"]["numpy"]
     assert name == "MT19937" and keys.dtype == np.uint32 and keys.shape == (624,)
     assert state["rng_state"]["python"][0] == 3
