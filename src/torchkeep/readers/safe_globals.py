@@ -121,6 +121,16 @@ def scalar(dtype: Any, raw: Any) -> np.generic:
     return np.frombuffer(raw, dtype=real)[0].copy()
 
 
+def empty_bytes(*args: Any) -> bytes:
+    """Stand-in for ``bytes`` as protocol 2 pickles call it: ``bytes()`` for empty data only.
+
+    The real ``bytes(n)`` would allocate ``n`` bytes on a file's say-so.
+    """
+    if args:
+        raise UnpicklingError("bytes(...) with arguments refused; only bytes() is allowed")
+    return b""
+
+
 _ENTRIES: list[tuple[Any, str]] = [
     (NDARRAY, "numpy.ndarray"),
     (PendingDtype, "numpy.dtype"),
@@ -128,6 +138,8 @@ _ENTRIES: list[tuple[Any, str]] = [
     (reconstruct, "numpy._core.multiarray._reconstruct"),
     (scalar, "numpy.core.multiarray.scalar"),
     (scalar, "numpy._core.multiarray.scalar"),
+    (empty_bytes, "__builtin__.bytes"),  # the empty data of a zero-size array
+    (empty_bytes, "builtins.bytes"),
     # The stand-in classes must be listed so torch lets BUILD call their __setstate__.
     (PendingArray, f"{__name__}.PendingArray"),
 ]
