@@ -196,3 +196,15 @@ def test_remove_checkpoint_is_atomic_and_waits_for_async(tmp_path) -> None:
         plugin.load_checkpoint(path)
     with pytest.raises(TypeError):
         plugin.save_checkpoint({"w": torch.ones(1)}, path, storage_options={"x": 1})
+
+
+def test_background_save_error_is_raised_not_dropped(tmp_path) -> None:
+    plugin = TorchkeepCheckpointIO(async_save=True)
+    occupied = tmp_path / "occupied.ckpt"
+    (occupied / "inside").mkdir(parents=True)  # a folder where the file should go
+    plugin.save_checkpoint({"w": torch.ones(10)}, occupied)  # fails in the background
+    with pytest.raises(OSError):
+        plugin.save_checkpoint({"w": torch.ones(10)}, tmp_path / "next.ckpt")
+    plugin.save_checkpoint({"w": torch.ones(10)}, tmp_path / "next.ckpt")
+    plugin.teardown()
+    assert torch.equal(torchkeep.load(tmp_path / "next.ckpt")["w"], torch.ones(10))

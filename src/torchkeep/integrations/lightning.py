@@ -65,9 +65,11 @@ class TorchkeepCheckpointIO(CheckpointIO):
             )
         path = os.path.abspath(os.fspath(path))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._raise_failed()
         try:
             if self.async_save:
+                # torchkeep keeps one save in flight, so save_async would wait for the previous
+                # one anyway; waiting here also raises its error instead of dropping it.
+                self.wait()
                 handle = save_async(checkpoint, path)
                 with self._lock:
                     self._pending[path] = handle
@@ -128,13 +130,6 @@ class TorchkeepCheckpointIO(CheckpointIO):
             handle = self._pending.pop(path, None)
         if handle is not None:
             handle.wait()
-
-    def _raise_failed(self) -> None:
-        with self._lock:
-            failed = [p for p, h in self._pending.items() if h.done()]
-            handles = [self._pending.pop(p) for p in failed]
-        for handle in handles:
-            handle.wait()  # re-raises a background failure at the next save
 
 
 def lightning_message(path: str, exc: UnsupportedValueError) -> str:
