@@ -151,6 +151,12 @@ def test_folder_symlinks_are_not_followed(tmp_path) -> None:
         assert view.format == "hf-trainer" and not view.refs
         assert any("optimizer.pt" in n and "symlink" in n for n in view.notes)
         assert view.values["trainer_state.global_step"] == 1
+    from click.testing import CliRunner
+
+    from torchkeep.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["scan", str(folder), "--json"])
+    assert result.exit_code == 0 and "outside.pt" not in result.output
 
 
 def test_import_torchkeep_imports_no_framework() -> None:

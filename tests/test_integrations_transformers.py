@@ -103,6 +103,10 @@ def test_resume_through_torchkeep_is_exact(tmp_path, steps: int, layers: int, wi
     saved = torchkeep.load(folder / "training_state.tk")
     assert set(saved) == {"optimizer", "scheduler", "rng"}
     assert json.loads((folder / "training_args.json").read_text())["max_steps"] == steps
+    with open_view(folder) as view:  # the folder itself reads as before, now without notes
+        assert view.format == "hf-trainer" and not view.notes and view.check() == []
+        assert "training_state.optimizer.state.0.exp_avg" in view.refs
+        assert view.values["training_args.max_steps"] == steps
     resumed = train(
         TorchkeepTrainer, tmp_path / "b", steps, half, str(folder), layers=layers, width=width
     )

@@ -52,6 +52,8 @@ def _files(path: str) -> list[str]:
     found = []
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
+        if os.path.islink(full):  # never read outside the folder
+            continue
         if os.path.isfile(full) and not name.endswith((".json", ".txt", ".md")):
             found.append(full)
     return found

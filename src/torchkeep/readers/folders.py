@@ -27,7 +27,8 @@ from .view import CheckpointView, skeleton_of
 
 _TRAINER_FILES = re.compile(
     r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|training_args\.bin|"
-    r"trainer_state\.json|config\.json|generation_config\.json|[\w.-]+\.tk)$"
+    r"trainer_state\.json|training_args\.json|config\.json|generation_config\.json|"
+    r"[\w.-]+\.tk)$"
 )
 MAX_JSON_BYTES = 64 << 20
 
