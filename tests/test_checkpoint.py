@@ -159,7 +159,7 @@ def test_scheduler_zoo_round_trips(tmp_path, make) -> None:
 def test_modules_are_read_straight_into_parameters(tmp_path, monkeypatch) -> None:
     """Module weights skip the materialized tree: no read_entry for them, same data_ptr after;
     every other object is read (and verified) as before."""
-    from torchkeep.format.reader import FileReader
+    from torchkeep.transfer.reader import FileReader
 
     path = tmp_path / "ckpt.tk"
     saved = _training_state(2)
@@ -183,7 +183,7 @@ def test_modules_are_read_straight_into_parameters(tmp_path, monkeypatch) -> Non
 
 
 def test_corrupt_module_weight_is_caught_before_anything_changes(tmp_path) -> None:
-    from torchkeep.format.reader import FileReader
+    from torchkeep.transfer.reader import FileReader
 
     path = tmp_path / "ckpt.tk"
     torchkeep.save_checkpoint(path, _training_state(1))

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import torchkeep
-from torchkeep.format.reader import FileReader
 
 L = pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
@@ -74,7 +73,7 @@ def test_every_checkpoint_is_a_verified_torchkeep_file(tmp_path) -> None:
     names = sorted(os.listdir(tmp_path / "ckpt"))
     assert names == ["epoch=1-step=8.ckpt", "last.ckpt"]  # top-1 kept, epoch 0 removed
     path = str(tmp_path / "ckpt" / "last.ckpt")
-    with FileReader(path) as reader:
+    with torchkeep.open_file(path) as reader:
         assert reader.is_torchkeep
     assert torchkeep.verify(path) == []
     with open(path, "rb") as handle:

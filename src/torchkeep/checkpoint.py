@@ -12,11 +12,11 @@ from typing import Any
 
 from torch import nn
 
-from .asyncsave import save_blocking
-from .format.reader import FileReader
 from .state.capture import capture, restore
 from .state.module import load_from_reader
 from .state.report import LoadReport
+from .transfer.asyncsave import save_blocking
+from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike
 

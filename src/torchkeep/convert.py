@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from .errors import TorchkeepError, UnsupportedValueError
-from .format.stream import StreamEntry, layout, write_safetensors, write_torchkeep
+from .errors import TorchkeepError
+from .model.api import save_model
 from .readers.safetensors_view import INDEX_NAME, dumps_index
 from .readers.view import CheckpointView, Ref, map_refs
 from .storage.io import ops, write_all
 from .storage.local import atomic_file, commit_dir, make_temp_dir
+from .transfer.stream import StreamEntry, layout, write_safetensors, write_torchkeep
 
 TORCHKEEP, SAFETENSORS, TORCH = "torchkeep", "safetensors", "torch"
 _TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
@@ -150,8 +151,4 @@ def _to_sharded(
 
 def save_whole_model(model: Any, dst: str) -> None:
     """A ``torch.save(model)`` object re-saved as a safe whole-model torchkeep file."""
-    try:
-        from .model.api import save_model
-    except ImportError as exc:  # pragma: no cover - the model package ships with torchkeep
-        raise UnsupportedValueError(f"{dst}: whole-model saving is unavailable ({exc})") from exc
     save_model(model, dst)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .asyncsave import save_blocking
-from .format.reader import FileReader, MapLocation
 from .readers import detect
+from .readers.open import load_folder
 from .readers.torch_file import load_torch_file
+from .transfer.asyncsave import save_blocking
+from .transfer.reader import FileReader, MapLocation
 
 PathLike = str | os.PathLike
 
@@ -41,8 +42,6 @@ def load(
     path = os.fspath(path)
     kind = detect.sniff(path)
     if os.path.isdir(path):  # HF shards, DCP, Accelerate, run directory (readers/open.py)
-        from .readers.open import load_folder
-
         return load_folder(path, map_location=map_location, trusted=trusted)
     if kind == detect.SAFETENSORS:
         with FileReader(path) as reader:

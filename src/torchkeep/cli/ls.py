@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import Any
 
 import click
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from .. import retention
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
+from ..storage.run_dir import list_leftovers, list_steps
 from .render import human, opt, out, print_json
 
 POLICY_OPTIONS = [
@@ -27,22 +29,13 @@ def policy_options(fn: Any) -> Any:
     return fn
 
 
-def _manager() -> Any:
-    from .. import manager
-
-    return manager
-
-
 def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
     """The ``--json`` object of ``ls``."""
-    import os
-
     if not os.path.exists(run_dir):
         raise CheckpointNotFoundError(f"{run_dir}: no such run directory")
     if not os.path.isdir(run_dir):
         raise FormatError(f"{run_dir}: is a file; ls and prune take a run directory")
-    manager = _manager()
-    steps = manager.list_steps(run_dir)
+    steps = list_steps(run_dir)
     if not any(v is not None for k, v in policy.items() if k != "mode"):
         policy = recorded_policy(steps) or policy
     reasons = retention.kept_reasons(steps, **policy)
@@ -61,7 +54,7 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
         "path": run_dir,
         "policy": policy,
         "steps": rows,
-        "leftovers": list(manager.list_leftovers(run_dir)),
+        "leftovers": list(list_leftovers(run_dir)),
     }
 
 

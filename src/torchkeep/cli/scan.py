@@ -9,12 +9,12 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
-from ..format.reader import FileReader
 from ..readers import detect
 from ..readers.dcp import _ALLOWED as DCP_ALLOWED
 from ..readers.dcp import METADATA_NAME, read_blob, read_metadata, scan_blob
 from ..readers.pickle_scan import ScanResult, scan_file, scan_stream
 from ..readers.torch_file import allowed_globals
+from ..transfer.reader import FileReader
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json
 

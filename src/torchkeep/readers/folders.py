@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import FormatError, UnsafeFileError
 from . import detect
-from .detect import ACCELERATE_STATE, MODEL_FILE
+from .detect import ACCELERATE_MODEL, ACCELERATE_STATE
 from .safetensors_view import INDEX_NAME, FileView, ShardedView
 from .torch_file import load_torch_file
 from .view import CheckpointView, skeleton_of
@@ -48,7 +48,7 @@ class FolderView(CheckpointView):
                 self.files.append(view)
                 skeleton["model"] = view.skeleton
             for name in names:
-                if not (MODEL_FILE.match(name) or wanted.match(name)):
+                if not (ACCELERATE_MODEL.match(name) or wanted.match(name)):
                     continue
                 path = os.path.join(folder, name)
                 if not stat.S_ISREG(os.lstat(path).st_mode):

@@ -1,7 +1,7 @@
 """Views of torchkeep manager run directories (one committed checkpoint per step).
 
-The layout belongs to :mod:`torchkeep.manager` (``list_steps``/``list_leftovers``); this module
-only reads it. A run directory is seen as its newest step; ``check`` verifies every step.
+The layout belongs to :mod:`torchkeep.storage.run_dir` (``list_steps``/``list_leftovers``); this
+module only reads it. A run directory is seen as its newest step; ``check`` verifies every step.
 """
 
 from __future__ import annotations
@@ -10,31 +10,15 @@ import os
 from typing import Any
 
 from ..errors import FormatError, TorchkeepError
+from ..storage.run_dir import list_leftovers, list_steps
+from .file_view import open_file_view
 from .view import CheckpointView
-
-
-def list_steps(path: str) -> list[Any]:
-    """The manager's committed steps of ``path`` (empty when the manager is unavailable)."""
-    try:
-        from ..manager import list_steps as manager_steps
-    except ImportError:
-        return []
-    return list(manager_steps(path))
-
-
-def is_run_dir(path: str) -> bool:
-    try:
-        return bool(list_steps(path))
-    except (TorchkeepError, OSError):
-        return False
 
 
 def open_step(path: str, trusted: bool = False) -> CheckpointView:
     """A view of one step: its file, or the checkpoint files of its folder by stem."""
-    from .open import open_view
-
     if os.path.isfile(path):
-        return open_view(path, trusted)
+        return open_file_view(path, trusted)
     return StepFolderView(path, trusted)
 
 
@@ -42,8 +26,6 @@ class StepFolderView(CheckpointView):
     """A step folder holding several checkpoint files; each becomes a top-level entry."""
 
     def __init__(self, folder: str, trusted: bool = False) -> None:
-        from .open import open_view
-
         self.parts: list[CheckpointView] = []
         skeleton: dict[str, Any] = {}
         try:
@@ -52,7 +34,7 @@ class StepFolderView(CheckpointView):
                 if name.startswith(".") or not os.path.isfile(full):
                     continue
                 try:
-                    view = open_view(full, trusted)
+                    view = open_file_view(full, trusted)
                 except FormatError:
                     continue  # not a checkpoint file (e.g. a JSON sidecar)
                 self.parts.append(view)
@@ -87,13 +69,8 @@ class RunView(CheckpointView):
         self.trusted = trusted
         self.latest = open_step(self.steps[-1].path, trusted)
         notes = list(self.latest.notes)
-        try:
-            from ..manager import list_leftovers
-
-            notes += [f"{p}: incomplete save (ignored; swept on the next run)"
-                      for p in list_leftovers(path)]  # fmt: skip
-        except ImportError:
-            pass
+        notes += [f"{p}: incomplete save (ignored; swept on the next run)"
+                  for p in list_leftovers(path)]  # fmt: skip
         super().__init__(path, "torchkeep-run", self.latest.skeleton, notes)
         self.refs = self.latest.refs
         self.checksum_algorithm = self.latest.checksum_algorithm

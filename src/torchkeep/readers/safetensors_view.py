@@ -12,9 +12,9 @@ from .. import knobs
 from ..errors import CheckpointNotFoundError, CorruptionError, FormatError
 from ..format import checksum, header
 from ..format.dtypes import SAFETENSORS_TO_TORCH
-from ..format.reader import FileReader, materialize, restore_flags
 from ..format.tree import TAG
 from ..format.tree_decode import decode
+from ..transfer.reader import FileReader, materialize, restore_flags
 from .view import CheckpointView, Ref
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine import load
 from ..errors import CorruptionError, FormatError, StateDictMismatchError, TorchkeepError
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-from ..format.reader import FileReader, int_list, materialize
 from ..format.tree import TAG
-from ..gcpause import paused_gc
 from ..readers import detect
+from ..transfer.gcpause import paused_gc
+from ..transfer.reader import FileReader, int_list, materialize
 from .keys import match_keys
 from .report import LoadReport
 
@@ -46,8 +47,6 @@ def load_state_dict(
         return _load_mapping(model, source, strict=strict, key=key)
     path = os.fspath(source)
     if detect.sniff(path) != detect.SAFETENSORS:
-        from ..engine import load
-
         return _load_mapping(model, load(path, verify=verify), strict=strict, key=key, name=path)
     with FileReader(path) as reader:
         return _load_file(model, reader, strict=strict, verify=verify, key=key)

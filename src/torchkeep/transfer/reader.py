@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from .. import knobs
-from ..errors import CorruptionError, FormatError
-from ..gcpause import paused_gc
-from . import checksum, header
-from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-from .header import EntryInfo, Header
+from ..errors import CorruptionError, FormatError, TorchkeepError
+from ..format import checksum, header
+from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
+from ..format.header import EntryInfo, Header
+from ..format.tree import TAG
+from ..format.tree_decode import decode, iter_tensor_nodes
+from .gcpause import paused_gc
 from .parallel_read import plan_reads, run_reads
-from .tree import TAG
-from .tree_decode import decode, iter_tensor_nodes
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
 
@@ -386,8 +386,6 @@ def target_device(saved: Any, map_location: MapLocation, path: str, file: str) -
 
 
 def _require_available(device: torch.device, path: str, file: str) -> None:
-    from ..errors import TorchkeepError
-
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TorchkeepError(
             f"{file}: tensor at {path or '<root>'} was saved on {device} but CUDA is not "
