@@ -60,8 +60,9 @@ def train(accelerator, model, opt, sched, counter, steps: int, width: int) -> No
         counter.seen += 1
 
 
-@pytest.mark.parametrize("steps, width", [(3, 4), pytest.param(20, 256, marks=pytest.mark.slow)])
-def test_save_state_resume_is_bit_exact(tmp_path, steps: int, width: int) -> None:
+@pytest.mark.slow
+def test_save_state_resume_is_bit_exact(tmp_path, long_run: bool) -> None:
+    steps, width = (20, 256) if long_run else (3, 4)  # full form under make test-long
     path = tmp_path / "ckpt" / "state.tk"
     acc, model, opt, sched, counter = setup(0, width)
     train(acc, model, opt, sched, counter, steps, width)

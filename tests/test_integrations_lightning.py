@@ -115,12 +115,10 @@ def assert_tree_equal(a, b, path: str = "") -> None:
         assert a == b, path
 
 
-@pytest.mark.parametrize(
-    "epochs, width",
-    [(3, 4), pytest.param(6, 64, marks=pytest.mark.slow)],
-)
-def test_resume_from_last_matches_lightnings_own_ckpt(tmp_path, epochs: int, width: int) -> None:
+@pytest.mark.slow
+def test_resume_from_last_matches_lightnings_own_ckpt(tmp_path, long_run: bool) -> None:
     """fit(ckpt_path="last") from a torchkeep file ends where a native resume ends."""
+    epochs, width = (8, 256) if long_run else (3, 4)  # full form under make test-long
     half = epochs // 2
     fit(tmp_path / "tk", half, TorchkeepCheckpointIO(), width=width)
     resumed_tk = fit(tmp_path / "tk", epochs, TorchkeepCheckpointIO(), "last", width=width)

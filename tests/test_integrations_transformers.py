@@ -10,8 +10,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 import torchkeep
+from torchkeep.cli.main import cli as main_cli
 from torchkeep.readers.open import open_view
 
 transformers = pytest.importorskip("transformers")
@@ -87,12 +89,27 @@ def test_stock_trainer_folder_is_read_by_torchkeep(tmp_path) -> None:
     trusted = torchkeep.load(folder, trusted=True)
     assert isinstance(trusted["training_args"], transformers.TrainingArguments)
     torchkeep.load(folder / "rng_state.pth")  # the RNG pickle alone, too
+    cli = CliRunner()
+    done = cli.invoke(main_cli, ["convert", str(folder), str(tmp_path / "ck.tk")])
+    assert done.exit_code == 0, done.output
+    converted = torchkeep.load(tmp_path / "ck.tk")
+    assert np.array_equal(converted["rng_state"]["numpy"][1], keys)
+    wte = "transformer.wte.weight"
+    assert torch.equal(converted["model"][wte], state["model"][wte])
+    assert converted["trainer_state"] == state["trainer_state"]
+    assert cli.invoke(main_cli, ["verify", str(folder)]).exit_code == 0
+    scan = cli.invoke(main_cli, ["scan", str(folder), "--json"])
+    assert scan.exit_code == 1  # training_args.bin: the only unsafe file
+    assert {
+        f["file"].rsplit("/", 1)[1]
+        for f in json.loads(scan.output)["files"]
+        if any(not g["allowed"] for g in f["globals"])
+    } == {"training_args.bin"}
 
 
-@pytest.mark.parametrize(
-    "steps, layers, width", [(4, 1, 16), pytest.param(12, 2, 64, marks=pytest.mark.slow)]
-)
-def test_resume_through_torchkeep_is_exact(tmp_path, steps: int, layers: int, width: int) -> None:
+@pytest.mark.slow
+def test_resume_through_torchkeep_is_exact(tmp_path, long_run: bool) -> None:
+    steps, layers, width = (12, 2, 64) if long_run else (4, 1, 16)  # full form: make test-long
     half = steps // 2
     straight = train(TorchkeepTrainer, tmp_path / "a", steps, half, layers=layers, width=width)
     folder = tmp_path / "a" / f"checkpoint-{half}"
