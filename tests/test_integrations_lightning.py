@@ -205,3 +205,16 @@ def test_background_save_error_is_raised_not_dropped(tmp_path) -> None:
     plugin.save_checkpoint({"w": torch.ones(10)}, tmp_path / "next.ckpt")
     plugin.teardown()
     assert torch.equal(torchkeep.load(tmp_path / "next.ckpt")["w"], torch.ones(10))
+
+
+def test_fabric_save_and_load_through_the_plugin(tmp_path) -> None:
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[TorchkeepCheckpointIO()])
+    torch.manual_seed(0)
+    model, opt = fabric.setup(nn.Linear(3, 2), torch.optim.SGD(nn.Linear(3, 2).parameters(), 0.1))
+    path = tmp_path / "fabric.ckpt"
+    fabric.save(path, {"model": model, "step": 3})
+    with torchkeep.open_file(path) as reader:
+        assert reader.is_torchkeep
+    other = fabric.setup(nn.Linear(3, 2))
+    remainder = fabric.load(path, {"model": other})
+    assert remainder == {"step": 3} and torch.equal(other.weight, model.weight)
