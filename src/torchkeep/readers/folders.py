@@ -88,10 +88,8 @@ class FolderView(CheckpointView):
 
 def _pickle_note(name: str, exc: UnsafeFileError) -> str:
     shown = ", ".join(exc.globals[:4]) + (" ..." if len(exc.globals) > 4 else "")
-    return (
-        f"{name}: a pickle importing {shown or 'unknown globals'}; skipped, needs --trusted "
-        "(trusted=True) to load"
-    )
+    what = f"importing {shown}" if shown else "holding values outside the weights-only rules"
+    return f"{name}: a pickle {what}; skipped, needs --trusted (trusted=True) to load"
 
 
 def read_json(path: str) -> Any:

@@ -51,6 +51,30 @@ def refusal(path: str, scan: ScanResult, detail: str = "") -> UnsafeFileError:
     )
 
 
+def _refused_by_unpickler(path: str, exc: pickle.UnpicklingError) -> UnsafeFileError:
+    """The refusal when torch's unpickler (or a NumPy stand-in) stopped, not the scan."""
+    scan = scan_file(path)
+    reason = _unpickler_reason(str(exc))
+    if unsafe_globals(scan):
+        return refusal(path, scan, f" (torch: {reason})")
+    return UnsafeFileError(  # every global is allowed, but a value was outside what it accepts
+        f"{path}: refused to unpickle: {reason}. Nothing was executed. Load it with trusted=True "
+        "(CLI: --trusted) only if you trust its source",
+        globals=[],
+    )
+
+
+def _unpickler_reason(text: str) -> str:
+    """The line that says why, from torch's long weights-only message."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1]
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return lines[0] if lines else "unknown reason"
+
+
 def load_torch_file(
     path: str, map_location: Any = None, mmap: bool = False, trusted: bool = False
 ) -> Any:
@@ -70,7 +94,7 @@ def load_torch_file(
     except pickle.UnpicklingError as exc:
         if trusted:
             raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
-        raise refusal(path, scan_file(path), f" (torch: {str(exc).splitlines()[0]})") from exc
+        raise _refused_by_unpickler(path, exc) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, IndexError,
             TypeError, AssertionError, struct.error, zipfile.BadZipFile) as exc:  # fmt: skip
         # torch.load reports garbled files with many exception types; all mean "malformed".
