@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from torchkeep.errors import StorageError
+from torchkeep.errors import StorageError, UnsafePathError
 from torchkeep.storage.backend import LocalBackend, RenameCommit
 from torchkeep.storage.io import write_all
 from torchkeep.storage.run_dir import list_leftovers, list_steps, step_exists, write_step
@@ -41,7 +41,7 @@ def test_read_into_refuses_symlink(tmp_path):
     (tmp_path / "real").write_bytes(b"xyz")
     os.symlink(tmp_path / "real", tmp_path / "link")
     assert [e.kind for e in LocalBackend().list(str(tmp_path))] == ["other", "file"]
-    with pytest.raises(OSError):
+    with pytest.raises(UnsafePathError, match="symbolic link"):
         LocalBackend().read_into(str(tmp_path / "link"), [(0, memoryview(bytearray(3)))])
 
 

@@ -20,6 +20,7 @@ from .errors import (
     StorageError,
     TorchkeepError,
     UnsafeFileError,
+    UnsafePathError,
     UnsupportedValueError,
 )
 from .manager import CheckpointManager, StepInfo
@@ -46,6 +47,7 @@ __all__ = [
     "StorageError",
     "TorchkeepError",
     "UnsafeFileError",
+    "UnsafePathError",
     "UnsupportedValueError",
     "load",
     "load_state_dict",

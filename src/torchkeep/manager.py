@@ -206,7 +206,7 @@ class CheckpointManager:
         for info in reversed(steps):
             path = os.path.join(info.path, STATE_FILE)
             try:
-                load_checkpoint(path, state, rng=self.rng)
+                load_checkpoint(path, state, rng=self.rng, follow_symlinks=False)
             except (CorruptionError, FormatError, OSError) as exc:
                 if not fallback or step is not None:
                     raise

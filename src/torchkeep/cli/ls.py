@@ -13,6 +13,7 @@ from .. import retention
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
 from ..storage.run_dir import list_leftovers, list_steps
 from .render import human, opt, out, print_json
+from .safe_text import markup_safe, sanitize
 
 POLICY_OPTIONS = [
     click.option("--keep-last", type=int, help="Keep the N newest steps."),
@@ -47,6 +48,7 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
             "size": s.size,
             "metrics": dict(s.metrics or {}),
             "kept": reasons.get(s.step, []),
+            "problems": list(s.problems),
         }
         for s in steps
     ]
@@ -98,6 +100,7 @@ def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
     if as_json:
         print_json(result)
         return
+    result, run_dir = sanitize(result), markup_safe(run_dir)
     if not result["steps"] and not result["leftovers"]:
         out().print(
             f"{run_dir}: no committed steps (a run directory holds the step-NNNNNNNNNN/ "
@@ -114,5 +117,8 @@ def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
         table.add_row(str(row["step"]), _when(row["time"]), human(row["size"]), metrics, kept)
     console = out()
     console.print(table)
+    for row in result["steps"]:
+        for problem in row["problems"]:
+            console.print(f"[yellow]step {row['step']}[/yellow]: {problem}")
     for name in result["leftovers"]:
         console.print(f"[yellow]incomplete[/yellow] {name} (interrupted save; swept on next run)")

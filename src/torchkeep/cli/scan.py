@@ -17,6 +17,7 @@ from ..readers.torch_file import allowed_globals
 from ..transfer.reader import FileReader
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json
+from .safe_text import sanitize
 
 
 def _dcp_allowed(ref: str) -> bool:
@@ -117,8 +118,9 @@ def scan_cmd(path: str, as_json: bool) -> None:
     if as_json:
         print_json(result)
     else:
+        shown = sanitize(result)
         console = out()
-        for entry in result["files"]:
+        for entry in shown["files"]:
             if not entry["pickle"]:
                 console.print(f"{entry['file']}: {entry['format']}, no pickle")
                 continue
@@ -135,7 +137,7 @@ def scan_cmd(path: str, as_json: bool) -> None:
             console.print("verdict: [green]safe[/green] for weights-only loading")
         else:
             console.print(
-                f"verdict: [red]unsafe[/red]: {', '.join(result['unsafe'])}; load it "
+                f"verdict: [red]unsafe[/red]: {', '.join(shown['unsafe'])}; load it "
                 "only with --trusted if you trust its source"
             )
     if result["verdict"] != "safe":

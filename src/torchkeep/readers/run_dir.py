@@ -7,18 +7,22 @@ module only reads it. A run directory is seen as its newest step; ``check`` veri
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
-from ..errors import FormatError, TorchkeepError
+from ..errors import FormatError, TorchkeepError, UnsafePathError
 from ..storage.run_dir import list_leftovers, list_steps
 from .file_view import open_file_view
 from .view import CheckpointView
 
 
 def open_step(path: str, trusted: bool = False) -> CheckpointView:
-    """A view of one step: its file, or the checkpoint files of its folder by stem."""
-    if os.path.isfile(path):
-        return open_file_view(path, trusted)
+    """A view of one step: its file, or the checkpoint files of its folder by stem.
+
+    Nothing in a step is followed out of it: links and special files are refused.
+    """
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        return open_file_view(path, trusted, follow_symlinks=False)
     return StepFolderView(path, trusted)
 
 
@@ -31,10 +35,12 @@ class StepFolderView(CheckpointView):
         try:
             for name in sorted(os.listdir(folder)):
                 full = os.path.join(folder, name)
-                if name.startswith(".") or not os.path.isfile(full):
+                if name.startswith(".") or stat.S_ISDIR(os.lstat(full).st_mode):
                     continue
                 try:
-                    view = open_file_view(full, trusted)
+                    view = open_file_view(full, trusted, follow_symlinks=False)
+                except UnsafePathError:
+                    raise  # a planted link or FIFO is an error, not a sidecar to skip
                 except FormatError:
                     continue  # not a checkpoint file (e.g. a JSON sidecar)
                 self.parts.append(view)

@@ -33,6 +33,7 @@ from typing import Protocol
 from ..errors import StorageError
 from .io import FileOps, ops
 from .local import atomic_file, commit_dir, discard_dir, make_temp_dir
+from .paths import open_regular
 
 #: Writes one file's bytes through ``ops`` into the open descriptor (``pwrite``/``pwritev``
 #: at offsets; the descriptor may be switched to direct I/O). Called once per file.
@@ -112,8 +113,7 @@ class LocalBackend:
             fill(fd, ops())
 
     def read_into(self, path: str, ranges: Sequence[tuple[int, memoryview]]) -> None:
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags)
+        fd = open_regular(path)
         try:
             for offset, buffer in ranges:
                 _pread_exact(fd, path, memoryview(buffer).cast("B"), offset)

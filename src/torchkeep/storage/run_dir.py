@@ -14,11 +14,13 @@ all through this one module.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 
 from .._version import __version__
+from ..errors import UnsafePathError
 from .backend import LOCAL, Backend, Fill, Listed
 from .io import FileOps, write_all
 from .local import is_temp
@@ -40,6 +42,7 @@ class StepInfo:
     size: int
     metrics: dict = field(default_factory=dict)
     policy: dict | None = None  # retention policy of the manager that saved it (meta.json)
+    problems: list[str] = field(default_factory=list)  # meta.json values that were ignored
 
 
 def step_dirname(step: int) -> str:
@@ -56,7 +59,7 @@ def read_meta(path: str, entries: list[Listed], backend: Backend = LOCAL) -> dic
     try:
         backend.read_into(os.path.join(path, META_FILE), [(0, memoryview(data))])
         obj = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError):  # StorageError (truncated) is an OSError
+    except (OSError, ValueError, UnsafePathError):  # StorageError (truncated) is an OSError
         return {}
     return obj if isinstance(obj, dict) else {}
 
@@ -64,13 +67,88 @@ def read_meta(path: str, entries: list[Listed], backend: Backend = LOCAL) -> dic
 def _step_info(number: int, path: str, mtime: float, backend: Backend) -> StepInfo:
     entries = backend.list(path)
     meta = read_meta(path, entries, backend)
-    stamp = meta.get("time")
-    if not isinstance(stamp, (int, float)):
-        stamp = mtime
-    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-    policy = meta.get("policy") if isinstance(meta.get("policy"), dict) else None
+    problems: list[str] = []
+    stamp = _checked_time(meta.get("time"), problems)
+    metrics = _checked_metrics(meta.get("metrics"), problems)
+    policy = _checked_policy(meta.get("policy"), problems)
     size = sum(e.size for e in entries if e.kind == "file")
-    return StepInfo(number, path, float(stamp), size, metrics, policy)
+    return StepInfo(
+        number, path, mtime if stamp is None else stamp, size, metrics, policy, problems
+    )
+
+
+# meta.json may have been written by someone else: every value is checked here, once, so that
+# listing, retention and restore never meet a number they cannot compare or format (a 400-digit
+# integer used to raise OverflowError in every command and block restoring any step).
+_MAX_METRICS = 1000
+_MAX_NAME = 256
+_MAX_TEXT = 1000
+_MAX_INT = 2**63
+_MAX_TIME = 1e11  # year 5138: anything later is not a save time
+_POLICY_COUNTS = ("keep_last", "keep_best", "keep_every")
+
+
+def _checked_time(value: object, problems: list[str]) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            stamp = float(value)
+        except OverflowError:
+            stamp = math.inf
+        if 0 <= stamp < _MAX_TIME:
+            return stamp
+    problems.append("meta.json 'time' is not a plausible save time (ignored; mtime used)")
+    return None
+
+
+def _checked_metrics(value: object, problems: list[str]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > _MAX_METRICS:
+        problems.append(f"meta.json 'metrics' is not a table of at most {_MAX_METRICS} (ignored)")
+        return {}
+    metrics = {}
+    for name, metric in value.items():
+        if not isinstance(name, str) or len(name) > _MAX_NAME:
+            problems.append("meta.json metric with a name that is not short text (ignored)")
+        elif _plain_metric(metric):
+            metrics[name] = metric
+        else:
+            problems.append(f"meta.json metric {name[:60]!r} is not a number or text (ignored)")
+    return metrics
+
+
+def _plain_metric(value: object) -> bool:
+    if value is None or isinstance(value, (bool, float)):
+        return True
+    if isinstance(value, int):
+        return -_MAX_INT <= value <= _MAX_INT
+    return isinstance(value, str) and len(value) <= _MAX_TEXT
+
+
+def _checked_policy(value: object, problems: list[str]) -> dict | None:
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, dict)
+        and set(value) == {*_POLICY_COUNTS, "monitor", "mode"}
+        and all(_count(value[k]) for k in _POLICY_COUNTS)
+        and (value["monitor"] is None or _short(value["monitor"]))
+        and value["mode"] in ("min", "max")
+    )
+    if not ok:
+        problems.append("meta.json 'policy' is not a retention policy (ignored)")
+        return None
+    return value
+
+
+def _count(value: object) -> bool:
+    return value is None or (type(value) is int and 0 < value <= _MAX_INT)
+
+
+def _short(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= _MAX_NAME
 
 
 def list_steps(directory: str | os.PathLike, backend: Backend = LOCAL) -> list[StepInfo]:
