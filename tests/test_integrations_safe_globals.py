@@ -142,16 +142,20 @@ def test_scan_lists_the_restricted_names_as_allowed(tmp_path) -> None:
     assert any("_reconstruct" in g for g in scan.globals) and unsafe_globals(scan) == []
 
 
-@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs symlinks and FIFOs")
 def test_folder_symlinks_are_not_followed(tmp_path) -> None:
     outside = saved(tmp_path, {"secret": torch.ones(2)}, "outside.pt")
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()
     (folder / "trainer_state.json").write_text('{"global_step": 1}')
     os.symlink(outside, folder / "optimizer.pt")
+    os.mkfifo(folder / "scheduler.pt")  # would block a plain open for ever
+    saved(folder, {"cpu": torch.get_rng_state()}, "kept.bin")
+    os.symlink(folder / "kept.bin", folder / "rng_state.pth")  # a link that stays inside
     with open_view(folder) as view:
-        assert view.format == "hf-trainer" and not view.refs
-        assert any("optimizer.pt" in n and "symlink" in n for n in view.notes)
+        assert view.format == "hf-trainer" and list(view.refs) == ["rng_state.cpu"]
+        assert any("optimizer.pt" in n and "symbolic link" in n for n in view.notes)
+        assert any("scheduler.pt" in n and "FIFO" in n for n in view.notes)
         assert view.values["trainer_state.global_step"] == 1
     from click.testing import CliRunner
 

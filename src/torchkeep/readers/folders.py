@@ -6,8 +6,9 @@ Each file becomes a top-level entry named after its stem (``model``, ``optimizer
 their values. Pickles go through the weights-only rules (NumPy RNG states included, see
 ``safe_globals``); a pickle those rules refuse, such as ``training_args.bin`` (a pickled
 ``TrainingArguments`` object), is listed with the globals it imports and skipped unless the
-caller trusts the folder. Only regular files directly inside the folder are read: a symlink is
-skipped with a note, so a prepared folder cannot point a reader elsewhere.
+caller trusts the folder. Only regular files of the folder are read (``storage/paths.py``): a
+link leading outside it (other than a hub cache's ``blobs/``), a FIFO or a device is skipped
+with a note, so a prepared folder cannot point a reader elsewhere.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 from typing import Any
 
-from ..errors import FormatError, UnsafeFileError
+from ..errors import FormatError, UnsafeFileError, UnsafePathError
+from ..storage.paths import inside, open_regular
 from . import detect
 from .detect import ACCELERATE_MODEL, ACCELERATE_STATE
 from .safetensors_view import INDEX_NAME, FileView, ShardedView
@@ -50,9 +51,11 @@ class FolderView(CheckpointView):
             for name in names:
                 if not (ACCELERATE_MODEL.match(name) or wanted.match(name)):
                     continue
-                path = os.path.join(folder, name)
-                if not stat.S_ISREG(os.lstat(path).st_mode):
-                    notes.append(f"{name}: skipped, not a regular file (symlinks are not followed)")
+                try:  # a link is followed only inside the folder (or a hub cache's blobs/)
+                    path = inside(folder, name, folder)
+                    os.close(open_regular(path))  # FIFOs, devices, folders: refused, no block
+                except UnsafePathError as exc:
+                    notes.append(f"{name}: skipped: {exc}")
                     continue
                 try:
                     skeleton[name.rsplit(".", 1)[0]] = self._load(path)
@@ -95,7 +98,7 @@ def _pickle_note(name: str, exc: UnsafeFileError) -> str:
 def read_json(path: str) -> Any:
     """A small JSON file of the folder, opened without following symlinks, size-capped."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = open_regular(path)
     except OSError as exc:
         raise FormatError(f"{path}: cannot open ({exc.strerror})") from exc
     with os.fdopen(fd, "rb") as handle:
