@@ -218,3 +218,43 @@ def test_fabric_save_and_load_through_the_plugin(tmp_path) -> None:
     other = fabric.setup(nn.Linear(3, 2))
     remainder = fabric.load(path, {"model": other})
     assert remainder == {"step": 3} and torch.equal(other.weight, model.weight)
+
+
+def test_standalone_pytorch_lightning_package(tmp_path) -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+    from torchkeep.integrations.pytorch_lightning import TorchkeepCheckpointIO as PlugIn
+
+    class PlTiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch, _index):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(epochs: int, ckpt_path=None) -> PlTiny:
+        torch.manual_seed(0)
+        model = PlTiny()
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            plugins=[PlugIn()],
+            default_root_dir=str(tmp_path),
+            callbacks=[pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, loader(), ckpt_path=ckpt_path)
+        return model
+
+    run(1)
+    with torchkeep.open_file(tmp_path / "ck" / "last.ckpt") as reader:
+        assert reader.is_torchkeep
+    resumed = run(2, "last")
+    assert torchkeep.load(tmp_path / "ck" / "last.ckpt")["epoch"] == 1
+    assert resumed.trainer.global_step == 8
