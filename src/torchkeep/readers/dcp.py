@@ -18,6 +18,7 @@ import torch
 
 from .. import knobs
 from ..errors import FormatError, UnsafeFileError
+from . import safe_globals
 from .dcp_check import check_metadata, check_relative, read_range, read_regular
 from .pickle_scan import ScanResult, scan_stream
 from .torch_file import check_object_bytes, unsafe_globals
@@ -131,7 +132,11 @@ class DcpView(CheckpointView):
 
     def _torch_load(self, data: bytes, where: str) -> Any:
         try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not self.trusted)
+            if self.trusted:
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            with safe_globals.allowed():  # NumPy values through checked stand-ins
+                value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return safe_globals.resolve(value)
         except pickle.UnpicklingError as exc:
             bad = unsafe_globals(scan_blob(data))
             raise UnsafeFileError(

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import FormatError, TorchkeepError, UnsafeFileError
 from ..format import bounds
+from . import safe_globals
 from .pickle_scan import ScanResult, scan_file
 
 
@@ -32,7 +33,7 @@ def allowed_globals() -> set[str]:
     ]:
         if isinstance(ref, str):
             allowed.add(ref)
-    return allowed
+    return allowed | safe_globals.ALLOWED_NAMES
 
 
 def unsafe_globals(scan: ScanResult) -> list[str]:
@@ -61,6 +62,30 @@ def refusal(path: str, scan: ScanResult, detail: str = "") -> UnsafeFileError:
     )
 
 
+def _refused_by_unpickler(path: str, exc: pickle.UnpicklingError) -> UnsafeFileError:
+    """The refusal when torch's unpickler (or a NumPy stand-in) stopped, not the scan."""
+    scan = scan_file(path)
+    reason = _unpickler_reason(str(exc))
+    if unsafe_globals(scan):
+        return refusal(path, scan, f" (torch: {reason})")
+    return UnsafeFileError(  # every global is allowed, but a value was outside what it accepts
+        f"{path}: refused to unpickle: {reason}. Nothing was executed. Load it with trusted=True "
+        "(CLI: --trusted) only if you trust its source",
+        globals=[],
+    )
+
+
+def _unpickler_reason(text: str) -> str:
+    """The line that says why, from torch's long weights-only message."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1]
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    return lines[0] if lines else "unknown reason"
+
+
 def load_torch_file(
     path: str, map_location: Any = None, mmap: bool = False, trusted: bool = False
 ) -> Any:
@@ -79,13 +104,15 @@ def load_torch_file(
     if mmap:
         kwargs["mmap"] = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, **kwargs)
+        if trusted:
+            obj = _torch_load(path, kwargs)
+        else:
+            with safe_globals.allowed():  # NumPy RNG states through checked stand-ins
+                obj = safe_globals.resolve(_torch_load(path, kwargs))
     except pickle.UnpicklingError as exc:
         if trusted:
             raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc
-        raise refusal(path, scan_file(path), f" (torch: {str(exc).splitlines()[0]})") from exc
+        raise _refused_by_unpickler(path, exc) from exc
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, IndexError,
             TypeError, AssertionError, struct.error, zipfile.BadZipFile) as exc:  # fmt: skip
         # torch.load reports garbled files with many exception types; all mean "malformed".
@@ -142,3 +169,9 @@ def _logical_bytes(tensor: torch.Tensor) -> int:
         return tensor.numel() * tensor.element_size()
     values = tensor._values() if tensor.is_sparse else tensor.values()
     return values.numel() * values.element_size()
+
+
+def _torch_load(path: str, kwargs: dict[str, Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, **kwargs)
