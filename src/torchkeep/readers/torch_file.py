@@ -69,7 +69,8 @@ def _refused_by_unpickler(path: str, exc: pickle.UnpicklingError) -> UnsafeFileE
     if unsafe_globals(scan):
         return refusal(path, scan, f" (torch: {reason})")
     return UnsafeFileError(  # every global is allowed, but a value was outside what it accepts
-        f"{path}: refused to unpickle: {reason}. Nothing was executed. Load it with trusted=True "
+        f"{path}: refused to unpickle (torch: {reason}). Nothing was executed. Load it with "
+        "trusted=True "
         "(CLI: --trusted) only if you trust its source",
         globals=[],
     )
