@@ -33,7 +33,11 @@ CORPUS = os.path.join(HERE, "hostile", "corpus")
 sys.path.insert(0, os.path.join(HERE, "hostile"))
 SCRATCH = os.path.join(tempfile.mkdtemp(prefix="tk-fuzz-"), "input.tk")
 TOKENS = [b"{", b"}", b"[", b"]", b'"', b",", b":", b"-1", b"1e999", b"null", b'"$"', b'"key"',
-          b'"view"', b"18446744073709551616"]  # fmt: skip
+          b'"view"', b"18446744073709551616",
+          # issue 18: dtype overrides torch cannot use, colliding keys, stride-0 views, sizes
+          b'"dtype":"qint8"', b'"dtype":"bits16"', b'"items"', b"2305843009213693951",
+          b'"stride":[0,0]', b'"shape":[65536,65536]', b'{"$":"size","v":[1180591620717411303424]}',
+          ]  # fmt: skip
 TENSORS = {"t": ("F32", [4], bytes(range(16))), "u": ("U8", [3], b"abc")}
 
 
@@ -63,8 +67,20 @@ def exercise(blob: bytes) -> None:
             for key in reader.keys():  # noqa: SIM118 - FileReader is not iterable
                 reader.read_entry(key)
         torchkeep.load_state_dict(torch.nn.Linear(2, 2), SCRATCH, strict=False)
+        touch_every_tensor(SCRATCH)
     except torchkeep.TorchkeepError:
         pass
+
+
+def touch_every_tensor(path: str) -> None:
+    """Compare every tensor with itself as ``diff`` does: whatever passes the resource limits
+    must be cheap to touch (an amplification bomb shows up as a slow input)."""
+    from torchkeep.cli.diff import compare_tensors
+    from torchkeep.readers.open import open_view
+
+    with open_view(path) as view:
+        for _, tensor in view.iter_tensors():
+            compare_tensors(tensor, tensor, 0.0, 0.0)
 
 
 def keep_crash(data: bytes, exc: BaseException) -> str:
@@ -100,7 +116,10 @@ def seeds() -> list[bytes]:
     with FileReader(path) as reader:
         tree = reader.header.metadata["torchkeep.tree"]
     header = blob[8 : 8 + int.from_bytes(blob[:8], "little")]
-    return [b"\0" + blob, b"\1" + header, b"\2" + tree.encode(), b"\2" + json.dumps([1]).encode()]
+    view = {"$": "tensor", "key": "t", "view": {"shape": [2, 2], "stride": [0, 1], "offset": 0}}
+    keys = {"$": "dict", "items": [[k * (2**61 - 1), k] for k in range(1, 80)]}
+    return [b"\0" + blob, b"\1" + header, b"\2" + tree.encode(), b"\2" + json.dumps([1]).encode(),
+            b"\2" + json.dumps(view).encode(), b"\2" + json.dumps(keys).encode()]  # fmt: skip
 
 
 def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:

@@ -55,7 +55,7 @@ def test_inspect_names_values_and_optimizer(fx: dict) -> None:
     assert lit["optimizers"][0]["hyper_parameters"]["momentum"] == 0.9
     acc = json.loads(run("inspect", fx["acc"], "--json"))
     assert acc["optimizers"][0]["type"] == "AdamW"
-    assert any("random_states_0.pkl" in n and "--trusted" in n for n in acc["notes"])
+    assert not acc["notes"]  # the RNG pickle is read with the restricted NumPy allow-list
     text = run("inspect", fx["model.tk"])
     assert "model_state.0.weight" in text and "float32" in text and "xxh3-64, ok" in text
 
@@ -160,11 +160,10 @@ def test_ls_and_prune(fx: dict, tmp_path) -> None:
 
 
 def test_scan_safe_files(fx: dict) -> None:
-    for name in ("zip.pt", "legacy.pt", "model.safetensors", "lightning", "dcp"):
+    # The Accelerate folder's NumPy RNG state is covered by readers/safe_globals.py.
+    for name in ("zip.pt", "legacy.pt", "model.safetensors", "lightning", "dcp", "acc"):
         result = json.loads(run("scan", fx[name], "--json"))
         assert result["verdict"] == "safe", name
-    result = json.loads(run("scan", fx["acc"], "--json", code=1))
-    assert any("numpy" in g for g in result["unsafe"])
 
 
 def test_help_has_example_for_every_command() -> None:

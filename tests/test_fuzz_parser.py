@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from collections import OrderedDict
 
 import numpy as np
@@ -21,7 +22,11 @@ from hypothesis import strategies as st
 import torchkeep
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "hostile"))
+from bombs import dcp_folder  # noqa: E402
 from forge import raw_file, torchkeep_file  # noqa: E402
+
+from torchkeep.cli.diff import compare_tensors  # noqa: E402
+from torchkeep.readers.open import open_view  # noqa: E402
 
 LONG = os.environ.get("TORCHKEEP_LONG") == "1"
 EXAMPLES = 2000 if LONG else 120
@@ -35,6 +40,9 @@ SETTINGS = settings(
 DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "X9", 3, None]
 TAGS = ["dict", "tuple", "set", "frozenset", "float", "size", "np_scalar", "bytes", "bytearray",
         "complex", "slice", "dtype", "device", "tensor", "ndarray", "nope", 7]  # fmt: skip
+#: Ints whose hashes are all 0 (Python reduces int hashes modulo 2**61 - 1): dict keys and
+#: set items that make insertion quadratic unless the decoder refuses them.
+COLLIDING = [k * (2**61 - 1) for k in range(1, 100)]
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
@@ -60,12 +68,15 @@ NODE = st.recursive(
                     st.text(max_size=4), inner, max_size=3)),
                 "key": st.sampled_from(["t", "u", "nope", 1]),
                 "shape": st.lists(st.integers(-2, 2**40), max_size=4),
-                "dtype": st.sampled_from(["float32", "uint8", "int64", "bogus", 1]),
+                "dtype": st.sampled_from(["float32", "uint8", "int64", "bogus", 1, "qint8",
+                                          "quint4x2", "bits8", "bits16", "complex128", "uint4"]),
+                "items": st.lists(st.lists(st.one_of(st.sampled_from(COLLIDING), inner),
+                                           min_size=2, max_size=2), max_size=80),
                 "np_dtype": st.sampled_from(["<f4", "|O", "V8", "<c8", "x"]),
                 "device": st.sampled_from(["cpu", "cuda:0", "meta", "", 3]),
                 "view": st.fixed_dictionaries({
                     "shape": st.lists(st.integers(-1, 2**33), max_size=3),
-                    "stride": st.lists(st.integers(-1, 2**33), max_size=3),
+                    "stride": st.lists(st.one_of(st.just(0), st.integers(-1, 2**33)), max_size=3),
                     "offset": st.integers(-1, 10),
                 }),
                 "param": st.booleans(),
@@ -115,8 +126,17 @@ def _exercise(path: str) -> None:
                 reader.read_entry(key)
         torchkeep.verify(path)
         torchkeep.load_state_dict(torch.nn.Linear(2, 2), path, strict=False)
+        _touch_every_tensor(path)
     except torchkeep.TorchkeepError:
         pass
+
+
+def _touch_every_tensor(path: str) -> None:
+    """What ``diff`` does: read and compare every tensor. Whatever a file passes the resource
+    limits with must be cheap to touch (a stride-0 bomb would run for minutes here)."""
+    with open_view(path) as view:
+        for _, tensor in view.iter_tensors():
+            compare_tensors(tensor, tensor, 0.0, 0.0)
 
 
 def _check(tmp_path, blob: bytes) -> None:
@@ -230,3 +250,29 @@ def test_plain_check_accepts_every_decoded_type_and_rejects_others(tmp_path) -> 
     for bad in ({"k": [Foreign()]}, {(1, Foreign()): 1}, [np.array([None], dtype=object)]):
         with pytest.raises(AssertionError):
             _assert_plain(bad, "<root>")
+
+
+DIMS = st.lists(st.integers(-2, 2**64), max_size=3)
+
+
+@SETTINGS
+@given(
+    size=st.one_of(DIMS, st.sampled_from([(2, 2), (2**40, 2**40), (2**70,), "x", None])),
+    dtype=st.sampled_from([torch.float32, torch.int8, torch.qint8, torch.bits16, torch.uint4]),
+    chunk=st.tuples(st.one_of(DIMS, st.just((0, 0))), st.one_of(DIMS, st.just((2, 2)))),
+    rel=st.sampled_from(["__0_0.distcp", "..", ".", "", "/etc/passwd", "a/../b", "nope", 3]),
+    offset=st.one_of(st.integers(-2, 2**64), st.just(0), st.none()),
+    length=st.one_of(st.integers(-2, 2**64), st.none()),
+    planner=st.sampled_from([None, {"w": ("a", "b")}, {"w": ([1],)}, [1], {"w": "ab"}]),
+)
+def test_random_dcp_metadata(tmp_path, size, dtype, chunk, rel, offset, length, planner) -> None:
+    """DCP metadata with random sizes, chunks, paths and byte ranges: a load or TorchkeepError."""
+    folder = dcp_folder(
+        tempfile.mkdtemp(dir=tmp_path), size=size, dtype=dtype, chunk=chunk, rel=rel,
+        offset=offset, length=length, planner=planner,
+    )  # fmt: skip
+    try:
+        torchkeep.load(folder)
+        _touch_every_tensor(folder)
+    except torchkeep.TorchkeepError:
+        pass

@@ -92,3 +92,13 @@ SCAN_MAX_MEMBERS = _env_int("SCAN_MAX_MEMBERS", 1_000_000)
 #: Deepest nesting of archives inside archives the scan follows (a torch.export archive holds
 #: torch.save zips: depth 2); deeper nesting is reported unsafe.
 SCAN_MAX_DEPTH = _env_int("SCAN_MAX_DEPTH", 4)
+#: Resource limits on what a file may claim (docs/guarantees.md, "Resource limits"). The
+#: tensors a file exposes (views and aliases counted at their full logical size) may total at
+#: most ``MAX_EXPANSION`` times the file's real size plus ``EXPANSION_FLOOR_BYTES``: a tiny file
+#: cannot make ``diff``, ``convert`` or a caller's pass over its tensors allocate or loop over
+#: gigabytes through stride-0 (expanded) views. Raise them for a trusted file that needs more.
+MAX_EXPANSION = _env_int("MAX_EXPANSION", 64)
+EXPANSION_FLOOR_BYTES = _env_int("EXPANSION_FLOOR_BYTES", 256 * 1024 * 1024)
+#: Most keys of one dict or set in the typed tree that may share one hash value (equal
+#: hashes make building the dict quadratic; ints and tuples of ints have predictable hashes).
+MAX_HASH_COLLISIONS = _env_int("MAX_HASH_COLLISIONS", 64)

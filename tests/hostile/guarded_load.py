@@ -18,6 +18,7 @@ import sysconfig
 import traceback
 
 import torch
+import torch.distributed.checkpoint  # noqa: F401 - imported before the hook: DCP folders
 from click.testing import CliRunner
 from torch import nn
 

@@ -17,8 +17,10 @@ from guard import run_guarded
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Valid files in disguise: they decode to harmless values and may load.
 MAY_LOAD = {"tree_complex_huge_ints", "tree_bytes_not_hex", "tree_device_bogus"}
-#: A stride-0 view exposing 2**62 elements of one stored float: refused by the view-size cap
-#: (knobs.MAX_VIEW_ELEMENTS) wherever the tree is decoded, so no pass over it can run for ever.
+#: A stride-0 view exposing 2**62 elements of one stored float: refused when the file is opened
+#: by the expansion limit (knobs.MAX_EXPANSION; the view-size cap knobs.MAX_VIEW_ELEMENTS backs
+#: it up wherever the tree is decoded), so no pass over it can run for ever.
+#: tests/hostile/test_amplification.py covers the amplification classes of issue 18.
 GIANT_VIEW = "tree_view_2_62_elements"
 
 

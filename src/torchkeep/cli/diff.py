@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Any
@@ -26,6 +27,7 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) 
     Works through the flattened tensors chunk by chunk, so memory stays bounded whatever their
     size. NaNs at the same positions count as equal.
     """
+    a, b = _comparable(a), _comparable(b)
     if a.dtype == b.dtype and not a.is_complex() and torch.equal(a, b):
         return {"equal": True, "max_abs_diff": 0.0, "rel_l2_diff": 0.0}  # the common case, fast
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
@@ -50,6 +52,28 @@ def compare_tensors(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) 
     norm = math.sqrt(norm_sq)
     rel = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
     return {"equal": equal, "max_abs_diff": max_abs, "rel_l2_diff": rel}
+
+
+@functools.cache
+def _numeric(dtype: torch.dtype) -> bool:
+    """Whether torch compares and widens tensors of ``dtype`` (not so for uint4, complex32,
+    float4 pairs, bits*...: torch raises NotImplementedError for them)."""
+    try:
+        x = torch.zeros(2, dtype=dtype)
+        torch.equal(x, x)
+        x.to(torch.complex128 if dtype.is_complex else torch.float64)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return True
+
+
+def _comparable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, its dequantized values, or its raw bytes when torch cannot compare it."""
+    if t.is_quantized:
+        return t.dequantize()
+    if _numeric(t.dtype):
+        return t
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _sig(view: CheckpointView, name: str) -> dict:

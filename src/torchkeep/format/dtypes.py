@@ -6,6 +6,9 @@ bytes; the typed tree records the real dtype so torchkeep restores it exactly.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from ..errors import UnsupportedValueError
@@ -52,11 +55,16 @@ def dtype_from_name(name: str) -> torch.dtype:
     return value
 
 
+def _is_bits(dtype: torch.dtype) -> bool:
+    """``bits8``, ``bits16``, ``bits1x8``...: opaque bit containers with no defined values."""
+    return dtype_name(dtype).startswith("bits")
+
+
 def storage_dtype(dtype: torch.dtype, where: str) -> str:
     """safetensors name under which tensors of ``dtype`` are stored (``U8`` for raw bytes)."""
     if dtype in TORCH_TO_SAFETENSORS:
         return TORCH_TO_SAFETENSORS[dtype]
-    if dtype in _QUANTIZED or not _byte_viewable(dtype):
+    if dtype in _QUANTIZED or _is_bits(dtype) or not _byte_viewable(dtype):
         raise UnsupportedValueError(
             f"{where}: tensors of dtype {dtype} cannot be stored by torchkeep; "
             "dequantize or convert them (e.g. tensor.float()) before saving"
@@ -64,9 +72,38 @@ def storage_dtype(dtype: torch.dtype, where: str) -> str:
     return "U8"
 
 
+@functools.cache
+def _override_dtypes() -> dict[str, torch.dtype]:
+    """Names a file may give as a tensor's real dtype: exactly what :func:`storage_dtype` can
+    store (safetensors dtypes, and raw-byte dtypes such as complex128); never quantized or
+    ``bits*`` dtypes, which a file could otherwise use to reach operations torch does not
+    implement for them."""
+    allowed = {}
+    for name in dir(torch):
+        value = getattr(torch, name)
+        if not isinstance(value, torch.dtype) or name != dtype_name(value):
+            continue  # not a dtype, or an alias such as torch.float
+        if value in TORCH_TO_SAFETENSORS or not (
+            value in _QUANTIZED or _is_bits(value) or not _byte_viewable(value)
+        ):
+            allowed[name] = value
+    return allowed
+
+
+def override_dtype(name: object) -> torch.dtype:
+    """The dtype a file's tree names for a raw-byte entry; ``ValueError`` unless it is one
+    torchkeep can store (see :func:`_override_dtypes`)."""
+    value = _override_dtypes().get(name) if isinstance(name, str) else None
+    if value is None:
+        raise ValueError(f"dtype {name!r} is not a dtype torchkeep stores")
+    return value
+
+
 def _byte_viewable(dtype: torch.dtype) -> bool:
     try:
-        torch.empty(1, dtype=dtype).view(torch.uint8)
-    except (RuntimeError, TypeError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecation notices of exotic dtypes
+            torch.empty(1, dtype=dtype).view(torch.uint8)
+    except (RuntimeError, TypeError, NotImplementedError):
         return False
     return True

@@ -104,7 +104,13 @@ class _Encoder:
 
     def _sequence(self, obj: list | tuple, path: str, parts: list[str]) -> Any:
         if isinstance(obj, torch.Size):
-            return {TAG: "size", "v": [int(d) for d in obj]}
+            dims = [int(d) for d in obj]
+            if len(dims) > knobs.MAX_RANK or not all(0 <= d < 2**63 for d in dims):
+                raise UnsupportedValueError(
+                    f"{path or '<root>'}: torch.Size {dims} is not a 64-bit size of at most "
+                    f"{knobs.MAX_RANK} dimensions (readers refuse it)"
+                )
+            return {TAG: "size", "v": dims}
         kind = type(obj)
         if kind not in (list, tuple):
             raise UnsupportedValueError(

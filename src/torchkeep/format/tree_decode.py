@@ -18,21 +18,46 @@ import torch
 
 from .. import knobs
 from ..errors import FormatError
+from .bounds import check_hash_spread
 from .dtypes import dtype_from_name
 from .tree import TAG, join_path, short_path
 
 TensorResolver = Callable[[dict, str], Any]
 
 
+#: Key paths ("a.b[3].c") are built for every node: a long key above many values would make
+#: their total length quadratic in the file size. Each node may use this many path bytes on
+#: average, over a fixed allowance; legitimate trees use a small fraction of it.
+PATH_BYTES_PER_NODE = 1024
+PATH_BYTES_ALLOWANCE = 64 * 1024 * 1024
+
+
+class _PathBudget:
+    """Counts the bytes of key paths built while walking a tree, refusing quadratic growth."""
+
+    def __init__(self) -> None:
+        self.left = PATH_BYTES_ALLOWANCE
+
+    def spend(self, path: str) -> None:
+        self.left += PATH_BYTES_PER_NODE - len(path)
+        if self.left < 0:
+            raise FormatError(
+                f"typed tree at {path[:80]}...: key paths total more than "
+                f"{PATH_BYTES_PER_NODE} bytes per value (long keys above many values)"
+            )
+
+
 class _Decoder:
     def __init__(self, resolve: TensorResolver) -> None:
         self.resolve = resolve
+        self.paths = _PathBudget()
 
     def decode(self, node: Any, path: str, depth: int) -> Any:
         if depth > knobs.MAX_TREE_DEPTH:
             raise FormatError(
                 f"typed tree at {short_path(path)}: nesting deeper than {knobs.MAX_TREE_DEPTH}"
             )
+        self.paths.spend(path)
         if node is None or isinstance(node, (bool, int, str)):
             return node
         if isinstance(node, float):
@@ -79,12 +104,14 @@ def _dec_dict(d: _Decoder, node: dict, path: str, depth: int) -> dict:
         for k, v in node["v"].items():
             out[k] = d.decode(v, join_path(path, k), depth + 1)
     else:
-        for pair in _items(node, "items"):
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise TypeError("each item must be a [key, value] pair")
-            key = d.decode(pair[0], path, depth + 1)
-            if isinstance(key, (list, dict, set, torch.Tensor)):
-                raise TypeError("dict key is not hashable")
+        pairs = _items(node, "items")
+        if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
+            raise TypeError("each item must be a [key, value] pair")
+        keys = [d.decode(pair[0], path, depth + 1) for pair in pairs]
+        if any(isinstance(key, (list, dict, set, torch.Tensor)) for key in keys):
+            raise TypeError("dict key is not hashable")
+        check_hash_spread(keys, f"typed tree at {path or '<root>'}")  # before any insertion
+        for key, pair in zip(keys, pairs):
             out[key] = d.decode(pair[1], f"{path}[{key!r}]", depth + 1)
     if "meta" in node:
         meta = d.decode(node["meta"], f"{path}._metadata", depth + 1)
@@ -99,6 +126,9 @@ def _dec_tuple(d: _Decoder, node: dict, path: str, depth: int) -> tuple:
 
 def _dec_set(d: _Decoder, node: dict, path: str, depth: int) -> set | frozenset:
     values = [d.decode(v, path, depth + 1) for v in _items(node)]
+    if any(isinstance(v, (list, dict, set, torch.Tensor)) for v in values):
+        raise TypeError("set element is not hashable")
+    check_hash_spread(values, f"typed tree at {path or '<root>'}")
     return frozenset(values) if node[TAG] == "frozenset" else set(values)
 
 
@@ -111,8 +141,10 @@ def _dec_float(d: _Decoder, node: dict, path: str, depth: int) -> float:
 
 def _dec_size(d: _Decoder, node: dict, path: str, depth: int) -> torch.Size:
     dims = _items(node)
-    if not all(type(x) is int and x >= 0 for x in dims) or len(dims) > knobs.MAX_RANK:
-        raise ValueError("torch.Size needs a short list of non-negative ints")
+    if len(dims) > knobs.MAX_RANK or not all(type(x) is int and 0 <= x < 2**63 for x in dims):
+        raise ValueError(
+            f"torch.Size needs at most {knobs.MAX_RANK} ints in [0, 2**63) (a 64-bit size)"
+        )
     return torch.Size(dims)
 
 
@@ -209,12 +241,14 @@ def _located(exc: FormatError, where: str) -> FormatError:
 def iter_tensor_nodes(root: Any, where: str = "") -> list[tuple[str, dict]]:
     """(error path, node) of every tensor/ndarray node, without materializing anything."""
     found: list[tuple[str, dict]] = []
+    paths = _PathBudget()
 
     def visit(node: Any, path: str, depth: int) -> None:
         if depth > knobs.MAX_TREE_DEPTH:
             raise FormatError(
                 f"typed tree at {short_path(path)}: nesting deeper than {knobs.MAX_TREE_DEPTH}"
             )
+        paths.spend(path)
         if isinstance(node, list):
             for i, v in enumerate(node):
                 visit(v, f"{path}[{i}]", depth + 1)

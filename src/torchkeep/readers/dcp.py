@@ -18,8 +18,10 @@ import torch
 
 from .. import knobs
 from ..errors import FormatError, UnsafeFileError
+from . import safe_globals
+from .dcp_check import check_metadata, check_relative, read_range, read_regular
 from .pickle_scan import ScanResult, scan_stream
-from .torch_file import unsafe_globals
+from .torch_file import check_object_bytes, unsafe_globals
 from .view import CheckpointView, Ref, skeleton_of
 
 METADATA_NAME = ".metadata"
@@ -64,11 +66,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_metadata(folder: str, trusted: bool = False) -> Any:
     """The DCP ``Metadata`` object of ``folder``, built by the restricted unpickler."""
     path = os.path.join(folder, METADATA_NAME)
-    size = os.path.getsize(path)
-    if size > knobs.MAX_HEADER_BYTES:
-        raise FormatError(f"{path}: DCP metadata is {size} bytes, over the header cap")
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = read_regular(path, knobs.MAX_HEADER_BYTES, "DCP metadata")
     try:
         if trusted:
             meta = pickle.loads(data)  # noqa: S301 - the caller trusts this checkpoint
@@ -82,6 +80,7 @@ def read_metadata(folder: str, trusted: bool = False) -> Any:
         raise FormatError(f"{path}: not a readable DCP metadata file ({exc})") from exc
     if not hasattr(meta, "state_dict_metadata") or not hasattr(meta, "storage_data"):
         raise FormatError(f"{path}: not DCP metadata (got {type(meta).__name__})")
+    check_metadata(meta, folder, len(data))
     return meta
 
 
@@ -101,17 +100,13 @@ def scan_blob(data: bytes) -> ScanResult:
 def read_blob(folder: str, info: Any) -> bytes:
     """The bytes of one DCP item, its location validated against the folder."""
     rel = info.relative_path
-    if not isinstance(rel, str) or os.path.basename(rel) != rel:
-        raise FormatError(f"{folder}: DCP storage path {rel!r} leaves the directory")
+    check_relative(rel, folder)
     if getattr(info, "transform_descriptors", None):
         raise FormatError(f"{folder}/{rel}: DCP transforms are not supported")
-    path = os.path.join(folder, rel)
-    size = os.path.getsize(path)
-    if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
-        raise FormatError(f"{path}: DCP item at {info.offset}+{info.length} is out of range")
-    with open(path, "rb") as handle:
-        handle.seek(info.offset)
-        return handle.read(info.length)
+    offset, length = info.offset, info.length
+    if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
+        raise FormatError(f"{folder}/{rel}: DCP item has a bad byte range {offset!r}+{length!r}")
+    return read_range(os.path.join(folder, rel), offset, length)
 
 
 class DcpView(CheckpointView):
@@ -137,7 +132,11 @@ class DcpView(CheckpointView):
 
     def _torch_load(self, data: bytes, where: str) -> Any:
         try:
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not self.trusted)
+            if self.trusted:
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            with safe_globals.allowed():  # NumPy values through checked stand-ins
+                value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return safe_globals.resolve(value)
         except pickle.UnpicklingError as exc:
             bad = unsafe_globals(scan_blob(data))
             raise UnsafeFileError(
@@ -153,8 +152,10 @@ class DcpView(CheckpointView):
         (_, info), *_ = self._index.get(fqn) or [(None, None)]
         if info is None:
             raise FormatError(f"{self.folder}: DCP metadata lists {fqn!r} without storage")
-        value = self._torch_load(self._blob(info), f"{self.folder}: {fqn}")
-        return skeleton_of(value, fqn)
+        blob = self._blob(info)
+        value = self._torch_load(blob, f"{self.folder}: {fqn}")
+        check_object_bytes(value, len(blob), f"{self.folder}: {fqn}")
+        return skeleton_of(value, fqn, f"{self.folder}: {fqn}")
 
     def _tensor_ref(self, fqn: str, item: Any) -> Ref:
         shape = tuple(int(d) for d in item.size)
@@ -170,6 +171,8 @@ class DcpView(CheckpointView):
             if not isinstance(chunk, torch.Tensor) or chunk.dtype != dtype:
                 raise FormatError(f"{self.folder}: DCP chunk of {fqn!r} is not a {dtype} tensor")
             offsets = tuple(index.offset or (0,) * len(shape))
+            if len(offsets) != len(shape) or chunk.dim() != len(shape):
+                raise FormatError(f"{self.folder}: DCP chunk of {fqn!r} has the wrong rank")
             region = out
             for dim, (start, length) in enumerate(zip(offsets, chunk.shape)):
                 if start + length > shape[dim]:

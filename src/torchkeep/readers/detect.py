@@ -14,15 +14,21 @@ TORCH_LEGACY = "torch-legacy"
 HF_SHARDED = "hf-sharded"
 DCP = "dcp"
 ACCELERATE = "accelerate"
+HF_TRAINER = "hf-trainer"
 RUN_DIR = "run-dir"
 RUN_STEP = "run-step"
 
 #: Files of an Accelerate ``save_state`` folder: model weights, and the state beside them.
-ACCELERATE_MODEL = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model(_\d+)?\.bin)$")
+#: (``adapter_model`` files: PEFT weights, also found in Trainer checkpoint folders.)
+ACCELERATE_MODEL = re.compile(
+    r"^((model|adapter_model)(_\d+)?\.safetensors|(pytorch_model|adapter_model)(_\d+)?\.bin)$"
+)
 ACCELERATE_STATE = re.compile(
     r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|sampler(_\d+)?\.bin|scaler\.pt|"
     r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|dl_state_dict(_\d+)?\.bin)$"
 )
+#: A Hugging Face ``Trainer`` ``checkpoint-N/`` folder is recognized by this file.
+TRAINER_STATE = "trainer_state.json"
 
 
 def is_accelerate_folder(names: list[str]) -> bool:
@@ -30,6 +36,11 @@ def is_accelerate_folder(names: list[str]) -> bool:
     return any(ACCELERATE_MODEL.match(n) for n in names) and any(
         ACCELERATE_STATE.match(n) for n in names
     )
+
+
+def is_trainer_folder(names: list[str]) -> bool:
+    """A Hugging Face ``Trainer`` checkpoint folder: ``trainer_state.json`` is its mark."""
+    return TRAINER_STATE in names
 
 
 def is_run_dir(path: str) -> bool:
@@ -74,6 +85,8 @@ def sniff(path: str | os.PathLike) -> str:
 def sniff_dir(path: str) -> str:
     """Format of a folder checkpoint, judged by the files it holds."""
     names = os.listdir(path)
+    if is_trainer_folder(names):  # before HF_SHARDED: a Trainer folder may hold a sharded model
+        return HF_TRAINER
     if "model.safetensors.index.json" in names:
         return HF_SHARDED
     if ".metadata" in names and any(n.endswith(".distcp") for n in names):
@@ -87,5 +100,6 @@ def sniff_dir(path: str) -> str:
     raise FormatError(
         f"{path}: folder is not a recognized checkpoint (expected a torchkeep run directory, "
         "a Hugging Face sharded folder with model.safetensors.index.json, a "
-        "torch.distributed.checkpoint folder with .metadata, or an Accelerate save_state folder)"
+        "torch.distributed.checkpoint folder with .metadata, an Accelerate save_state folder or a "
+        "Hugging Face Trainer checkpoint-N folder with trainer_state.json)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from ..errors import FormatError
 from . import detect
 from .dcp import DcpView
 from .file_view import open_file_view
-from .folders import AccelerateView
+from .folders import AccelerateView, TrainerView
 from .run_dir import RunView, StepFolderView
 from .safetensors_view import ShardedView
 from .view import CheckpointView
@@ -29,6 +30,8 @@ def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
         return DcpView(path, trusted)
     if kind == detect.ACCELERATE:
         return AccelerateView(path, trusted)
+    if kind == detect.HF_TRAINER:
+        return TrainerView(path, trusted)
     if kind == detect.RUN_DIR:
         return RunView(path, trusted)
     if kind == detect.RUN_STEP:
@@ -43,6 +46,8 @@ def load_folder(path: str, map_location: Any = None, trusted: bool = False) -> A
     """
     with open_view(path, trusted=trusted) as view:
         obj = view.materialize()
+        for note in view.notes:  # e.g. a pickle left out because it needs trusted=True
+            warnings.warn(f"{path}: {note}", stacklevel=3)
     if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type != "cpu":
         target = torch.device(map_location)
         return map_tensors(obj, lambda t: t.to(target))

@@ -82,7 +82,7 @@ class FileView(CheckpointView):
             ref = Ref(path, shaped.dtype, tuple(shaped.shape), fetch, mapped)
             return _Pending(ref) if node.get(TAG) == "ndarray" else ref
 
-        return decode(reader.tree, resolve)
+        return decode(reader.tree, resolve, reader.path)
 
     def check(self, progress: Any = None) -> list[str]:
         """Checksum of every entry (torchkeep) or a full structural read (safetensors)."""

@@ -35,4 +35,4 @@ class TorchFileView(CheckpointView):
         )
         self.obj = obj
         shown = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
-        super().__init__(path, torch_format(obj, kind), skeleton_of(shown))
+        super().__init__(path, torch_format(obj, kind), skeleton_of(shown, where=path))

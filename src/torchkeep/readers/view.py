@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import knobs
+from ..errors import FormatError
 from ..format.dtypes import dtype_name
 
 
@@ -66,7 +68,7 @@ class CheckpointView:
         self.notes = list(notes or [])  # e.g. parts skipped because they need --trusted
         self.refs: dict[str, Ref] = {}
         self.values: dict[str, Any] = {}
-        _flatten(skeleton, "", self.refs, self.values)
+        _flatten(skeleton, "", self.refs, self.values, _NameBudget(path))
 
     # -- tensors ---------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -121,7 +123,31 @@ def _join(prefix: str, key: Any) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def _flatten(obj: Any, prefix: str, refs: dict[str, Ref], values: dict[str, Any]) -> None:
+class _NameBudget:
+    """Bounds the total length of flattened names: a long key above many values would
+    otherwise make them quadratic in the file size (a 1 MB key over 100,000 values is 100 GB
+    of names). Each name may use ``PER_NAME`` bytes on average, over ``ALLOWANCE``."""
+
+    PER_NAME = 1024
+    ALLOWANCE = 64 * 1024 * 1024
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.left = self.ALLOWANCE
+
+    def spend(self, name: str) -> None:
+        self.left += self.PER_NAME - len(name)
+        if self.left < 0:
+            raise FormatError(
+                f"{self.path}: flattened key names total more than {self.PER_NAME} bytes per "
+                f"value (long keys above many values, e.g. {name[:60]!r}...)"
+            )
+
+
+def _flatten(
+    obj: Any, prefix: str, refs: dict[str, Ref], values: dict[str, Any], budget: _NameBudget
+) -> None:
+    budget.spend(prefix)
     if isinstance(obj, Ref):
         obj.name = prefix or obj.name
         refs[obj.name] = obj
@@ -129,12 +155,12 @@ def _flatten(obj: Any, prefix: str, refs: dict[str, Ref], values: dict[str, Any]
         if not obj and prefix:
             values[prefix] = {}
         for key, value in obj.items():
-            _flatten(value, _join(prefix, key), refs, values)
+            _flatten(value, _join(prefix, key), refs, values, budget)
     elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
         if not obj and prefix:
             values[prefix] = []
         for i, value in enumerate(obj):
-            _flatten(value, _join(prefix, i), refs, values)
+            _flatten(value, _join(prefix, i), refs, values, budget)
     else:
         values[prefix or "<root>"] = jsonable(obj)
 
@@ -176,19 +202,27 @@ def _new_dict(obj: dict) -> dict:
     return collections.OrderedDict() if type(obj) is collections.OrderedDict else {}
 
 
-def skeleton_of(obj: Any, prefix: str = "") -> Any:
-    """Replace every tensor in an in-memory object by a :class:`Ref` to it."""
+def skeleton_of(obj: Any, prefix: str = "", where: str = "checkpoint", depth: int = 0) -> Any:
+    """Replace every tensor in an in-memory object by a :class:`Ref` to it.
+
+    Refs are named ``prefix`` here; :class:`CheckpointView` names each by its flattened path
+    (building paths here too would cost a long key's length once per value below it). Nesting
+    deeper than ``knobs.MAX_TREE_DEPTH`` (a pickle can nest a million lists in a few bytes)
+    raises :class:`FormatError` naming ``where``.
+    """
     if isinstance(obj, torch.Tensor):
         return ref_of(prefix or "tensor", obj)
+    if not isinstance(obj, (dict, list, tuple)) or isinstance(obj, torch.Size):
+        return obj
+    if depth >= knobs.MAX_TREE_DEPTH:
+        raise FormatError(f"{where}: nests deeper than {knobs.MAX_TREE_DEPTH} levels")
     if isinstance(obj, dict):
         out = _new_dict(obj)
         for key, value in obj.items():
-            out[key] = skeleton_of(value, _join(prefix, key))
+            out[key] = skeleton_of(value, prefix, where, depth + 1)
         return out
-    if isinstance(obj, torch.Size):
-        return obj
     if isinstance(obj, list):
-        return [skeleton_of(v, _join(prefix, i)) for i, v in enumerate(obj)]
-    if isinstance(obj, tuple) and type(obj) is tuple:
-        return tuple(skeleton_of(v, _join(prefix, i)) for i, v in enumerate(obj))
+        return [skeleton_of(v, prefix, where, depth + 1) for v in obj]
+    if type(obj) is tuple:
+        return tuple(skeleton_of(v, prefix, where, depth + 1) for v in obj)
     return obj

@@ -18,8 +18,8 @@ import torch
 
 from .. import knobs
 from ..errors import CorruptionError, FormatError, TorchkeepError
-from ..format import checksum, header
-from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
+from ..format import bounds, checksum, header
+from ..format.dtypes import SAFETENSORS_TO_TORCH, override_dtype
 from ..format.header import EntryInfo, Header
 from ..format.memory import byte_view
 from ..format.tree import TAG
@@ -41,7 +41,7 @@ class FileReader:
         self.path = os.fspath(path)
         self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
         try:
-            self.size = os.fstat(self._fd).st_size
+            self.size = os.fstat(self._fd).st_size  # a regular file: open_regular checked
             with paused_gc():  # a header can hold tens of thousands of small dicts
                 self.header = self._read_header()
                 self.checksums = self._read_checksums()
@@ -128,13 +128,16 @@ class FileReader:
             ordered = sorted(self.header.entries.items(), key=lambda kv: kv[1].begin)
             return {TAG: "dict", "v": {k: {TAG: "tensor", "key": k} for k, _ in ordered}}
         tree = self._meta_json(header.META_TREE)
-        for path, node in iter_tensor_nodes(tree, self.path):
+        nodes = iter_tensor_nodes(tree, self.path)
+        for path, node in nodes:
             key = node.get("key")
             if not isinstance(key, str) or key not in self.header.entries:
                 raise FormatError(
                     f"{self.path}: value {path or '<root>'} refers to tensor {key!r}, "
                     "which is not in the file"
                 )
+        claimed = bounds.tree_bytes((node for _, node in nodes), self.header.entries)
+        bounds.check_expansion(claimed, self.size, self.path)  # views cannot amplify the file
         return tree
 
     # -- reading tensors ----------------------------------------------------------------------
@@ -360,12 +363,12 @@ def materialize(node: dict, entry: torch.Tensor, file: str, path: str) -> torch.
     try:
         tensor = entry
         if "dtype" in node:
-            dtype = dtype_from_name(node["dtype"])
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            dtype = override_dtype(node["dtype"])  # never quantized or bits*
+            itemsize = dtype.itemsize
             if entry.dtype != torch.uint8 or entry.numel() % itemsize:
                 raise ValueError("dtype override needs a raw U8 entry of a fitting size")
             flat = entry.reshape(-1)
-            if flat.storage_offset() % torch.empty((), dtype=dtype).element_size():
+            if flat.storage_offset() % itemsize:
                 flat = flat.clone()  # misaligned inside a memory map: copy once
             tensor = flat.view(dtype)
         if "view" in node:

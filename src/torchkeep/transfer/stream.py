@@ -120,6 +120,11 @@ def write_safetensors(
         _write_data(fd, entries, len(head), progress)
 
 
+def _in_memory(tensor: torch.Tensor) -> StreamEntry:
+    """An entry for a tensor the skeleton holds itself (a NumPy array, e.g. an RNG state)."""
+    return StreamEntry("", tensor.dtype, list(tensor.shape), lambda: tensor)
+
+
 def write_torchkeep(
     path: str | os.PathLike,
     skeleton: Any,
@@ -135,7 +140,7 @@ def write_torchkeep(
     tree, leaves = encode(skeleton)
     planned = []
     for leaf in leaves:
-        entry = entries[id(leaf.tensor)]
+        entry = entries.get(id(leaf.tensor)) or _in_memory(leaf.tensor)
         entry.key = leaf.key
         leaf.node["key"] = leaf.key
         planned.append((leaf.node, entry))
