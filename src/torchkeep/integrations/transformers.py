@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import Trainer
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 from .. import load, save
+from ..errors import TorchkeepError
 from ..state.rng import capture_rng, restore_rng
 
 STATE_FILE = "training_state.tk"
@@ -32,7 +33,13 @@ ARGS_JSON = "training_args.json"
 ARGS_PICKLE = "training_args.bin"
 
 
-class TorchkeepTrainerMixin:
+if TYPE_CHECKING:  # the mixin is checked as the Trainer it is mixed into
+    _MixinBase = Trainer
+else:
+    _MixinBase = object
+
+
+class TorchkeepTrainerMixin(_MixinBase):
     """Mix into a ``transformers.Trainer`` subclass (before it) to checkpoint through torchkeep.
 
     ``pickle_free=False`` keeps ``training_args.bin`` next to ``training_args.json``.
@@ -65,9 +72,19 @@ class TorchkeepTrainerMixin:
         if not self._torchkeep_handles():
             return super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            self._torchkeep_pending["optimizer"] = self.optimizer.state_dict()
-            self._torchkeep_pending["scheduler"] = self.lr_scheduler.state_dict()
+            optimizer, scheduler = self._torchkeep_optimizer_and_scheduler()
+            self._torchkeep_pending["optimizer"] = optimizer.state_dict()
+            self._torchkeep_pending["scheduler"] = scheduler.state_dict()
         return None
+
+    def _torchkeep_optimizer_and_scheduler(self) -> tuple[Any, Any]:
+        """Trainer creates both before it saves or resumes; say so if that ever changes."""
+        if self.optimizer is None or self.lr_scheduler is None:
+            raise TorchkeepError(
+                "the Trainer has no optimizer or no LR scheduler yet, so there is no training "
+                "state to checkpoint; call trainer.train() (which creates both) first"
+            )
+        return self.optimizer, self.lr_scheduler
 
     def _save_scaler(self, output_dir: str) -> None:
         if not self._torchkeep_handles():
@@ -93,7 +110,7 @@ class TorchkeepTrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         folder = output_dir if output_dir is not None else self.args.output_dir
-        if self.torchkeep_pickle_free and self.args.should_save:
+        if self.torchkeep_pickle_free and self.args.should_save and folder is not None:
             _replace_args_pickle(folder, self.args.to_json_string())
 
     # -- loading ------------------------------------------------------------------------------
@@ -110,8 +127,9 @@ class TorchkeepTrainerMixin:
         state = self._torchkeep_state(checkpoint)
         if state is None or "optimizer" not in state:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["scheduler"])
+        optimizer, scheduler = self._torchkeep_optimizer_and_scheduler()
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         return None
 
     def _load_scaler(self, checkpoint: str | None) -> None:

@@ -131,7 +131,7 @@ def _check_storage(storage: dict, folder: str, where: str) -> dict[str, int]:
             _dims(offset, None, f"{where}: storage offset of {fqn!r}")
         rel = getattr(info, "relative_path", None)
         start, length = getattr(info, "offset", None), getattr(info, "length", None)
-        check_relative(rel, folder)
+        rel = check_relative(rel, folder)
         if type(start) is not int or type(length) is not int or start < 0 or length < 0:
             raise FormatError(f"{where}: {fqn!r} has a bad byte range {start!r}+{length!r}")
         if rel not in sizes:
@@ -144,8 +144,8 @@ def _check_storage(storage: dict, folder: str, where: str) -> dict[str, int]:
     return sizes
 
 
-def check_relative(rel: Any, folder: str) -> None:
-    """A storage file name must be a plain name inside the folder."""
+def check_relative(rel: Any, folder: str) -> str:
+    """``rel``, checked to be a plain file name inside the folder."""
     if (
         not isinstance(rel, str)
         or rel in ("", ".", "..")
@@ -154,6 +154,7 @@ def check_relative(rel: Any, folder: str) -> None:
         or len(rel) > 255
     ):
         raise FormatError(f"{folder}: DCP storage path {rel!r} leaves the directory")
+    return rel
 
 
 def _file_size(path: str) -> int:

@@ -71,7 +71,11 @@ class PendingDtype:
 
     def real(self) -> np.dtype:
         dtype = np.dtype(self.spec)
-        return dtype.newbyteorder(self.order) if self.order in "<>" else dtype
+        if self.order == "<":  # spelled out: numpy's stubs take only literal byte orders
+            return dtype.newbyteorder("<")
+        if self.order == ">":
+            return dtype.newbyteorder(">")
+        return dtype
 
 
 class PendingArray:
@@ -172,7 +176,7 @@ def allowed() -> Iterator[None]:
                 _remove(list(_ENTRIES))
 
 
-def _remove(entries: list[tuple[Any, str]]) -> None:
+def _remove(entries: list[Any]) -> None:
     from torch import _weights_only_unpickler as wou  # no public remove in torch's API
 
     wou._remove_safe_globals(entries)
