@@ -31,6 +31,8 @@ from .select import WRAPPER_KEYS, Kinds, select
 __all__ = ["WRAPPER_KEYS", "load_from_reader", "load_state_dict"]
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | BinaryIO
+"""What :func:`load_state_dict` reads: a path (any format ``torchkeep.load`` opens), a mapping
+of tensors, or a seekable binary file object."""
 #: A tensor's shape and dtype, as planned from a mapping or a file header.
 ShapeDtype = tuple[tuple[int, ...], torch.dtype]
 #: A tensor node of a torchkeep file's typed tree (a JSON object).
