@@ -48,6 +48,19 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
 
 
+USER_CODE = """
+import torch
+import torchkeep
+
+model = torch.nn.Linear(2, 2)
+torchkeep.save(model.state_dict(), "m.tk")
+report: torchkeep.LoadReport = torchkeep.load_state_dict(model, "m.tk")
+with torchkeep.CheckpointManager("run", keep_last=2) as manager:
+    step: int | None = manager.restore({"model": model})
+corrupt: int = torchkeep.verify("m.tk")  # wrong on purpose: verify returns list[str]
+"""
+
+
 def _build(out: Path, *what: str, compiler: bool) -> str:
     env = dict(os.environ)
     if not compiler:
@@ -146,3 +159,22 @@ def test_sdist_builds_the_extension_and_installs(tmp_path: Path) -> None:
     python = _fresh_venv(tmp_path / "venv", wheel)
     version = _smoke(python, tmp_path, extension=True)
     assert "streaming-copy C extension: built" in version, version
+
+
+@pytest.mark.long
+def test_installed_package_is_typed(tmp_path: Path) -> None:
+    """With the wheel installed, a user's mypy --strict reads torchkeep's annotations
+    (``py.typed``): it accepts correct use and reports the one wrong annotation."""
+    pytest.importorskip("mypy")
+    dist = tmp_path / "dist"
+    _build(dist, compiler=False)
+    (wheel,) = dist.glob("torchkeep-*.whl")
+    python = _fresh_venv(tmp_path / "venv", wheel)
+    (tmp_path / "user_code.py").write_text(USER_CODE)
+    cmd = [str(python), "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(
+        [*cmd, "user_code.py"], cwd=tmp_path, env=_clean_env(), capture_output=True, text=True
+    )
+    lines = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert len(lines) == 1 and "user_code.py:10:" in lines[0], done.stdout + done.stderr
+    assert 'expression has type "list[str]", variable has type "int"' in lines[0]
