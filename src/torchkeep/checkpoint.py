@@ -38,6 +38,7 @@ def load_checkpoint(
     *,
     rng: bool = True,
     verify: bool = True,
+    storage_options: dict | None = None,
 ) -> MutableMapping[str, Any]:
     """Restore ``path`` into ``state`` in place and return ``state``.
 
@@ -47,7 +48,7 @@ def load_checkpoint(
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
     """
     path = os.fspath(path)
-    with FileReader(path) as reader:
+    with FileReader(path, storage_options) as reader:
         # Module weights are mapped placeholders here: verified and shape-checked before
         # anything changes (a corrupt file leaves every object untouched), then read straight
         # into the parameters, so no second copy of the weights is ever held.

@@ -73,3 +73,13 @@ HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)
 #: Most elements a saved view may expose. Views are lazy, but a hostile stride-0 view of 2**62
 #: elements would make any later pass over it (diff, convert, clone) run for ever.
 MAX_VIEW_ELEMENTS = _env_int("MAX_VIEW_ELEMENTS", 2**32)
+#: Object stores (fsspec URLs): size of one multipart-upload part and of one ranged read.
+#: S3 needs parts of at least 5 MiB (all but the last).
+REMOTE_PART_BYTES = _env_int("REMOTE_PART_BYTES", 16 * 1024 * 1024)
+#: Object stores: the buffer pool that bounds the extra memory of a save or load (parts being
+#: uploaded, ranges being downloaded), whatever the checkpoint size. At most 256 MB by default.
+REMOTE_BUFFER_BYTES = _env_int("REMOTE_BUFFER_BYTES", 128 * 1024 * 1024)
+#: Object stores: how many times a transient failure (network, throttling, 5xx) is retried,
+#: with exponential backoff starting at ``REMOTE_BACKOFF_MS`` (doubling, capped at 8 s).
+REMOTE_RETRIES = _env_int("REMOTE_RETRIES", 4)
+REMOTE_BACKOFF_MS = _env_int("REMOTE_BACKOFF_MS", 200)

@@ -19,6 +19,7 @@ from ..errors import CorruptionError, FormatError, StateDictMismatchError, Torch
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.tree import TAG
 from ..readers import detect
+from ..storage.urls import is_url
 from ..transfer.gcpause import paused_gc
 from ..transfer.reader import FileReader, int_list, materialize
 from .keys import match_keys
@@ -35,6 +36,7 @@ def load_state_dict(
     strict: bool = True,
     verify: bool = True,
     key: str | None = None,
+    storage_options: dict | None = None,
 ) -> LoadReport:
     """Load ``source`` (a path or a mapping) into ``model`` in place and return a report.
 
@@ -46,6 +48,9 @@ def load_state_dict(
     if isinstance(source, Mapping):
         return _load_mapping(model, source, strict=strict, key=key)
     path = os.fspath(source)
+    if is_url(path):  # torchkeep/safetensors objects: ranged reads straight into the model
+        with FileReader(path, storage_options) as reader:
+            return _load_file(model, reader, strict=strict, verify=verify, key=key)
     if detect.sniff(path) != detect.SAFETENSORS:
         return _load_mapping(model, load(path, verify=verify), strict=strict, key=key, name=path)
     with FileReader(path) as reader:

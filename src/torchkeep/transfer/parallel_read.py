@@ -130,6 +130,9 @@ def _chunk_jobs(offset: int, key: str, view: memoryview, chunk: int) -> list[Rea
 
 def _preadv_all(reader: FileReader, buffers: list[memoryview], offset: int) -> None:
     """Fill every buffer from ``offset`` on, resuming after short reads."""
+    if reader.remote is not None:  # one ranged GET for the whole run of buffers
+        reader.remote.read_into(reader.path, _scatter(buffers, offset))
+        return
     bufs = [b for b in buffers if b.nbytes]
     while bufs:
         try:
@@ -142,11 +145,36 @@ def _preadv_all(reader: FileReader, buffers: list[memoryview], offset: int) -> N
         bufs = skip_bytes(bufs, n)
 
 
+def _scatter(buffers: list[memoryview], offset: int) -> list[tuple[int, memoryview]]:
+    """(offset, buffer) pairs of buffers that lie back to back from ``offset``."""
+    out = []
+    for buffer in buffers:
+        if buffer.nbytes:
+            out.append((offset, buffer))
+        offset += buffer.nbytes
+    return out
+
+
+def _read_remote(reader: FileReader, job: ReadJob) -> list[tuple[str, str]]:
+    """A remote batch: one ranged read of its span into a bounded buffer, scattered into the
+    destinations, then each whole entry hashed."""
+    data = reader.remote.read_range(reader.path, job.offset, job.end - job.offset)
+    view = memoryview(data)
+    at = 0
+    for buffer in job.buffers:
+        buffer[:] = view[at : at + buffer.nbytes]
+        at += buffer.nbytes
+    del view, data
+    return [(key, checksum.digest(v)) for key, v in job.members]
+
+
 def _do_job(reader: FileReader, job: ReadJob, verify: bool) -> list[tuple[str, str]]:
     """Worker side: read the job; checksum whole entries here, in parallel."""
     if not verify or job.chunk_of is not None:
         _preadv_all(reader, job.buffers, job.offset)
         return []
+    if reader.remote is not None:
+        return _read_remote(reader, job)
     return _read_hashing(reader, job)
 
 
