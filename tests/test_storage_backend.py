@@ -7,9 +7,8 @@ import os
 import pytest
 
 from torchkeep.errors import StorageError
-from torchkeep.storage.backend import LocalBackend, RenameCommit
+from torchkeep.storage.backend import BytesPayload, LocalBackend, RenameCommit
 from torchkeep.storage.io import write_all
-from torchkeep.storage.backend import BytesPayload
 from torchkeep.storage.run_dir import list_leftovers, list_steps, step_exists, write_step
 
 

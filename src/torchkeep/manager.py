@@ -125,6 +125,13 @@ class CheckpointManager:
         if replicate_to is not None:
             self._start_replica(replicate_to, replica_policy or {})
 
+    def _prune_tiers(self, url: str) -> None:
+        """After a step reached the remote tier: each tier's retention (local steps still
+        waiting for their upload are kept)."""
+        assert self.replica is not None
+        retention.prune(url, **self.replica_policy, lock=False, backend=self.replica.remote)
+        retention.prune(self.directory, **self.policy, lock=False, protect=self.replica.pending())
+
     def _sweep_remote(self) -> None:
         """Remove unmarked step prefixes and temporary keys (incomplete saves)."""
         for path in list_leftovers(self.directory, self.backend):
@@ -146,12 +153,7 @@ class CheckpointManager:
         remote = backend_for(url, self.storage_options)
         url = normalize(url)
         self.replica_policy = dict(policy)
-        self.replica = Replicator(
-            self.directory,
-            url,
-            remote,
-            lambda: retention.prune(url, **self.replica_policy, lock=False, backend=remote),
-        )
+        self.replica = Replicator(self.directory, url, remote, lambda: self._prune_tiers(url))
         for path in list_leftovers(url, remote):
             remote.remove(path)
         self.replica.resume()
