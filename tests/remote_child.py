@@ -16,7 +16,7 @@ from torchkeep import CheckpointManager
 
 def state(step: int) -> dict:
     gen = torch.Generator().manual_seed(step)
-    return {"w": torch.randn(3, 1024, 1024, generator=gen), "step": step}
+    return {"w": torch.randn(6, 1024, 1024, generator=gen), "step": step}
 
 
 def main() -> None:
@@ -24,7 +24,9 @@ def main() -> None:
     if mode == "manager":
         step = int(sys.argv[3])
         with CheckpointManager(target, rng=False) as mgr:
-            mgr.save(step, state(step))
+            snapshot = state(step)
+            print("saving", flush=True)  # the parent kills from here on, during the upload
+            mgr.save(step, snapshot)
         print("committed", flush=True)
     elif mode == "replicate":
         url, steps = sys.argv[3], int(sys.argv[4])

@@ -252,13 +252,14 @@ def test_kill_during_upload(s3_run, long_run):
     step = 1
     for _ in range(_trials(long_run)):
         child = _child("manager", run, str(step))
-        time.sleep(rng.uniform(1.0, 4.0))  # torch import ~1-2 s, upload ~1-3 s on moto
+        assert child.stdout.readline().strip() == "saving", child.stderr.read()
+        time.sleep(rng.uniform(0.0, 1.5))  # a 24 MB upload takes ~1-2 s on moto
         child.kill()
         child.wait()
         steps = [s.step for s in list_steps(run, urls.backend_for(run))]
         assert steps[0] == 0 and set(steps) <= set(range(step + 1))
         newest = steps[-1]
-        loaded = {"w": torch.zeros(3, 1024, 1024), "step": -1}
+        loaded = {"w": torch.zeros(6, 1024, 1024), "step": -1}
         with CheckpointManager(run, rng=False) as mgr:
             assert mgr.restore(loaded) == newest
             assert list_leftovers(run, urls.backend_for(run)) == []

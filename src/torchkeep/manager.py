@@ -8,6 +8,7 @@ background) and applies retention. Temporaries of dead writers are swept when a 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, MutableMapping
@@ -122,6 +123,7 @@ class CheckpointManager:
         self._reported = True
         self._closed = False
         self.replica: Replicator | None = None
+        self._prune_lock = threading.Lock()
         if replicate_to is not None:
             self._start_replica(replicate_to, replica_policy or {})
 
@@ -130,7 +132,16 @@ class CheckpointManager:
         waiting for their upload are kept)."""
         assert self.replica is not None
         retention.prune(url, **self.replica_policy, lock=False, backend=self.replica.remote)
-        retention.prune(self.directory, **self.policy, lock=False, protect=self.replica.pending())
+        self._prune_local()
+
+    def _prune_local(self) -> None:
+        """This tier's retention; serialized, since the save job and the replicator both call
+        it. Steps still queued for the remote tier are kept."""
+        with self._prune_lock:
+            protect = self.replica.pending() if self.replica is not None else ()
+            retention.prune(
+                self.directory, **self.policy, lock=False, backend=self.backend, protect=protect
+            )
 
     def _sweep_remote(self) -> None:
         """Remove unmarked step prefixes and temporary keys (incomplete saves)."""
@@ -189,13 +200,9 @@ class CheckpointManager:
                 self.policy,
                 backend=self.backend,
             )
-            protect = ()
             if self.replica is not None:
                 self.replica.submit(step)
-                protect = self.replica.pending()
-            retention.prune(
-                self.directory, **self.policy, lock=False, backend=self.backend, protect=protect
-            )
+            self._prune_local()
             return path
 
         handle = self._saver.start(
