@@ -62,6 +62,8 @@ class FaultProxy:
         self.target = (host, int(port))
         self.lock = threading.Lock()
         self.mode: tuple[str, int, int, str | None] | None = None  # kind, status, left, method
+        self.path_part: str | None = None  # faults only for request paths containing this
+        self.after = 0  # faults start after this many more requests
         self.requests = 0
         proxy = self
 
@@ -81,25 +83,34 @@ class FaultProxy:
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def fail(self, status: int, times: int, method: str | None = None) -> None:
+    def fail(
+        self, status: int, times: int, method: str | None = None, path: str | None = None
+    ) -> None:
         with self.lock:
-            self.mode = ("status", status, times, method)
+            self.mode, self.path_part, self.after = ("status", status, times, method), path, 0
 
-    def drop(self, times: int, method: str | None = None) -> None:
+    def drop(self, times: int, method: str | None = None, after: int = 0) -> None:
+        """Close the connections of ``times`` requests, once ``after`` more went through (a
+        server that goes away in the middle of an upload)."""
         with self.lock:
-            self.mode = ("drop", 0, times, method)
+            self.mode, self.path_part, self.after = ("drop", 0, times, method), None, after
 
     def clear(self) -> None:
         with self.lock:
             self.mode = None
 
-    def _fault(self, method: str) -> tuple[str, int] | None:
+    def _fault(self, method: str, path: str) -> tuple[str, int] | None:
         with self.lock:
             self.requests += 1
             if self.mode is None:
                 return None
             kind, status, left, only = self.mode
             if only is not None and only != method:
+                return None
+            if self.path_part is not None and self.path_part not in path:
+                return None
+            if self.after > 0:
+                self.after -= 1
                 return None
             if left <= 0:
                 return None
@@ -109,7 +120,7 @@ class FaultProxy:
     def handle(self, req: http.server.BaseHTTPRequestHandler) -> None:
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else None
-        fault = self._fault(req.command)
+        fault = self._fault(req.command, req.path)
         if fault is not None and fault[0] == "drop":
             req.close_connection = True
             req.connection.close()
@@ -127,10 +138,15 @@ class FaultProxy:
         resp = conn.getresponse()
         data = resp.read()
         req.send_response(resp.status)
+        head = req.command == "HEAD"  # keeps the object's Content-Length
         for key, value in resp.getheaders():
-            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
-                req.send_header(key, value)
-        req.send_header("Content-Length", str(len(data)))
+            if key.lower() in ("connection", "transfer-encoding"):
+                continue
+            if key.lower() == "content-length" and not head:
+                continue
+            req.send_header(key, value)
+        if not head:
+            req.send_header("Content-Length", str(len(data)))
         req.end_headers()
         if req.command != "HEAD":
             req.wfile.write(data)

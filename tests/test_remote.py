@@ -48,6 +48,17 @@ def _obj() -> dict:
 
 
 @pytest.fixture
+def few_retries(monkeypatch):
+    """One retry per layer (botocore via storage_options, s3fs's loop, torchkeep's), so that
+    tests of failures that outlast the retries take seconds."""
+    import s3fs
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    monkeypatch.setattr(knobs, "REMOTE_RETRIES", 1)
+    monkeypatch.setattr(knobs, "REMOTE_BACKOFF_MS", 1)
+
+
+@pytest.fixture
 def small_parts(monkeypatch):
     monkeypatch.setattr(knobs, "REMOTE_PART_BYTES", 5 * 1024 * 1024)
     monkeypatch.setattr(knobs, "REMOTE_BUFFER_BYTES", 16 * 1024 * 1024)
@@ -86,15 +97,13 @@ def test_load_state_dict_and_async(s3_run, small_parts):
         assert torch.equal(a, b)
 
 
-def test_single_file_save_never_partial(s3_server, small_parts, monkeypatch):
+def test_single_file_save_never_partial(s3_server, small_parts, few_retries):
     from s3server import FaultProxy
 
     bucket = s3_server.new_bucket()
     url = f"s3://{bucket}/x.tk"
     torchkeep.save({"v": torch.zeros(10)}, url)
     proxy = FaultProxy(s3_server.endpoint)
-    monkeypatch.setattr(knobs, "REMOTE_RETRIES", 1)
-    monkeypatch.setattr(knobs, "REMOTE_BACKOFF_MS", 1)
     opts = s3_server.options(proxy.endpoint, attempts=1)
     proxy.fail(500, 1000, method="PUT")  # every part upload fails
     with pytest.raises(StorageUnavailableError, match=bucket):
@@ -168,11 +177,9 @@ def test_cli_on_s3(s3_run):
     assert result.exit_code == 0, result.output
 
 
-def test_errors_are_storage_errors(s3_server, monkeypatch):
+def test_errors_are_storage_errors(s3_server, few_retries):
     with pytest.raises(BucketNotFoundError, match="no-such-bucket-tk"):
         torchkeep.save({"a": torch.zeros(1)}, "s3://no-such-bucket-tk/x.tk")
-    monkeypatch.setattr(knobs, "REMOTE_RETRIES", 1)
-    monkeypatch.setattr(knobs, "REMOTE_BACKOFF_MS", 1)
     opts = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}  # nothing listens there
     opts["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 1}
     with pytest.raises(StorageUnavailableError, match="127.0.0.1|s3://"):
@@ -283,3 +290,51 @@ def test_kill_during_replication_resumes(tmp_path, s3_run):
     with CheckpointManager(local, rng=False, replicate_to=remote) as mgr:
         mgr.wait_replication()  # the new manager resumed the upload
         assert [s.step for s in mgr.replica_steps()] == [0, 1, 2]
+
+
+def _proxied(s3_server):
+    from s3server import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint)
+    return proxy, s3_server.options(proxy.endpoint, attempts=1)
+
+
+def _restores(run: str, opts: dict, step: int, value: torch.Tensor) -> None:
+    state = {"w": torch.zeros_like(value)}
+    with CheckpointManager(run, rng=False, storage_options=opts) as mgr:
+        assert [s.step for s in mgr.steps()][-1] == step
+        assert mgr.restore(state) == step
+    assert torch.equal(state["w"], value)
+
+
+def test_server_gone_mid_upload(s3_server, small_parts, few_retries):
+    """The server stops answering in the middle of a step's upload (connections dropped)."""
+    proxy, opts = _proxied(s3_server)
+    run = f"s3://{s3_server.new_bucket()}/run"
+    first = torch.randn(3_000_000)
+    with CheckpointManager(run, rng=False, storage_options=opts) as mgr:
+        mgr.save(0, {"w": first})
+        proxy.drop(10_000, after=4)  # a few parts go through, then nothing does
+        with pytest.raises(StorageUnavailableError, match=run):
+            mgr.save(1, {"w": torch.randn(3_000_000)})
+        proxy.clear()
+    _restores(run, opts, 0, first)  # no partial step committed; the old one bit-identical
+    with CheckpointManager(run, rng=False, storage_options=opts) as mgr:
+        mgr.save(1, {"w": first * 2})  # the next save succeeds
+    _restores(run, opts, 1, first * 2)
+    proxy.stop()
+
+
+def test_marker_write_fails(s3_server, few_retries):
+    """Every data object is uploaded but the commit marker is refused: no step appears."""
+    proxy, opts = _proxied(s3_server)
+    run = f"s3://{s3_server.new_bucket()}/run"
+    with CheckpointManager(run, rng=False, storage_options=opts) as mgr:
+        mgr.save(0, {"w": torch.ones(5)})
+        proxy.fail(503, 10_000, path=MARKER)
+        with pytest.raises(StorageUnavailableError):
+            mgr.save(1, {"w": torch.ones(5) * 2})
+        proxy.clear()
+        assert [s.step for s in mgr.steps()] == [0]
+    _restores(run, opts, 0, torch.ones(5))
+    proxy.stop()
