@@ -175,6 +175,14 @@ def test_cli_on_s3(s3_run):
     assert json.loads(result.output)["deleted"] == [0, 1]
     result = CliRunner().invoke(cli, ["inspect", run, "--json"])
     assert result.exit_code == 0, result.output
+    converted = f"{s3_run}/converted.safetensors"
+    result = CliRunner().invoke(cli, ["convert", url, converted])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(torchkeep.load(converted)["a"], torch.arange(6.0))
+    result = CliRunner().invoke(cli, ["diff", url, converted])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["ls", "s3://no-such-bucket-tk/run"])
+    assert result.exit_code != 0 and "bucket does not exist" in result.output
 
 
 def test_errors_are_storage_errors(s3_server, few_retries):

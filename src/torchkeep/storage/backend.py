@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .. import knobs
 from ..errors import StorageError
 from .io import FileOps, ops, write_all
 from .local import atomic_file, commit_dir, discard_dir, make_temp_dir
@@ -68,6 +69,35 @@ class BytesPayload:
 
     def chunks(self) -> Iterator[memoryview]:
         yield memoryview(self.data)
+
+
+class LocalFilePayload:
+    """A committed local file streamed in order, one reused buffer of ``REMOTE_PART_BYTES``.
+
+    Each yielded view is valid until the next one is requested (uploads copy or send it first).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.size = os.path.getsize(path)
+
+    def fill(self, fd: int, file_ops: FileOps) -> None:
+        raise NotImplementedError("LocalFilePayload only streams (chunks)")
+
+    def chunks(self) -> Iterator[memoryview]:
+        piece = max(1, knobs.REMOTE_PART_BYTES)
+        buf = bytearray(min(piece, max(1, self.size)))
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.path, flags)
+        try:
+            at = 0
+            while at < self.size:
+                view = memoryview(buf)[: min(len(buf), self.size - at)]
+                _pread_exact(fd, self.path, view, at)
+                yield view
+                at += view.nbytes
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -14,49 +14,10 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from .. import knobs
-from .backend import Backend, BytesPayload
+from .backend import Backend, BytesPayload, LocalFilePayload
 from .run_dir import META_FILE, STATE_FILE, join, list_steps, step_dirname
-
-
-class LocalFilePayload:
-    """A committed local file streamed in order, one reused buffer of ``REMOTE_PART_BYTES``.
-
-    Each yielded view is valid until the next one is requested (uploads copy or send it first).
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.size = os.path.getsize(path)
-
-    def fill(self, fd: int, file_ops: object) -> None:
-        raise NotImplementedError("LocalFilePayload only streams (chunks)")
-
-    def chunks(self) -> Iterator[memoryview]:
-        piece = max(1, knobs.REMOTE_PART_BYTES)
-        buf = bytearray(min(piece, max(1, self.size)))
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(self.path, flags)
-        try:
-            at = 0
-            while at < self.size:
-                view = memoryview(buf)[: min(len(buf), self.size - at)]
-                _pread_into(fd, view, at)
-                yield view
-                at += view.nbytes
-        finally:
-            os.close(fd)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < view.nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"file ended at byte {offset + done} while replicating it")
-        done += n
 
 
 def replicate_step(local_dir: str, remote_dir: str, remote: Backend, step: int) -> bool:
