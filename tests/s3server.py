@@ -64,6 +64,7 @@ class FaultProxy:
         self.mode: tuple[str, int, int, str | None] | None = None  # kind, status, left, method
         self.path_part: str | None = None  # faults only for request paths containing this
         self.after = 0  # faults start after this many more requests
+        self.code = "SlowDown"
         self.requests = 0
         proxy = self
 
@@ -84,10 +85,17 @@ class FaultProxy:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def fail(
-        self, status: int, times: int, method: str | None = None, path: str | None = None
+        self,
+        status: int,
+        times: int,
+        method: str | None = None,
+        path: str | None = None,
+        code: str = "SlowDown",
     ) -> None:
+        """Answer ``times`` requests with ``status`` and an S3 error body naming ``code``."""
         with self.lock:
             self.mode, self.path_part, self.after = ("status", status, times, method), path, 0
+            self.code = code
 
     def drop(self, times: int, method: str | None = None, after: int = 0) -> None:
         """Close the connections of ``times`` requests, once ``after`` more went through (a
@@ -126,7 +134,7 @@ class FaultProxy:
             req.connection.close()
             return
         if fault is not None:
-            payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+            payload = f"<Error><Code>{self.code}</Code><Message>injected</Message></Error>".encode()
             req.send_response(fault[1])
             req.send_header("Content-Length", str(len(payload)))
             req.end_headers()

@@ -346,3 +346,17 @@ def test_marker_write_fails(s3_server, few_retries):
         assert [s.step for s in mgr.steps()] == [0]
     _restores(run, opts, 0, torch.ones(5))
     proxy.stop()
+
+
+def test_expired_credentials(s3_server, few_retries):
+    """The store answers 403 ExpiredToken: a StorageAuthError naming the URL, nothing saved."""
+    proxy, opts = _proxied(s3_server)
+    url = f"s3://{s3_server.new_bucket()}/x.tk"
+    proxy.fail(403, 10_000, code="ExpiredToken")
+    with pytest.raises(StorageAuthError, match=url):
+        torchkeep.save({"a": torch.zeros(3)}, url, storage_options=opts)
+    with pytest.raises(StorageAuthError, match="credentials"):
+        CheckpointManager(f"{url}-run", storage_options=opts)
+    proxy.clear()
+    assert not urls.backend_for(url).fs.exists(url)
+    proxy.stop()
