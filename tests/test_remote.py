@@ -197,6 +197,13 @@ def test_errors_are_storage_errors(s3_server, few_retries):
     assert issubclass(StorageUnavailableError, StorageError)
 
 
+def test_missing_object_is_not_found(s3_run):
+    with pytest.raises(torchkeep.CheckpointNotFoundError, match="nope.tk"):
+        torchkeep.load(f"{s3_run}/nope.tk")
+    with pytest.raises(torchkeep.CheckpointNotFoundError, match="nope.tk"):
+        torchkeep.open_file(f"{s3_run}/nope.tk")
+
+
 def test_url_without_fsspec(monkeypatch):
     monkeypatch.setitem(sys.modules, "fsspec", None)
     monkeypatch.setattr(urls, "_CACHE", {})

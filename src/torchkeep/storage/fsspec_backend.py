@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import StorageError
+from ..errors import CheckpointNotFoundError, StorageError
 from . import retry
 from .backend import BytesPayload, Fill, Listed, Payload
 from .upload import S3Multipart, is_s3, upload_via_temp
@@ -95,10 +95,15 @@ class FsspecBackend:
             view[:] = self.read_range(path, offset, view.nbytes)
 
     def size(self, path: str) -> int:
-        """Bytes of the object at ``path``; FileNotFoundError when there is none."""
+        """Bytes of the object at ``path``; CheckpointNotFoundError when there is none."""
         key = self.key(path)
         self.fs.invalidate_cache(key)
-        info = self._call(path, "stat", lambda: self.fs.info(key))
+        try:
+            info = self._call(path, "stat", lambda: self.fs.info(key))
+        except FileNotFoundError as exc:
+            if isinstance(exc, CheckpointNotFoundError):
+                raise
+            raise CheckpointNotFoundError(f"{path}: no such object") from None
         if info.get("type") != "file":
             raise IsADirectoryError(f"{path}: is a prefix (directory), not an object")
         return int(info.get("size") or 0)
