@@ -163,7 +163,7 @@ def test_marker_is_the_commit(s3_run):
 def test_cli_on_s3(s3_run):
     url = f"{s3_run}/x.tk"
     torchkeep.save({"a": torch.arange(6.0)}, url)
-    for args in (["inspect", url, "--json"], ["verify", url, "--json"]):
+    for args in (["inspect", url, "--json"], ["verify", url, "--json"], ["scan", url, "--json"]):
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
     run = f"{s3_run}/run"
@@ -238,6 +238,15 @@ def test_two_tiers(tmp_path, s3_run):
         mgr.wait_replication()
         assert [s.step for s in mgr.steps()] == [3]
         assert [s.step for s in mgr.replica_steps()] == [2, 3]
+    # the local copy of the newest step is corrupt: the remote copy of that step is used
+    state_file = os.path.join(local, "step-0000000003", "state.tk")
+    with open(state_file, "r+b") as handle:
+        handle.seek(-4, os.SEEK_END)
+        handle.write(b"\xff\xff\xff\xff")
+    state = {"w": torch.zeros(3)}
+    with CheckpointManager(local, rng=False, replicate_to=remote) as mgr:
+        assert mgr.restore(state) == 3
+    assert torch.equal(state["w"], torch.ones(3) * 3)
     # the local tier is lost: restore comes from the remote one
     import shutil
 

@@ -14,6 +14,7 @@ from ..readers.dcp import _ALLOWED as DCP_ALLOWED
 from ..readers.dcp import METADATA_NAME, read_blob, read_metadata, scan_blob
 from ..readers.pickle_scan import ScanResult, scan_file, scan_stream
 from ..readers.torch_file import allowed_globals
+from ..storage.urls import is_url
 from ..transfer.reader import FileReader
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json
@@ -81,6 +82,11 @@ def _scan_dcp(path: str) -> dict:
 def scan_path(path: str) -> dict:
     """The ``--json`` object of ``scan``; ``verdict`` is ``safe`` or ``unsafe``."""
     files = []
+    if is_url(path):  # object stores hold torchkeep/safetensors files only: no pickle
+        kind = detect.sniff(path)
+        if kind == detect.SAFETENSORS:
+            FileReader(path).close()  # a malformed header is refused, not called "safe"
+        return _verdict(path, [{"file": path, "format": kind, "pickle": False, "globals": []}])
     if detect.sniff(path) == detect.DCP:
         return _scan_dcp(path)
     for file in _files(path):
