@@ -281,6 +281,7 @@ def test_kill_during_upload(s3_run, long_run):
     assert first.wait(120) == 0, first.stderr.read()
     rng = __import__("random").Random(7)
     step = 1
+    torn = 0
     for _ in range(_trials(long_run)):
         child = _child("manager", run, str(step))
         assert child.stdout.readline().strip() == "saving", child.stderr.read()
@@ -289,6 +290,7 @@ def test_kill_during_upload(s3_run, long_run):
         child.wait()
         steps = [s.step for s in list_steps(run, urls.backend_for(run))]
         assert steps[0] == 0 and set(steps) <= set(range(step + 1))
+        torn += bool(list_leftovers(run, urls.backend_for(run)))  # killed mid-upload
         newest = steps[-1]
         loaded = {"w": torch.zeros(6, 1024, 1024), "step": -1}
         with CheckpointManager(run, rng=False) as mgr:
@@ -298,6 +300,8 @@ def test_kill_during_upload(s3_run, long_run):
         step += 1
     done = _child("manager", run, str(step))  # the next save succeeds
     assert done.wait(120) == 0, done.stderr.read()
+    if long_run:  # the kills did land inside uploads (a prefix without its marker was left)
+        assert torn >= 1
 
 
 @pytest.mark.slow
