@@ -195,6 +195,9 @@ def test_errors_are_storage_errors(s3_server, few_retries):
     err = translate(PermissionError("ExpiredToken: the token has expired"), "s3://b/x", "upload")
     assert isinstance(err, StorageAuthError) and "s3://b/x" in str(err)
     assert issubclass(StorageUnavailableError, StorageError)
+    for name in ("RemoteStorageError", "StorageUnavailableError", "StorageAuthError"):
+        assert name in torchkeep.__all__ and issubclass(getattr(torchkeep, name), StorageError)
+    assert torchkeep.BucketNotFoundError is BucketNotFoundError
 
 
 def test_missing_object_is_not_found(s3_run):
