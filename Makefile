@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long lint format bench fuzz clean
+.PHONY: demo test test-long lint format bench bench-remote fuzz clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt src/torchkeep/_streamcopy.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-long: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py --plot docs/perf.png
+	$(PY) benchmarks/remote.py --size-mb 256 --reps 2
+
+bench-remote: $(STAMP)
+	$(PY) benchmarks/remote.py --size-mb 256 --reps 2
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}

@@ -71,3 +71,19 @@ class StorageError(TorchkeepError, OSError):
 
 class ClassNotAllowedError(TorchkeepError):
     """A saved model names a class that the caller has not allowed to be resolved."""
+
+
+class RemoteStorageError(StorageError):
+    """An object store (an fsspec URL such as ``s3://``) failed; nothing was committed."""
+
+
+class StorageUnavailableError(RemoteStorageError):
+    """The store did not answer or kept refusing (network down, throttled) after retries."""
+
+
+class StorageAuthError(RemoteStorageError):
+    """The store refused the credentials (missing, wrong or expired)."""
+
+
+class BucketNotFoundError(RemoteStorageError):
+    """The bucket (or container) named in a URL does not exist."""
