@@ -73,3 +73,6 @@ HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)
 #: Most elements a saved view may expose. Views are lazy, but a hostile stride-0 view of 2**62
 #: elements would make any later pass over it (diff, convert, clone) run for ever.
 MAX_VIEW_ELEMENTS = _env_int("MAX_VIEW_ELEMENTS", 2**32)
+#: Seconds a collective of torchkeep.distributed's save/load may wait for the other ranks
+#: before failing (a dead or hung rank then makes every other rank raise instead of hanging).
+DIST_TIMEOUT_S = _env_int("DIST_TIMEOUT_S", 600)
