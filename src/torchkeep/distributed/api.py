@@ -19,7 +19,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import knobs
-from ..errors import DistributedCheckpointError, StateDictMismatchError
+from ..errors import (
+    CorruptionError,
+    DistributedCheckpointError,
+    FormatError,
+    StateDictMismatchError,
+    TorchkeepError,
+    UnsupportedValueError,
+)
 from . import metadata as meta
 from . import training
 from .planners import TorchkeepLoadPlanner, TorchkeepSavePlanner
@@ -69,13 +76,20 @@ def save(
     writer = TorchkeepWriter(path, rank_state=training.rank_state(parts, rng))
     dcp_state = training.dcp_state(parts)
     group = checkpoint_group(timeout)
-    _collective(
-        "save",
-        path,
-        lambda: dcp.save(
-            dcp_state, storage_writer=writer, planner=TorchkeepSavePlanner(), process_group=group
-        ),
-    )
+    try:
+        _collective(
+            "save",
+            path,
+            lambda: dcp.save(
+                dcp_state,
+                storage_writer=writer,
+                planner=TorchkeepSavePlanner(),
+                process_group=group,
+            ),
+        )
+    except BaseException:
+        writer.discard_temp()  # coordinator: the uncommitted directory goes now, not at a sweep
+        raise
 
 
 def load(
@@ -151,6 +165,11 @@ def _collective(action: str, path: str, run: Callable[[], T]) -> T:
         }
         listed = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
         outcome = "nothing was committed" if action == "save" else "the state may be partly loaded"
+        same = _same_kind(exc)
+        if same is not None:  # e.g. a hostile file: every rank raises the FormatError itself
+            raise same(
+                f"{action} of {path!r} failed on rank(s) {sorted(failures)}: {listed}"
+            ) from (_first(exc))
         raise DistributedCheckpointError(
             f"{action} of {path!r} failed on rank(s) {sorted(failures)} ({listed}); {outcome}",
             failures,
@@ -164,6 +183,19 @@ def _collective(action: str, path: str, run: Callable[[], T]) -> T:
             "a rank probably died or timed out. Nothing was committed; restart the job and "
             "restore the last committed step."
         ) from exc
+
+
+#: Errors about the files themselves keep their type when re-raised on every rank.
+_FILE_ERRORS = (FormatError, CorruptionError, StateDictMismatchError, UnsupportedValueError)
+
+
+def _same_kind(exc: CheckpointException) -> type[TorchkeepError] | None:
+    kinds = {type(e) for e, _tb in exc.failures.values()}
+    if len(kinds) == 1:
+        (kind,) = kinds
+        if issubclass(kind, _FILE_ERRORS):
+            return kind
+    return None
 
 
 def _first(exc: CheckpointException) -> BaseException:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,13 @@ class TorchkeepWriter(StorageWriter):
         with atomic_file(os.path.join(self.tmp_dir, meta.METADATA_FILE), len(body)) as fd:
             write_all(ops(), fd, memoryview(body), 0)
         commit_dir(self.tmp_dir, self.path)
+        self.tmp_dir = None
+
+    def discard_temp(self) -> None:
+        """Coordinator, after a failed save: remove the uncommitted temporary directory."""
+        tmp, self.tmp_dir = self.tmp_dir, None
+        if self.is_coordinator and tmp is not None and os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def storage_meta(self) -> None:
         return None

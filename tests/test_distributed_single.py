@@ -1,0 +1,246 @@
+"""torchkeep.distributed in one process (no process group): plain dcp.save/dcp.load with
+torchkeep's storage, no pickle anywhere, and hostile metadata or shard files -> FormatError."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint.api import CheckpointException
+
+import torchkeep.distributed as tkd
+from torchkeep.errors import CorruptionError, FormatError, StorageError, UnsafeFileError
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[str, dict]:
+    model = _model(0)
+    state = {"model": model.state_dict(), "step": 7, "extra": {"names": ["a", "b"], "t": (1.5,)}}
+    path = str(tmp_path / "ck")
+    dcp.save(state, storage_writer=tkd.TorchkeepWriter(path))
+    return path, state
+
+
+def _empty_state() -> dict:
+    return {"model": _model(1).state_dict(), "step": 0, "extra": {"names": None, "t": None}}
+
+
+def test_plain_dcp_roundtrip_default_and_torchkeep_planner(saved):
+    path, state = saved
+    for planner in (None, tkd.TorchkeepLoadPlanner()):
+        target = _empty_state()
+        dcp.load(target, storage_reader=tkd.TorchkeepReader(path), planner=planner)
+        assert target["step"] == 7 and target["extra"] == {"names": ["a", "b"], "t": (1.5,)}
+        for k, v in state["model"].items():
+            assert torch.equal(target["model"][k], v)
+
+
+def test_files_open_with_stock_safetensors_and_metadata_is_json(saved):
+    path, state = saved
+    assert sorted(os.listdir(path)) == ["checkpoint.json", "rank-00000.safetensors"]
+    with open(os.path.join(path, "checkpoint.json")) as f:
+        doc = json.load(f)
+    assert doc["world_size"] == 1 and "model.0.weight" in doc["tensors"]
+    with safe_open(os.path.join(path, "rank-00000.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("t.model.0.weight"), state["model"]["0.weight"])
+
+
+def test_a_load_never_unpickles(saved, monkeypatch):
+    path, _ = saved
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    for planner in (None, tkd.TorchkeepLoadPlanner()):
+        target = _empty_state()
+        dcp.load(target, storage_reader=tkd.TorchkeepReader(path), planner=planner)
+        assert target["extra"]["names"] == ["a", "b"]
+
+
+def test_torchkeep_planner_refuses_pickled_bytes():
+    planner = tkd.TorchkeepLoadPlanner()
+    item = type("Item", (), {"dest_index": type("I", (), {"fqn": "x"})()})()
+    with pytest.raises(UnsafeFileError, match="never unpickles"):
+        planner.load_bytes(item, io.BytesIO(pickle.dumps(1)))
+
+
+def test_committed_checkpoints_are_immutable(saved):
+    path, state = saved
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(state, storage_writer=tkd.TorchkeepWriter(path))
+    assert isinstance(info.value.failures[0][0], StorageError)  # DCP wraps it per rank
+
+
+def test_helpers_single_process_roundtrip(tmp_path):
+    model = _model(0)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    tkd.save({"model": model, "optim": opt, "epoch": 4}, tmp_path / "s")
+    fresh = _model(5)
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    state = {"model": fresh, "optim": fresh_opt, "epoch": 0}
+    tkd.load(state, tmp_path / "s")
+    assert state["epoch"] == 4
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    saved_state, loaded_state = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    for i in saved_state:
+        assert torch.equal(saved_state[i]["exp_avg_sq"], loaded_state[i]["exp_avg_sq"])
+
+
+# -- hostile metadata and shard files ------------------------------------------------------
+def _edit(path: str, change) -> None:
+    meta = os.path.join(path, "checkpoint.json")
+    with open(meta) as f:
+        doc = json.load(f)
+    change(doc)
+    with open(meta, "w") as f:
+        json.dump(doc, f)
+
+
+def _chunks(*boxes):
+    return [
+        {"offsets": list(o), "sizes": list(s), "file": 0, "name": "model.0.weight"}
+        for o, s in boxes
+    ]
+
+
+HOSTILE = {
+    "wrong global shape": (
+        lambda d: d["tensors"]["model.0.weight"].update(shape=[6, 5]),
+        "cover 24 of 30",
+    ),
+    "chunk outside the tensor": (
+        lambda d: d["tensors"]["model.0.weight"].update(chunks=_chunks(((4, 0), (6, 4)))),
+        "outside the global shape",
+    ),
+    "overlapping chunks": (
+        lambda d: d["tensors"]["model.0.weight"].update(
+            chunks=_chunks(((0, 0), (4, 4)), ((2, 0), (4, 4)))
+        ),
+        "overlap",
+    ),
+    "missing chunk": (
+        lambda d: d["tensors"]["model.0.weight"].update(chunks=_chunks(((0, 0), (3, 4)))),
+        "a shard is missing",
+    ),
+    "missing shard file": (
+        lambda d: d.update(
+            world_size=2, files=["rank-00000.safetensors", "rank-00001.safetensors"]
+        ),
+        "rank-00001.safetensors is missing",
+    ),
+    "path in a file name": (
+        lambda d: d.update(files=["../../etc/passwd"]),
+        "expected 'rank-00000.safetensors'",
+    ),
+    "chunk names a rank that does not exist": (
+        lambda d: d["tensors"]["model.0.bias"]["chunks"][0].update(file=3),
+        "not a rank below world_size",
+    ),
+    "negative size": (
+        lambda d: d["tensors"]["model.0.bias"].update(shape=[-6]),
+        "non-negative",
+    ),
+    "unknown dtype": (
+        lambda d: d["tensors"]["model.0.bias"].update(dtype="nn"),
+        "unknown torch dtype",
+    ),
+    "NaN where a number belongs": (
+        lambda d: d.update(world_size=float("nan")),
+        "not valid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_metadata_raises_format_error_naming_the_file(saved, case):
+    path, _ = saved
+    change, expected = HOSTILE[case]
+    _edit(path, change)
+    meta = os.path.join(path, "checkpoint.json")
+    with pytest.raises(FormatError, match=expected) as info:
+        tkd.TorchkeepReader(path).read_metadata()
+    assert meta in str(info.value)
+    with pytest.raises(FormatError):  # the helper validates before DCP sees anything
+        tkd.load({"model": _model(1)}, path)
+
+
+@pytest.mark.parametrize("payload", ["pickle", "torch.save"])
+def test_pickle_where_json_belongs_is_refused_unread(saved, payload, monkeypatch):
+    path, _ = saved
+    meta = os.path.join(path, "checkpoint.json")
+    with open(meta, "wb") as f:
+        if payload == "pickle":
+            f.write(pickle.dumps({"state_dict_metadata": {}}))
+        else:
+            torch.save({"x": 1}, f)
+    monkeypatch.setattr(pickle, "loads", None)  # any attempt to unpickle would crash loudly
+    with pytest.raises(FormatError, match="pickle") as info:
+        tkd.TorchkeepReader(path).read_metadata()
+    assert meta in str(info.value)
+
+
+def test_stock_dcp_folder_is_named_as_such(tmp_path):
+    dcp.save({"x": torch.zeros(2)}, storage_writer=dcp.FileSystemWriter(str(tmp_path)))
+    with pytest.raises(FormatError, match="stock DCP checkpoint"):
+        tkd.TorchkeepReader(str(tmp_path)).read_metadata()
+
+
+def _rank0(path: str) -> str:
+    return os.path.join(path, "rank-00000.safetensors")
+
+
+@pytest.fixture
+def helper_saved(tmp_path) -> str:
+    path = str(tmp_path / "helper")
+    tkd.save({"model": _model(0)}, path, rng=False)
+    return path
+
+
+W, B = "modules.model.0.weight", "modules.model.0.bias"
+
+
+def test_chunk_stored_with_another_shape_is_a_format_error(helper_saved):
+    path = helper_saved
+    # point the weight's chunk at the bias entry (6 elements where 24 were promised)
+    _edit(path, lambda d: d["tensors"][W]["chunks"][0].update(name=B))
+    with pytest.raises(FormatError, match="rank-00000.safetensors") as info:
+        tkd.load({"model": _model(1)}, path, rng=False)
+    assert B in str(info.value)
+
+
+def test_chunk_missing_from_its_file_is_a_format_error(helper_saved):
+    path = helper_saved
+    _edit(path, lambda d: d["tensors"][W]["chunks"][0].update(name="nope"))
+    with pytest.raises(FormatError, match="has no tensor chunk named 'nope'"):
+        tkd.load({"model": _model(1)}, path, rng=False)
+
+
+def test_flipped_byte_in_a_shard_is_caught_by_its_checksum(helper_saved):
+    path = helper_saved
+    size = os.path.getsize(_rank0(path))
+    with open(_rank0(path), "r+b") as f:
+        f.seek(size - 3)
+        byte = f.read(1)
+        f.seek(size - 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptionError, match="rank-00000.safetensors"):
+        tkd.load({"model": _model(1)}, path, rng=False)
