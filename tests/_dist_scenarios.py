@@ -244,4 +244,27 @@ def phase_d(rank: int, world: int, root: str) -> dict:
     skipped = load_resharded(rank, world, root, "B", "A.ref.safetensors")
     assert not os.path.exists(os.path.join(root, "killed"))
     assert dist.get_world_size() == 2
-    return {"skipped": skipped, "resume": resume_second_run(rank, world, root)}
+    out = {"skipped": skipped, "resume": resume_second_run(rank, world, root)}
+    out["async"] = async_save_snapshot(rank, world, root)
+    return out
+
+
+def async_save_snapshot(rank: int, world: int, root: str) -> dict:
+    """The caller gets control back after its snapshot; changing the model at once does not
+    change what is saved; the commit happens in the background."""
+    state = fsdp_state(world, rank, seed=3)
+    before = snapshot(state["model"], state["optim"])
+    path = os.path.join(root, "async")
+    start = time.perf_counter()
+    handle = save(state, path, async_save=True)
+    blocked = time.perf_counter() - start
+    with torch.no_grad():
+        for p in state["model"].parameters():
+            p.zero_()
+    handle.wait()
+    total = time.perf_counter() - start
+    assert os.path.exists(os.path.join(path, "checkpoint.json"))
+    fresh = fsdp_state(world, rank, seed=4)
+    load(fresh, path)
+    assert_same(snapshot(fresh["model"], fresh["optim"]), before)
+    return {"blocked": blocked, "total": total}

@@ -19,6 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import knobs
+from ..asyncsave import SaveHandle
 from ..errors import (
     CorruptionError,
     DistributedCheckpointError,
@@ -27,8 +28,8 @@ from ..errors import (
     TorchkeepError,
     UnsupportedValueError,
 )
+from . import background, training
 from . import metadata as meta
-from . import training
 from .planners import TorchkeepLoadPlanner, TorchkeepSavePlanner
 from .reader import TorchkeepReader
 from .writer import TorchkeepWriter
@@ -63,19 +64,34 @@ def save(
     *,
     rng: bool = True,
     timeout: float | None = None,
-) -> None:
+    async_save: bool = False,
+) -> SaveHandle | None:
     """Save a training state from every rank of the process group into the directory ``path``.
 
     Each rank writes its own file (its shards, its share of the replicated tensors, its RNG and
     data-loader state); the step is committed by one rename once every file is durable. On any
     rank's failure every rank raises :class:`DistributedCheckpointError` and nothing is
     committed. ``path`` must not exist.
+
+    ``async_save=True``: the caller blocks only while this rank's state is copied; the write
+    and the commit run in the background. Returns a handle (``wait()`` raises the save's error);
+    the next save or load waits for it.
     """
+    background.wait_in_flight()
     path = os.fspath(path)
     parts = training.split(state)
-    writer = TorchkeepWriter(path, rank_state=training.rank_state(parts, rng))
+    own_state = training.rank_state(parts, rng)
     dcp_state = training.dcp_state(parts)
-    group = checkpoint_group(timeout)
+    group = checkpoint_group(timeout)  # a collective: made here, in every rank's main thread
+    if not async_save:
+        _save(dcp_state, own_state, path, group)
+        return None
+    frozen, frozen_own = background.snapshot(dcp_state), background.snapshot(own_state)
+    return background.start(lambda: _save(frozen, frozen_own, path, group), f"save {path}")
+
+
+def _save(dcp_state: dict, own_state: dict, path: str, group: Any) -> None:
+    writer = TorchkeepWriter(path, rank_state=own_state)
     try:
         _collective(
             "save",
@@ -105,6 +121,7 @@ def load(
     states are restored to the same rank when the world size is unchanged; otherwise they are
     skipped with a :class:`RankStateSkipped` warning (they cannot be split or merged).
     """
+    background.wait_in_flight()
     path = os.path.abspath(os.fspath(path))
     parsed = meta.read(path)  # a hostile or missing file fails here, as FormatError
     parts = training.split(state)
