@@ -244,3 +244,41 @@ def test_flipped_byte_in_a_shard_is_caught_by_its_checksum(helper_saved):
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(CorruptionError, match="rank-00000.safetensors"):
         tkd.load({"model": _model(1)}, path, rng=False)
+
+
+def test_describe_and_verify(helper_saved):
+    path = helper_saved
+    info = tkd.describe(path)
+    assert info["world_size"] == 1 and info["files"][0]["name"] == "rank-00000.safetensors"
+    assert info["tensors"][W]["shape"] == [6, 4]
+    assert info["tensors"][W]["chunks"] == [{"offsets": [0, 0], "sizes": [6, 4], "rank": 0}]
+    assert tkd.verify(path) == []
+    size = os.path.getsize(_rank0(path))
+    with open(_rank0(path), "r+b") as f:  # the last bytes belong to the last tensor's data
+        f.seek(size - 1)
+        byte = f.read(1)
+        f.seek(size - 1)
+        f.write(bytes([byte[0] ^ 1]))
+    problems = tkd.verify(path)
+    assert len(problems) == 1 and "rank-00000.safetensors" in problems[0]
+    assert "corrupt" in problems[0]
+
+
+def test_verify_reports_hostile_metadata(helper_saved):
+    _edit(helper_saved, lambda d: d["tensors"][W].update(shape=[6, 5]))
+    (problem,) = tkd.verify(helper_saved)
+    assert "checkpoint.json" in problem and "a shard is missing" in problem
+
+
+def test_leftover_temp_of_a_dead_save_is_swept_and_never_read(tmp_path):
+    from torchkeep.storage.local import temp_name
+
+    target = str(tmp_path / "ck")
+    leftover = temp_name(target).rsplit(".", 2)
+    dead = f"{leftover[0]}.999999999.{leftover[2]}"  # same host, a pid that cannot be alive
+    os.mkdir(dead)
+    with pytest.raises(FormatError):
+        tkd.TorchkeepReader(dead).read_metadata()
+    dcp.save({"x": torch.ones(2)}, storage_writer=tkd.TorchkeepWriter(target))
+    assert not os.path.exists(dead)
+    assert sorted(os.listdir(tmp_path)) == ["ck"]

@@ -9,6 +9,7 @@ See docs/distributed.md.
 """
 
 from .api import RankStateSkipped, checkpoint_group, load, save
+from .check import describe, verify
 from .planners import TorchkeepLoadPlanner, TorchkeepSavePlanner
 from .reader import TorchkeepReader
 from .writer import TorchkeepWriter
@@ -16,6 +17,8 @@ from .writer import TorchkeepWriter
 __all__ = [
     "RankStateSkipped",
     "checkpoint_group",
+    "describe",
+    "verify",
     "load",
     "save",
     "TorchkeepLoadPlanner",

@@ -29,7 +29,13 @@ from torch.futures import Future
 from ..errors import StorageError
 from ..format.writer import prepare, write_prepared
 from ..storage.io import ops, write_all
-from ..storage.local import atomic_file, commit_dir, describe_os_error, make_temp_dir
+from ..storage.local import (
+    atomic_file,
+    commit_dir,
+    describe_os_error,
+    make_temp_dir,
+    sweep_temps,
+)
 from . import metadata as meta
 from .metadata import Stored
 
@@ -102,6 +108,7 @@ class TorchkeepWriter(StorageWriter):
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:
             raise describe_os_error(exc, "creating the parent directory of", self.path) from exc
+        sweep_temps(parent)  # leftovers of saves whose coordinator died (same host only)
         self.tmp_dir = make_temp_dir(self.path)
         self.world_size = len(plans)
         return [
