@@ -40,6 +40,7 @@ sys.path.insert(0, HERE)
 
 from workloads import build_model  # noqa: E402
 
+import torchkeep.distributed as tkd  # noqa: E402
 from torchkeep.distributed import TorchkeepReader, TorchkeepWriter  # noqa: E402
 
 MB = 1 << 20
@@ -47,7 +48,7 @@ SAVERS = ["torchkeep", "dcp", "torch.save rank 0"]
 LOADERS = ["torchkeep", "dcp"]
 
 
-def _state(workload: str, size: int, world: int, fill: bool) -> dict:
+def _model(workload: str, size: int, world: int, fill: bool) -> torch.nn.Module:
     model = build_model("llm", size, fill=fill, seed=0)
     if not fill:
         with torch.no_grad():
@@ -61,7 +62,7 @@ def _state(workload: str, size: int, world: int, fill: bool) -> dict:
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    return {"model": model.state_dict()}
+    return model
 
 
 def _evict(directory: str) -> None:
@@ -121,8 +122,9 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace, store: str, rows
 
 def _measure(workload: str, rank: int, world: int, args: argparse.Namespace) -> list[dict]:
     """Every repetition of every contender on one workload; rows only matter on rank 0."""
-    source = _state(workload, args.size_mb * MB, world, fill=True)
-    target = _state(workload, args.size_mb * MB, world, fill=False)
+    model = _model(workload, args.size_mb * MB, world, fill=True)
+    source = {"model": model.state_dict()}
+    target = {"model": _model(workload, args.size_mb * MB, world, fill=False).state_dict()}
     nbytes = sum(v.numel() * v.element_size() for v in source["model"].values())
     savers = SAVERS if workload == "ddp" else SAVERS[:2]
     out = []
@@ -141,7 +143,39 @@ def _measure(workload: str, rank: int, world: int, args: argparse.Namespace) -> 
             dist.barrier()
             if rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
+        for contender in LOADERS:
+            out.extend(_async_rows(workload, contender, model, source, rep, nbytes, args, rank))
     return out
+
+
+def _async_rows(
+    workload: str,
+    contender: str,
+    model,
+    source: dict,
+    rep: int,
+    nbytes: int,
+    args: argparse.Namespace,
+    rank: int,
+) -> list[dict]:
+    """Time each rank is blocked by an async save, and the time until it is committed."""
+    path = os.path.join(args.dir, f"{workload}-{rep}-async-{contender}")
+    dist.barrier()
+    start = time.perf_counter()
+    if contender == "torchkeep":
+        pending = tkd.save({"model": model}, path, rng=False, async_save=True)
+    else:
+        pending = dcp.async_save(source, storage_writer=dcp.FileSystemWriter(path))
+    blocked = time.perf_counter() - start
+    pending.result()
+    dist.barrier()
+    total = time.perf_counter() - start
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    return [
+        _row(workload, "async blocked", contender, rep, blocked, nbytes),
+        _row(workload, "async total", contender, rep, total, nbytes),
+    ]
 
 
 def _row(workload: str, op: str, contender: str, rep: int, seconds: float, nbytes: int) -> dict:

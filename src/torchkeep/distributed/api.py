@@ -86,7 +86,7 @@ def save(
     if not async_save:
         _save(dcp_state, own_state, path, group)
         return None
-    frozen, frozen_own = background.snapshot(dcp_state), background.snapshot(own_state)
+    frozen, frozen_own = background.snapshot((dcp_state, own_state))
     return background.start(lambda: _save(frozen, frozen_own, path, group), f"save {path}")
 
 
