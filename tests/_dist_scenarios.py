@@ -246,7 +246,27 @@ def phase_d(rank: int, world: int, root: str) -> dict:
     assert dist.get_world_size() == 2
     out = {"skipped": skipped, "resume": resume_second_run(rank, world, root)}
     out["async"] = async_save_snapshot(rank, world, root)
+    out["steps"] = run_steps(rank, world, root)
     return out
+
+
+def run_steps(rank: int, world: int, root: str) -> dict:
+    """Numbered steps: retention by the coordinator, every rank agrees on the latest."""
+    from torchkeep.distributed import latest_step, restore, save_step, steps
+
+    run = os.path.join(root, "run")
+    state = {"model": mlp(0), "step": 0}
+    for step in (1, 2, 3):
+        state["step"] = step
+        save_step(run, step, state, keep_last=2)
+    fresh = {"model": mlp(1), "step": 0}
+    restored = restore(run, fresh)
+    return {
+        "steps": steps(run),
+        "latest": latest_step(run),
+        "restored": restored,
+        "value": fresh["step"],
+    }
 
 
 def async_save_snapshot(rank: int, world: int, root: str) -> dict:

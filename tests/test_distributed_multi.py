@@ -66,6 +66,10 @@ def test_fsdp_2_to_1_then_1_to_2(root, phase_a_out):
     # exact resume at world size 2: same losses after the restart as in the run that went on
     first = phase_a_out["resume"]
     assert d[0]["resume"] == first and len(first) == 2
+    # numbered steps: both ranks see the same steps after retention and restore the latest
+    assert [r["steps"] for r in d] == [
+        {"steps": [2, 3], "latest": 3, "restored": 3, "value": 3}
+    ] * 2
     # async save: control came back before the background write and commit finished
     assert all(r["async"]["blocked"] < r["async"]["total"] for r in d)
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch.distributed.checkpoint.api import CheckpointException
 
 import torchkeep.distributed as tkd
+import torchkeep.errors as tkd_errors
 from torchkeep.errors import CorruptionError, FormatError, StorageError, UnsafeFileError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -282,3 +283,29 @@ def test_leftover_temp_of_a_dead_save_is_swept_and_never_read(tmp_path):
     dcp.save({"x": torch.ones(2)}, storage_writer=tkd.TorchkeepWriter(target))
     assert not os.path.exists(dead)
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_steps_keep_last_latest_and_fallback(tmp_path):
+    run = tmp_path / "run"
+    model = _model(0)
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            model[0].bias.fill_(step)
+        tkd.save_step(run, step, {"model": model, "step": step}, keep_last=2)
+    assert tkd.steps(run) == [20, 30] and tkd.latest_step(run) == 30
+    os.mkdir(run / ".step-0000000040.tk-tmp.h.1.ab")  # an interrupted save is never listed
+    assert tkd.latest_step(run) == 30
+    fresh = {"model": _model(1), "step": 0}
+    assert tkd.restore(run, fresh) == 30 and fresh["step"] == 30
+    rank0 = os.path.join(tkd.step_path(run, 30), "rank-00000.safetensors")
+    with open(rank0, "r+b") as f:
+        f.seek(os.path.getsize(rank0) - 1)
+        f.write(b"\x7f")
+    with pytest.raises(CorruptionError):
+        tkd.restore(run, {"model": _model(1), "step": 0})
+    fresh = {"model": _model(1), "step": 0}
+    with pytest.warns(UserWarning, match="step 30 could not be restored"):
+        assert tkd.restore(run, fresh, fallback=True) == 20
+    assert fresh["step"] == 20 and torch.all(fresh["model"][0].bias == 20)
+    with pytest.raises(tkd_errors.CheckpointNotFoundError):
+        tkd.restore(run, fresh, step=99)

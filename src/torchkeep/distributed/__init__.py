@@ -12,12 +12,18 @@ from .api import RankStateSkipped, checkpoint_group, load, save
 from .check import describe, verify
 from .planners import TorchkeepLoadPlanner, TorchkeepSavePlanner
 from .reader import TorchkeepReader
+from .steps import latest_step, restore, save_step, step_path, steps
 from .writer import TorchkeepWriter
 
 __all__ = [
     "RankStateSkipped",
     "checkpoint_group",
     "describe",
+    "latest_step",
+    "restore",
+    "save_step",
+    "step_path",
+    "steps",
     "verify",
     "load",
     "save",
