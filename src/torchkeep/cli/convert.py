@@ -6,8 +6,8 @@ import click
 import torch
 
 from .. import convert as core
-from ..readers.open import open_view
 from .render import err, human, opt, out, progress_bar
+from .sources import open_view
 
 
 def _whole_model(view: object, dst: str) -> bool:

@@ -11,10 +11,10 @@ import torch
 from rich.table import Table
 
 from ..format.dtypes import dtype_name
-from ..readers.open import open_view
 from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json, progress_bar
+from .sources import open_view
 
 _CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries (8 MB each)
 

@@ -7,9 +7,9 @@ import sys
 import click
 
 from ..errors import TorchkeepError
-from ..readers.open import open_view
 from .errors import EXIT_FAILED, one_line
 from .render import opt, out, print_json, progress_bar
+from .sources import open_view
 
 
 def verify_path(path: str, trusted: bool) -> dict:
