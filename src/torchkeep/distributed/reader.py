@@ -188,8 +188,11 @@ class TorchkeepReader(StorageReader):
     def _read_file(self, shard: ShardFile, items: list[ReadItem], planner: LoadPlanner) -> None:
         direct: list[tuple[str, torch.Tensor]] = []
         done: list[tuple[ReadItem, torch.Tensor]] = []
-        for item in items:
-            name = self._stored(item).name
+        named = sorted(((self._stored(item).name, i) for i, item in enumerate(items)))
+        for name, i in named:  # grouped by chunk: one cached chunk at a time, however resharded
+            item = items[i]
+            if name not in shard.cache:
+                shard.cache.clear()
             if item.type == LoadItemType.BYTE_IO:
                 deliver_value(planner, item, shard.value(name))
                 continue
