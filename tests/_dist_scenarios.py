@@ -237,7 +237,30 @@ def phase_c(rank: int, world: int, root: str) -> dict:
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     assert_same(snapshot(model, opt), torchkeep.load(os.path.join(root, "A.ref.safetensors")))
     assert plain["values"][0]["step"] == 2
-    return {"skipped": skipped, "ddp": ddp_roundtrip(rank, world, root, "ddp4")}
+    out = {"skipped": skipped, "ddp": ddp_roundtrip(rank, world, root, "ddp4")}
+    out["coordinator_killed"] = coordinator_killed(rank, world, root)  # rank 0 dies here
+    return out
+
+
+def coordinator_killed(rank: int, world: int, root: str) -> dict:
+    """Rank 0 dies after writing the metadata, just before the commit's rename: the other ranks
+    raise (no hang) and no step appears."""
+    state = {"model": mlp(0), "step": 1}
+    save(state, os.path.join(root, "warmup4"), timeout=20)  # the 20 s group, made on all ranks
+    original = TorchkeepWriter.finish
+
+    def dying(self, metadata, results):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    TorchkeepWriter.finish = dying
+    start = time.monotonic()
+    try:
+        save(state, os.path.join(root, "coordinator-killed"), timeout=20)
+    except DistributedCheckpointError as exc:
+        return {"seconds": time.monotonic() - start, "message": str(exc)}
+    finally:
+        TorchkeepWriter.finish = original
+    raise AssertionError("the save survived the death of the coordinator")
 
 
 def phase_d(rank: int, world: int, root: str) -> dict:

@@ -74,7 +74,12 @@ def test_fsdp_2_to_1_then_1_to_2(root, phase_a_out):
     assert all(r["async"]["blocked"] < r["async"]["total"] for r in d)
 
 
-def test_fsdp_2_to_4_and_ddp_world4(root, phase_a_out):
-    c = values(launch(phase_c, 4, root, "c"))
+def test_fsdp_2_to_4_ddp_world4_coordinator_killed(root, phase_a_out):
+    results = launch(phase_c, 4, root, "c")
+    assert results[0] is None, "rank 0 should have died (SIGKILL) just before its commit"
+    c = values(results[1:])
     assert all(r["skipped"] == ["RankStateSkipped"] for r in c)
     _spread(c[0]["ddp"]["writers"], 4)
+    # the coordinator died before the rename: every other rank raised, nothing was committed
+    assert all(r["coordinator_killed"]["seconds"] < 60 for r in c)
+    assert not os.path.exists(os.path.join(root, "coordinator-killed"))
