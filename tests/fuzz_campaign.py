@@ -86,7 +86,7 @@ def seeds() -> list[bytes]:
     import json
 
     import torchkeep
-    from torchkeep.format.reader import FileReader
+    from torchkeep.transfer.reader import FileReader
 
     path = SCRATCH + ".seed"
     torchkeep.save({"w": torch.randn(3, 2), "step": 4, "t": (1.5, b"x", {"a": [None]})}, path)

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import torchkeep
-from torchkeep import asyncsave
-from torchkeep.asyncsave import Stager
 from torchkeep.errors import StorageError
-from torchkeep.format.writer import prepare
-from torchkeep.manager import list_leftovers, list_steps
 from torchkeep.storage.io import FileOps, use_ops
+from torchkeep.storage.run_dir import list_leftovers, list_steps
+from torchkeep.transfer import asyncsave
+from torchkeep.transfer.asyncsave import Stager
+from torchkeep.transfer.writer import prepare
 
 
 @pytest.mark.parametrize("numel", [1000, 1 << 19], ids=["caller-copy", "shared-copy"])

@@ -1,4 +1,4 @@
-"""Direct-I/O saves (format/direct_writer.py): same bytes as a buffered save, safe fallbacks.
+"""Direct-I/O saves (transfer/direct_writer.py): same bytes as a buffered save, safe fallbacks.
 
 Every test forces direct I/O on small files (``DIRECT_MIN_BYTES`` = 1) with small staging
 segments, so entries straddle segments, the header shares its block with data and the last
@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 import torchkeep
 from _direct import direct_io_supported
 from torchkeep import knobs
-from torchkeep.asyncsave import Stager, write_file
-from torchkeep.format.direct_writer import wants_direct
-from torchkeep.format.writer import prepare
 from torchkeep.storage.aligned import STAGING, AlignedBuffer, BufferPool
 from torchkeep.storage.io import FileOps, use_ops
+from torchkeep.transfer.asyncsave import Stager, write_file
+from torchkeep.transfer.direct_writer import wants_direct
+from torchkeep.transfer.writer import prepare
 
 
 class SpyOps(FileOps):

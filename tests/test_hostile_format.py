@@ -23,7 +23,7 @@ from torchkeep import knobs
 from torchkeep.errors import CorruptionError, FormatError
 from torchkeep.format import checksum
 from torchkeep.format import header as hdr
-from torchkeep.format.reader import FileReader
+from torchkeep.transfer.reader import FileReader
 
 LONG = os.environ.get("TORCHKEEP_LONG") == "1"
 

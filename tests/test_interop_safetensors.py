@@ -12,7 +12,7 @@ from torch import nn
 
 import torchkeep
 from torchkeep.format.header import FORMAT_VERSION
-from torchkeep.format.reader import FileReader
+from torchkeep.transfer.reader import FileReader
 
 
 def checkpoint() -> dict:

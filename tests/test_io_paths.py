@@ -15,8 +15,8 @@ from torch import nn
 import torchkeep
 from torchkeep import knobs
 from torchkeep.errors import CorruptionError, FormatError, StorageError
-from torchkeep.format.reader import FileReader
 from torchkeep.storage.io import FileOps, use_ops
+from torchkeep.transfer.reader import FileReader
 
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.float16]
 
@@ -296,7 +296,7 @@ def test_patched_final_header_equals_full_encoding(obj, meta):
     import json as _json
 
     from torchkeep.format import checksum, header
-    from torchkeep.format.writer import prepare
+    from torchkeep.transfer.writer import prepare
 
     prepared = prepare(obj, meta)
     sums = {e.key: f"{i:016x}" for i, e in enumerate(prepared.entries)}
@@ -328,7 +328,7 @@ def test_early_writeback_on_and_off(tmp_path, monkeypatch, early):
 
 
 def test_lone_tensor_split_across_threads(tmp_path, monkeypatch):
-    from torchkeep.format import parallel_read
+    from torchkeep.transfer import parallel_read
 
     _knobs(monkeypatch, 1 << 20, 16, 64, 3)
     monkeypatch.setattr(parallel_read, "SPLIT_MIN_BYTES", 100)
@@ -356,7 +356,7 @@ def test_lone_tensor_split_across_threads(tmp_path, monkeypatch):
     ],
 )
 def test_chunk_plan(monkeypatch, size, lone, expected):
-    from torchkeep.format import parallel_read
+    from torchkeep.transfer import parallel_read
 
     monkeypatch.setattr(knobs, "CHUNK_BYTES", 1000)
     monkeypatch.setattr(knobs, "READ_CHUNK_BYTES", 64)
@@ -371,7 +371,7 @@ def test_chunk_plan(monkeypatch, size, lone, expected):
 def test_large_entry_read_in_small_pieces_in_file_order(tmp_path, monkeypatch):
     """An entry over CHUNK_BYTES is read in READ_CHUNK_BYTES pieces that tile it in file order,
     whatever the order of the keys asked for; a flipped byte in a middle piece names the key."""
-    from torchkeep.format import parallel_read
+    from torchkeep.transfer import parallel_read
 
     _knobs(monkeypatch, 1000, 16, 64, 3)
     monkeypatch.setattr(knobs, "READ_CHUNK_BYTES", 300)

@@ -182,13 +182,27 @@ def test_views_and_raw_dtypes_from_file(tmp_path):
     assert torch.equal(dst.t, base.t())
 
 
-def test_corrupt_file_is_refused(tmp_path):
-    path = as_source(make_model(1).state_dict(), "path", tmp_path)
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+@pytest.mark.parametrize("assign", [False, True])
+def test_corrupt_file_leaves_the_model_untouched(tmp_path, where, assign):
+    """A checksum failure in any tensor raises before the first byte reaches the model."""
+    src = make_model(1).state_dict()
+    path = as_source(src, "path", tmp_path)
+    with torchkeep.open_file(path) as reader:
+        entries = sorted(reader.header.entries.values(), key=lambda e: e.begin)
+        start = reader.header.data_start
+    entry = {"first": entries[0], "middle": entries[len(entries) // 2], "last": entries[-1]}[where]
     blob = bytearray(path.read_bytes())
-    blob[-3] ^= 0x10
+    blob[start + entry.begin + entry.nbytes // 2] ^= 0x10
     path.write_bytes(bytes(blob))
-    with pytest.raises(torchkeep.CorruptionError, match="partly overwritten"):
-        torchkeep.load_state_dict(make_model(2), path)
+    model = make_model(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params_before = [id(p) for p in model.parameters()]
+    with pytest.raises(torchkeep.CorruptionError, match="corrupt"):
+        torchkeep.load_state_dict(model, path, assign=assign)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [id(p) for p in model.parameters()] == params_before
     torchkeep.load_state_dict(make_model(2), path, verify=False)
 
 

@@ -21,9 +21,9 @@ from torchkeep.errors import (
     StorageError,
     TorchkeepError,
 )
-from torchkeep.manager import list_leftovers, list_steps, step_dirname
 from torchkeep.storage.io import FileOps, use_ops
 from torchkeep.storage.local import temp_name
+from torchkeep.storage.run_dir import list_leftovers, list_steps, step_dirname
 
 
 def _state(seed: int = 0, width: int = 4) -> dict:

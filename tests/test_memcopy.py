@@ -1,4 +1,4 @@
-"""Streaming copies for async-save snapshots (torchkeep/memcopy.py, torchkeep/_streamcopy.c):
+"""Streaming copies for async-save snapshots (transfer/memcopy.py, _streamcopy.c):
 byte-exact at every size and alignment, on both sides of the streaming threshold, and the
 numpy fallback used where the extension is missing or switched off."""
 
@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchkeep import knobs, memcopy
-from torchkeep.pool import parallel_copy
+from torchkeep import knobs
+from torchkeep.transfer import memcopy
+from torchkeep.transfer.pool import parallel_copy
 
 streamcopy = memcopy._streamcopy
 # Sizes around the extension's own threshold exercise both of its paths (256 KiB without it).

@@ -13,8 +13,8 @@ from torch import nn
 
 import test_model_zoo
 import torchkeep
-from torchkeep.format.reader import FileReader
 from torchkeep.model.api import KIND_KEY
+from torchkeep.transfer.reader import FileReader
 
 zoo = test_model_zoo.zoo  # fixture
 

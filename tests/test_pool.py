@@ -1,4 +1,4 @@
-"""The shared I/O pool (torchkeep/pool.py): reuse, rebuild, fork, and no work left running."""
+"""The shared I/O pool (transfer/pool.py): reuse, rebuild, fork, and no work left running."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import torchkeep
-from torchkeep import knobs, pool
-from torchkeep.pool import drain, io_pool, parallel_copy
+from torchkeep import knobs
 from torchkeep.storage.io import FileOps, use_ops
+from torchkeep.transfer import pool
+from torchkeep.transfer.pool import drain, io_pool, parallel_copy
 
 
 def test_one_pool_is_reused_and_rebuilt_when_the_knob_changes(monkeypatch):

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from torchkeep.errors import TorchkeepError
-from torchkeep.manager import StepInfo, list_leftovers, list_steps, step_dirname
 from torchkeep.retention import keep_best, keep_every, keep_last, kept_reasons, prune
+from torchkeep.storage.run_dir import StepInfo, list_leftovers, list_steps, step_dirname
 
 
 def _steps(losses: dict[int, float | None]) -> list[StepInfo]:

@@ -16,7 +16,7 @@ from torch import nn
 
 import torchkeep
 from _compare import assert_same
-from torchkeep.format.reader import FileReader
+from torchkeep.transfer.reader import FileReader
 
 LONG = os.environ.get("TORCHKEEP_LONG") == "1"
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")

@@ -8,36 +8,48 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import Any, BinaryIO
 
 from torch import nn
 
-from .asyncsave import save_blocking
-from .format.reader import FileReader
+from .args import check_flag
 from .state.capture import capture, restore
 from .state.module import load_from_reader
 from .state.report import LoadReport
+from .storage.fileobj import is_file_object, readable_copy, writable_path
+from .transfer.asyncsave import save_blocking
+from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike
 
 
 def save_checkpoint(
-    path: PathLike,
+    path: PathLike | BinaryIO,
     state: MutableMapping[str, Any],
     *,
     rng: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Capture ``state`` (and the RNG state unless ``rng=False``) into one atomic file."""
-    save_blocking(capture(state, rng=rng), os.fspath(path), metadata=metadata)
+    """Capture ``state`` (and the RNG state unless ``rng=False``) into one atomic file.
+
+    ``path`` may be a writable binary file object (written once the file is complete).
+    """
+    check_flag(rng, "rng")
+    captured = capture(state, rng=rng)
+    if is_file_object(path):
+        with writable_path(path) as tmp:
+            save_blocking(captured, tmp, metadata=metadata)
+        return
+    save_blocking(captured, os.fspath(path), metadata=metadata)
 
 
 def load_checkpoint(
-    path: PathLike,
+    path: PathLike | BinaryIO,
     state: MutableMapping[str, Any],
     *,
     rng: bool = True,
     verify: bool = True,
+    follow_symlinks: bool = True,
 ) -> MutableMapping[str, Any]:
     """Restore ``path`` into ``state`` in place and return ``state``.
 
@@ -45,9 +57,16 @@ def load_checkpoint(
     the dict; RNG state is restored unless ``rng=False``. A key, shape or object mismatch raises
     :class:`torchkeep.StateDictMismatchError` naming the entry; a corrupt file raises
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
+    ``follow_symlinks=False`` refuses a link at ``path`` (the manager's steps: a run directory
+    may have been prepared by someone else). ``path`` may be a seekable binary file object.
     """
+    check_flag(rng, "rng")
+    check_flag(verify, "verify")
+    if is_file_object(path):
+        with readable_copy(path) as tmp:
+            return load_checkpoint(tmp, state, rng=rng, verify=verify)
     path = os.fspath(path)
-    with FileReader(path) as reader:
+    with FileReader(path, follow_symlinks=follow_symlinks) as reader:
         # Module weights are mapped placeholders here: verified and shape-checked before
         # anything changes (a corrupt file leaves every object untouched), then read straight
         # into the parameters, so no second copy of the weights is ever held.

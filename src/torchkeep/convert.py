@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from .errors import TorchkeepError, UnsupportedValueError
-from .format.stream import StreamEntry, layout, write_safetensors, write_torchkeep
+from .errors import TorchkeepError
+from .model.api import save_model
 from .readers.safetensors_view import INDEX_NAME, dumps_index
 from .readers.view import CheckpointView, Ref, map_refs
 from .storage.io import ops, write_all
 from .storage.local import atomic_file, commit_dir, make_temp_dir
+from .transfer.stream import StreamEntry, layout, write_safetensors, write_torchkeep
 
 TORCHKEEP, SAFETENSORS, TORCH = "torchkeep", "safetensors", "torch"
 _TORCH_EXT = (".pt", ".pth", ".bin", ".ckpt")
@@ -101,16 +102,52 @@ def _to_torchkeep(view: CheckpointView, dst: str, dtype: torch.dtype | None, pro
 def _to_torch(view: CheckpointView, dst: str, dtype: torch.dtype | None, progress: Progress):
     """torch.save needs the whole object at once; tensors stay memory-mapped where possible."""
 
+    keep: list[torch.Tensor] = []  # mapped sources stay alive while their slices are saved
+    seen: dict[int, torch.dtype] = {}
+
     def read(ref: Ref) -> torch.Tensor:
         tensor = (ref.mapped or ref.fetch)()
         target = _cast(tensor.dtype, dtype)
         if progress is not None:
             progress(ref.nbytes)
-        return tensor.to(target) if target != tensor.dtype else tensor
+        if target != tensor.dtype:
+            return tensor.to(target)
+        keep.append(tensor)
+        return own_storage(tensor, seen)
 
     obj = map_refs(view.skeleton, read)
     with atomic_file(os.path.abspath(dst)) as fd, os.fdopen(os.dup(fd), "wb") as handle:
         torch.save(obj, handle)
+
+
+def own_storage(tensor: torch.Tensor, seen: dict[int, torch.dtype]) -> torch.Tensor:
+    """``tensor`` on a storage of its own bytes, so ``torch.save`` can write it.
+
+    Tensors mapped from one file share that file's storage under different dtypes, which
+    ``torch.save`` refuses (and it would write the whole file once per storage). A slice of the
+    untyped storage covers exactly the tensor's bytes without copying; ``seen`` (data pointer
+    -> dtype) catches what a slice cannot separate, which is copied instead.
+    """
+    if tensor.numel() == 0:
+        return _flags_like(tensor, torch.empty(tensor.shape, dtype=tensor.dtype))
+    storage = tensor.untyped_storage()
+    size = tensor.element_size()
+    span = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    begin = tensor.storage_offset() * size
+    if begin != 0 or span * size != storage.nbytes():
+        piece = storage[begin : begin + span * size]
+        owned = torch.empty(0, dtype=tensor.dtype).set_(piece, 0, tensor.shape, tensor.stride())
+        tensor = _flags_like(tensor, owned)
+    if seen.setdefault(tensor.data_ptr(), tensor.dtype) != tensor.dtype:
+        tensor = _flags_like(tensor, tensor.detach().clone())
+    return tensor
+
+
+def _flags_like(source: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a Parameter / requiring grad when ``source`` was."""
+    if isinstance(source, torch.nn.Parameter):
+        return torch.nn.Parameter(tensor, requires_grad=source.requires_grad)
+    return tensor.requires_grad_(True) if source.requires_grad else tensor
 
 
 def shard_plan(entries: list[StreamEntry], max_bytes: int) -> list[list[StreamEntry]]:
@@ -150,8 +187,4 @@ def _to_sharded(
 
 def save_whole_model(model: Any, dst: str) -> None:
     """A ``torch.save(model)`` object re-saved as a safe whole-model torchkeep file."""
-    try:
-        from .model.api import save_model
-    except ImportError as exc:  # pragma: no cover - the model package ships with torchkeep
-        raise UnsupportedValueError(f"{dst}: whole-model saving is unavailable ({exc})") from exc
     save_model(model, dst)

@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
-from .asyncsave import save_blocking
-from .format.reader import FileReader, MapLocation
+from .args import MapLocation, check_flag, check_map_location, resolve_callable
+from .format.tree_decode import iter_tensor_nodes
 from .readers import detect
+from .readers.open import load_folder
 from .readers.torch_file import load_torch_file
+from .storage.fileobj import is_file_object, readable_copy, writable_path
+from .transfer.asyncsave import save_blocking
+from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike
+Target = PathLike | BinaryIO
 
 
-def save(obj: Any, path: PathLike, *, metadata: dict[str, str] | None = None) -> None:
+def save(obj: Any, path: Target, *, metadata: dict[str, str] | None = None) -> None:
     """Save ``obj`` (state_dict, optimizer state, checkpoint dict...) to ``path`` atomically.
 
     The object is validated first (an unsupported value raises before any byte is written), then
     written to a temporary file, fsynced and renamed over ``path``: a crash leaves either the old
     or the new file. The result opens with the stock ``safetensors`` library. This is
     :func:`save_async` run inline and waited for (one save path), minus the snapshot copy.
+    ``path`` may also be a binary file object (``io.BytesIO``, ``open(p, "wb")``): the file is
+    written to a private temporary file first, then copied into it.
     """
+    if is_file_object(path):
+        with writable_path(path) as tmp:
+            save_blocking(obj, tmp, metadata=metadata)
+        return
     save_blocking(obj, os.fspath(path), metadata=metadata)
 
 
 def load(
-    path: PathLike,
+    path: Target,
     *,
     map_location: MapLocation = None,
     mmap: bool = False,
@@ -36,26 +47,50 @@ def load(
 
     ``verify`` checks every tensor's checksum (torchkeep files). ``mmap`` maps tensors from the
     file instead of reading them. ``torch.save`` files go through the weights-only unpickler;
-    ``trusted=True`` is the only way to unpickle anything else.
+    ``trusted=True`` is the only way to unpickle anything else. ``map_location`` is what
+    ``torch.load`` takes (device, dict, or callable). ``path`` may be a seekable binary file
+    object (read from its current position).
     """
+    check_map_location(map_location)
+    for name, flag in (("mmap", mmap), ("verify", verify), ("trusted", trusted)):
+        check_flag(flag, name)
+    if is_file_object(path):
+        if mmap:
+            raise ValueError("mmap=True needs a path: a file object cannot be memory-mapped")
+        with readable_copy(path) as tmp:
+            return load(tmp, map_location=map_location, verify=verify, trusted=trusted)
     path = os.fspath(path)
     kind = detect.sniff(path)
     if os.path.isdir(path):  # HF shards, DCP, Accelerate, run directory (readers/open.py)
-        from .readers.open import load_folder
-
+        if callable(map_location):
+            map_location = resolve_callable(map_location, ["cpu"])["cpu"]
         return load_folder(path, map_location=map_location, trusted=trusted)
     if kind == detect.SAFETENSORS:
         with FileReader(path) as reader:
+            if callable(map_location):
+                saved = [n.get("device", "cpu") for _, n in iter_tensor_nodes(reader.tree)]
+                map_location = resolve_callable(map_location, map(str, saved or ["cpu"]))
             return reader.load(map_location=map_location, mmap=mmap, verify=verify)
     return load_torch_file(path, map_location=map_location, mmap=mmap, trusted=trusted)
 
 
 def open_file(path: PathLike) -> FileReader:
     """Open a torchkeep/safetensors file lazily (header only); read tensors by key on demand."""
+    if is_file_object(path):
+        raise TypeError(
+            "open_file needs a path (it reads tensors from the file on demand); "
+            "use torchkeep.load(file_object) to read a file object whole"
+        )
     return FileReader(path)
 
 
-def verify(path: PathLike) -> list[str]:
-    """Keys of the corrupt tensors of a torchkeep file (empty when every checksum matches)."""
+def verify(path: Target) -> list[str]:
+    """Keys of the corrupt tensors of a torchkeep file (empty when every checksum matches).
+
+    ``path`` may be a seekable binary file object.
+    """
+    if is_file_object(path):
+        with readable_copy(path) as tmp:
+            return verify(tmp)
     with FileReader(path) as reader:
         return reader.corrupt_entries()

@@ -15,6 +15,14 @@ class FormatError(TorchkeepError):
     """A file is malformed, truncated, hostile, or not in a format torchkeep can read."""
 
 
+class UnsafePathError(FormatError):
+    """A checkpoint directory names something outside itself or not a plain file.
+
+    A symbolic link where a regular file is expected, a FIFO or device, or a file name with a
+    path separator taken from an index: torchkeep refuses instead of following it.
+    """
+
+
 class CorruptionError(TorchkeepError):
     """Stored content does not match its checksum (bit rot, torn write, tampering)."""
 

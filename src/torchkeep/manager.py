@@ -1,121 +1,37 @@
 """CheckpointManager: numbered steps in a run directory, atomic commits, restore, retention.
 
-Layout (docs/run-directory.md): ``RUN_DIR/step-<10-digit step>/`` holding ``state.tk`` (the
-captured training state) and ``meta.json`` (step, time, metrics, files with sizes, version).
-A step is assembled in a temporary directory and becomes visible by one atomic rename after
-its files are fsynced; readers list only committed ``step-*`` directories, so ``latest`` is
-found by scanning, never through a pointer file that can lie. Deletion renames a step to a
-temporary name first. Temporaries of dead writers are swept when a manager opens.
+The layout (step names, listing, commit, deletion) lives in :mod:`torchkeep.storage.run_dir`;
+this module captures the training state, hands the step to that layout (inline or in the
+background) and applies retention. Temporaries of dead writers are swept when a manager opens.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 import warnings
-from collections.abc import MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from . import retention
-from .asyncsave import AsyncSaver, SaveHandle
 from .checkpoint import load_checkpoint
 from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
-from .format.writer import PreparedFile, prepare, write_prepared
 from .state.capture import capture
-from .storage.io import ops, write_all
-from .storage.local import (
-    atomic_file,
-    commit_dir,
-    discard_dir,
-    is_temp,
-    make_temp_dir,
-    sweep_temps,
-)
+from .storage.io import FileOps
+from .storage.local import sweep_temps
 from .storage.lock import LOCK_NAME, DirLock
-
-STATE_FILE = "state.tk"
-META_FILE = "meta.json"
-_STEP_RE = re.compile(r"^step-(\d{10})$")
-
-
-@dataclass
-class StepInfo:
-    """One committed step: number, directory, unix time of the save, bytes on disk, metrics."""
-
-    step: int
-    path: str
-    time: float
-    size: int
-    metrics: dict = field(default_factory=dict)
-    policy: dict | None = None  # retention policy of the manager that saved it (meta.json)
-
-
-def step_dirname(step: int) -> str:
-    """``step-0000001234``: zero-padded so names sort like numbers."""
-    return f"step-{step:010d}"
-
-
-def _read_meta(path: str) -> dict:
-    try:
-        with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-        return meta if isinstance(meta, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _dir_size(path: str) -> int:
-    total = 0
-    with os.scandir(path) as it:
-        for entry in it:
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
-    return total
-
-
-def list_steps(directory: str | os.PathLike) -> list[StepInfo]:
-    """Committed steps of a run directory, oldest first (temporaries are never listed)."""
-    directory = os.fspath(directory)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    steps = []
-    for name in names:
-        match = _STEP_RE.match(name)
-        path = os.path.join(directory, name)
-        if match is None or not os.path.isdir(path) or os.path.islink(path):
-            continue
-        meta = _read_meta(path)
-        stamp = meta.get("time")
-        metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-        try:
-            if not isinstance(stamp, (int, float)):
-                stamp = os.path.getmtime(path)
-            size = _dir_size(path)
-        except FileNotFoundError:  # retention deleted it while we listed: not a step anymore
-            continue
-        policy = meta.get("policy") if isinstance(meta.get("policy"), dict) else None
-        steps.append(StepInfo(int(match[1]), path, float(stamp), size, metrics, policy))
-    return sorted(steps, key=lambda s: s.step)
-
-
-def list_leftovers(directory: str | os.PathLike) -> list[str]:
-    """Paths of incomplete saves and half-deleted steps (temporaries) in a run directory."""
-    directory = os.fspath(directory)
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
-    return [os.path.join(directory, n) for n in names if is_temp(n)]
-
-
-def delete_step(directory: str, step: int) -> None:
-    """Remove a committed step: rename it to a trash name (atomic), fsync, then delete it."""
-    discard_dir(os.path.join(directory, step_dirname(step)))
+from .storage.run_dir import (
+    STATE_FILE,
+    StepInfo,
+    delete_step,
+    list_leftovers,
+    list_steps,
+    step_dirname,
+    step_exists,
+    write_step,
+)
+from .transfer.asyncsave import AsyncSaver, SaveHandle
+from .transfer.writer import PreparedFile, prepare, write_prepared
 
 
 def clean_metrics(metrics: dict | None) -> dict[str, Any]:
@@ -136,45 +52,13 @@ def clean_metrics(metrics: dict | None) -> dict[str, Any]:
     return out
 
 
-def _write_json(path: str, obj: dict) -> None:
-    data = json.dumps(obj, indent=1, allow_nan=True).encode()
-    with atomic_file(path, len(data)) as fd:
-        write_all(ops(), fd, memoryview(data), 0)
+def _writer(prepared: PreparedFile) -> Callable[[int, FileOps], None]:
+    """The fill of a step's state file: the prepared file written into the descriptor."""
 
+    def fill(fd: int, file_ops: FileOps) -> None:
+        write_prepared(prepared, fd, file_ops)
 
-def write_step(
-    directory: str,
-    step: int,
-    prepared: PreparedFile,
-    metrics: dict,
-    stamp: float,
-    policy: dict | None = None,
-) -> str:
-    """Write one step into a temporary directory and commit it by rename; returns its path."""
-    from . import __version__
-
-    target = os.path.join(directory, step_dirname(step))
-    tmp = make_temp_dir(target)
-    try:
-        with atomic_file(os.path.join(tmp, STATE_FILE), prepared.total_bytes) as fd:
-            write_prepared(prepared, fd, ops())
-        files = [{"name": STATE_FILE, "size": os.path.getsize(os.path.join(tmp, STATE_FILE))}]
-        meta = {
-            "step": step,
-            "time": stamp,
-            "metrics": metrics,
-            "files": files,
-            "torchkeep_version": __version__,
-        }
-        if policy is not None:
-            meta["policy"] = policy
-        _write_json(os.path.join(tmp, META_FILE), meta)
-        commit_dir(tmp, target)
-    except BaseException:
-        if os.path.isdir(tmp):
-            ops().rmtree(tmp)
-        raise
-    return target
+    return fill
 
 
 class CheckpointManager:
@@ -230,7 +114,7 @@ class CheckpointManager:
         self._saver.wait_previous()
         self._raise_background()
         self._lock.acquire()
-        if os.path.lexists(os.path.join(self.directory, step_dirname(step))):
+        if step_exists(self.directory, step):
             raise TorchkeepError(
                 f"{self.directory}: step {step} already exists and steps are immutable; "
                 "save under a new step number or delete that step first"
@@ -240,7 +124,15 @@ class CheckpointManager:
         stamp = time.time()
 
         def job() -> str:
-            path = write_step(self.directory, step, prepared, clean, stamp, self.policy)
+            path = write_step(
+                self.directory,
+                step,
+                prepared.total_bytes,
+                _writer(prepared),
+                clean,
+                stamp,
+                self.policy,
+            )
             retention.prune(self.directory, **self.policy, lock=False)
             return path
 
@@ -314,7 +206,7 @@ class CheckpointManager:
         for info in reversed(steps):
             path = os.path.join(info.path, STATE_FILE)
             try:
-                load_checkpoint(path, state, rng=self.rng)
+                load_checkpoint(path, state, rng=self.rng, follow_symlinks=False)
             except (CorruptionError, FormatError, OSError) as exc:
                 if not fallback or step is not None:
                     raise

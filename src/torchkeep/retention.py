@@ -11,12 +11,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from .errors import TorchkeepError
-
-if TYPE_CHECKING:
-    from .manager import StepInfo
+from .storage.lock import DirLock
+from .storage.run_dir import StepInfo, delete_step, list_steps
 
 MODES = ("min", "max")
 
@@ -126,9 +124,6 @@ def prune(
     :class:`torchkeep.LockError` while a training run writes there); the manager, which
     already holds it, passes ``lock=False``.
     """
-    from .manager import delete_step, list_steps
-    from .storage.lock import DirLock
-
     directory = os.fspath(directory)
     holder = DirLock(directory)
     if lock and not dry_run:

@@ -22,8 +22,9 @@ import torch
 from scenarios import make_state, same
 
 import torchkeep
-from torchkeep.format.reader import FileReader
-from torchkeep.manager import STATE_FILE, CheckpointManager, list_steps
+from torchkeep.manager import CheckpointManager
+from torchkeep.storage.run_dir import STATE_FILE, list_steps
+from torchkeep.transfer.reader import FileReader
 
 
 def train(run_dir: str, mode: str) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 import torchkeep
-from torchkeep.manager import STATE_FILE, CheckpointManager, list_steps
+from torchkeep.manager import CheckpointManager
+from torchkeep.storage.run_dir import STATE_FILE, list_steps
 
 KINDS = ("file", "step", "async")
 

@@ -14,7 +14,7 @@ import torch
 
 import torchkeep
 from torchkeep import CorruptionError, FormatError
-from torchkeep.format.reader import FileReader
+from torchkeep.transfer.reader import FileReader
 
 BAD = (FormatError, CorruptionError)
 

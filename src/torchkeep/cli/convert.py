@@ -7,6 +7,7 @@ import torch
 
 from .. import convert as core
 from .render import err, human, opt, out, progress_bar
+from .safe_text import markup_safe
 from .sources import open_view
 
 
@@ -56,7 +57,10 @@ def convert_cmd(
     shard = core.parse_size(max_shard_size) if max_shard_size else None
     with open_view(src, trusted=trusted) as view:
         if shard is None and fmt in (None, core.TORCHKEEP) and _whole_model(view, dst):
-            out().print(f"wrote {dst}: whole model from {view.format} (torchkeep model file)")
+            out().print(
+                f"wrote {markup_safe(dst)}: whole model from {markup_safe(view.format)} "
+                "(torchkeep model file)"
+            )
             return
         with progress_bar("converting", view.total_bytes) as advance:
             written = core.convert_view(
@@ -68,13 +72,15 @@ def convert_cmd(
                 progress=advance,
             )
         out().print(
-            f"wrote {dst}: {written}{' (sharded)' if shard else ''}, {len(view.refs)} tensors, "
-            f"{human(view.total_bytes)} read from {view.format}"
+            f"wrote {markup_safe(dst)}: {written}{' (sharded)' if shard else ''}, "
+            f"{len(view.refs)} tensors, "
+            f"{human(view.total_bytes)} read from {markup_safe(view.format)}"
         )
         if written == core.SAFETENSORS and view.values:
             err().print(
-                f"note: {len(view.values)} non-tensor values (e.g. {next(iter(view.values))}) "
+                f"note: {len(view.values)} non-tensor values "
+                f"(e.g. {markup_safe(str(next(iter(view.values))))}) "
                 "are not stored: safetensors holds tensors only; convert to .tk to keep them"
             )
         for note in view.notes:
-            err().print(f"note: {note}")
+            err().print(f"note: {markup_safe(note)}")

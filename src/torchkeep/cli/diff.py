@@ -8,13 +8,14 @@ from typing import Any
 
 import click
 import torch
-from rich.table import Table
 
 from ..format.dtypes import dtype_name
 from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
-from .render import opt, out, print_json, progress_bar
+from .render import key_table, opt, out, print_json, progress_bar
+from .safe_text import sanitize
 from .sources import open_view
+from .structure import compare_structure, is_description_value, kind_of, structure_of
 
 _CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries (8 MB each)
 
@@ -56,6 +57,29 @@ def _sig(view: CheckpointView, name: str) -> dict:
     return {"dtype": dtype_name(ref.dtype), "shape": list(ref.shape)}
 
 
+def model_sides(a: CheckpointView, b: CheckpointView) -> dict[str, Any]:
+    """Module structures compared when both sides are whole models; a note when one is."""
+    sa, sb = structure_of(a), structure_of(b)
+    if sa is None and sb is None:
+        return {}
+    if sa is None or sb is None:
+        side, other = ("A", "B") if sa is not None else ("B", "A")
+        return {
+            "compared": False,
+            "note": f"{side} is a whole model, {other} holds only tensors and values: "
+            "compared the weights; the module structure is only in " + side,
+        }
+    differences = compare_structure(sa, sb)
+    return {"compared": True, "modules": len(sa), "differences": differences}
+
+
+def _plain_values(view: CheckpointView, models: dict[str, Any]) -> dict[str, Any]:
+    """The view's values, less a model description when structures are compared instead."""
+    if not models:
+        return view.values
+    return {k: v for k, v in view.values.items() if not is_description_value(k)}
+
+
 def diff_views(a: CheckpointView, b: CheckpointView, atol: float, rtol: float) -> dict[str, Any]:
     """The ``--json`` object of ``diff``; ``equal`` is its verdict."""
     only_a = [n for n in a.refs if n not in b.refs]
@@ -71,21 +95,20 @@ def diff_views(a: CheckpointView, b: CheckpointView, atol: float, rtol: float) -
                 row = compare_tensors(a.get(name), b.get(name), atol, rtol)
                 tensors.append({"name": name, **row})
             advance(a.refs[name].nbytes)
+    models = model_sides(a, b)
+    va, vb = _plain_values(a, models), _plain_values(b, models)
     values = {
-        "only_in_a": {k: v for k, v in a.values.items() if k not in b.values},
-        "only_in_b": {k: v for k, v in b.values.items() if k not in a.values},
-        "changed": {
-            k: {"a": v, "b": b.values[k]}
-            for k, v in a.values.items()
-            if k in b.values and b.values[k] != v
-        },
+        "only_in_a": {k: v for k, v in va.items() if k not in vb},
+        "only_in_b": {k: v for k, v in vb.items() if k not in va},
+        "changed": {k: {"a": v, "b": vb[k]} for k, v in va.items() if k in vb and vb[k] != v},
     }
     equal = not (only_a or only_b or changed or any(not t["equal"] for t in tensors))
-    equal = equal and not any(values.values())
+    equal = equal and not any(values.values()) and not models.get("differences")
     return {
         "equal": equal,
-        "a": {"path": a.path, "format": a.format},
-        "b": {"path": b.path, "format": b.format},
+        "a": {"path": a.path, "format": a.format, "kind": kind_of(a)},
+        "b": {"path": b.path, "format": b.format, "kind": kind_of(b)},
+        "structure": models,
         "only_in_a": only_a,
         "only_in_b": only_b,
         "changed": changed,
@@ -97,7 +120,15 @@ def diff_views(a: CheckpointView, b: CheckpointView, atol: float, rtol: float) -
 def _print(result: dict[str, Any]) -> None:
     console = out()
     for side in ("a", "b"):
-        console.print(f"{side.upper()}: {result[side]['path']} ({result[side]['format']})")
+        info = result[side]
+        console.print(f"{side.upper()}: {info['path']} ({info['format']}: {info['kind']})")
+    models = result.get("structure") or {}
+    if models.get("note"):
+        console.print(f"note: {models['note']}")
+    for problem in models.get("differences", []):
+        console.print(f"[yellow]~ structure[/yellow] {problem}")
+    if models.get("compared") and not models["differences"]:
+        console.print(f"structure: the same {models['modules']} modules (class, train/eval mode)")
     for name in result["only_in_a"]:
         console.print(f"[red]- only in A[/red] {name}")
     for name in result["only_in_b"]:
@@ -109,7 +140,7 @@ def _print(result: dict[str, Any]) -> None:
         )
     differing = [t for t in result["tensors"] if not t["equal"]]
     if differing:
-        table = Table("tensor", "max |a-b|", "rel L2", title="differing tensors")
+        table = key_table("tensor", "max |a-b|", "rel L2", title="differing tensors")
         for row in differing:
             table.add_row(row["name"], f"{row['max_abs_diff']:.3g}", f"{row['rel_l2_diff']:.3g}")
         console.print(table)
@@ -144,6 +175,6 @@ def diff_cmd(a: str, b: str, as_json: bool, trusted: bool, atol: float, rtol: fl
     if as_json:
         print_json(result)
     else:
-        _print(result)
+        _print(sanitize(result))
     if not result["equal"]:
         sys.exit(EXIT_FAILED)

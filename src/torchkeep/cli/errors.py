@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from ..errors import TorchkeepError, UnsafeFileError
+from .safe_text import one_line_safe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -28,7 +29,7 @@ def exit_code(exc: BaseException) -> int:
 
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line, prefixed with what kind of failure it is."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line_safe(str(exc)) or type(exc).__name__
     if isinstance(exc, TorchkeepError):
         return f"error: {text}"
     if isinstance(exc, OSError):

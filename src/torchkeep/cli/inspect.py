@@ -9,7 +9,8 @@ from rich.table import Table
 
 from ..format.dtypes import dtype_name
 from ..readers.view import CheckpointView, jsonable
-from .render import err, human, opt, out, print_json, progress_bar, tensor_row
+from .render import err, human, key_table, opt, out, print_json, progress_bar, tensor_row
+from .safe_text import sanitize
 from .sources import open_view
 
 _OPTIMIZER_SIGNS = [
@@ -119,7 +120,7 @@ def _print(info: dict[str, Any], limit: int) -> None:
     for name, row in info["dtypes"].items():
         dtypes.add_row(name, str(row["tensors"]), f"{row['params']:,}", human(row["nbytes"]))
     console.print(dtypes)
-    tensors = Table("name", "dtype", "shape", "size", title="tensors", title_justify="left")
+    tensors = key_table("name", "dtype", "shape", "size", title="tensors")
     for row in info["tensors"][:limit]:
         tensors.add_row(row["name"], row["dtype"], str(row["shape"]), human(row["nbytes"]))
     console.print(tensors)
@@ -129,9 +130,10 @@ def _print(info: dict[str, Any], limit: int) -> None:
         hyper = ", ".join(f"{k}={v}" for k, v in opt_info["hyper_parameters"].items())
         console.print(f"optimizer at {opt_info['path']}: {opt_info['type']} ({hyper})")
     if info["metadata"]:
-        values = Table("key", "value", title="values", title_justify="left")
+        values = key_table("key", "value", title="values")
         for key, value in info["metadata"].items():
-            values.add_row(key, str(value)[:120])
+            shown = str(value)
+            values.add_row(key, shown if len(shown) <= 120 else shown[:117] + "...")
         console.print(values)
     for note in info["notes"]:
         err().print(f"note: {note}")
@@ -156,4 +158,4 @@ def inspect_cmd(path: str, as_json: bool, trusted: bool, no_verify: bool, limit:
     if as_json:
         print_json(info)
     else:
-        _print(info, limit if limit > 0 else len(info["tensors"]))
+        _print(sanitize(info), limit if limit > 0 else len(info["tensors"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import Any
 
 import click
@@ -10,7 +11,9 @@ from rich.table import Table
 
 from .. import retention
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
+from ..storage.run_dir import list_leftovers, list_steps
 from .render import human, opt, out, print_json
+from .safe_text import markup_safe, sanitize
 
 POLICY_OPTIONS = [
     click.option("--keep-last", type=int, help="Keep the N newest steps."),
@@ -27,22 +30,13 @@ def policy_options(fn: Any) -> Any:
     return fn
 
 
-def _manager() -> Any:
-    from .. import manager
-
-    return manager
-
-
 def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
     """The ``--json`` object of ``ls``."""
-    import os
-
     if not os.path.exists(run_dir):
         raise CheckpointNotFoundError(f"{run_dir}: no such run directory")
     if not os.path.isdir(run_dir):
         raise FormatError(f"{run_dir}: is a file; ls and prune take a run directory")
-    manager = _manager()
-    steps = manager.list_steps(run_dir)
+    steps = list_steps(run_dir)
     if not any(v is not None for k, v in policy.items() if k != "mode"):
         policy = recorded_policy(steps) or policy
     reasons = retention.kept_reasons(steps, **policy)
@@ -54,6 +48,7 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
             "size": s.size,
             "metrics": dict(s.metrics or {}),
             "kept": reasons.get(s.step, []),
+            "problems": list(s.problems),
         }
         for s in steps
     ]
@@ -61,7 +56,7 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
         "path": run_dir,
         "policy": policy,
         "steps": rows,
-        "leftovers": list(manager.list_leftovers(run_dir)),
+        "leftovers": list(list_leftovers(run_dir)),
     }
 
 
@@ -105,6 +100,7 @@ def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
     if as_json:
         print_json(result)
         return
+    result, run_dir = sanitize(result), markup_safe(run_dir)
     if not result["steps"] and not result["leftovers"]:
         out().print(
             f"{run_dir}: no committed steps (a run directory holds the step-NNNNNNNNNN/ "
@@ -121,5 +117,8 @@ def ls_cmd(run_dir: str, as_json: bool, **policy: Any) -> None:
         table.add_row(str(row["step"]), _when(row["time"]), human(row["size"]), metrics, kept)
     console = out()
     console.print(table)
+    for row in result["steps"]:
+        for problem in row["problems"]:
+            console.print(f"[yellow]step {row['step']}[/yellow]: {problem}")
     for name in result["leftovers"]:
         console.print(f"[yellow]incomplete[/yellow] {name} (interrupted save; swept on next run)")

@@ -12,9 +12,11 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from ..format.dtypes import dtype_name
 from ..readers.view import Ref
+from .safe_text import TerminalGuard
 
 _OPEN = {
     "trusted": click.option(
@@ -29,12 +31,32 @@ def opt(name: str) -> Any:
     return _OPEN[name]
 
 
+#: Width of output that is not a terminal (a pipe, a file): wide enough that tables never cut
+#: a key short, since a reader of piped output cannot widen the window.
+PIPE_WIDTH = 10_000
+
+
 def out() -> Console:
-    return Console(file=sys.stdout, soft_wrap=True, highlight=False)
+    """The console for results; control characters other than rich's colours never pass.
+
+    Piped output gets a width no table reaches, so columns are never cut with an ellipsis.
+    """
+    width = None if sys.stdout.isatty() else PIPE_WIDTH
+    return Console(file=TerminalGuard(sys.stdout), soft_wrap=True, highlight=False, width=width)
+
+
+def key_table(*headers: str, title: str) -> Table:
+    """A table whose first column (a key or name) wraps instead of being cut with an ellipsis,
+    so two long keys that differ only at the end never print as the same row."""
+    table = Table(title=title, title_justify="left")
+    table.add_column(headers[0], overflow="fold")
+    for header in headers[1:]:
+        table.add_column(header)
+    return table
 
 
 def err() -> Console:
-    return Console(file=sys.stderr, highlight=False)
+    return Console(file=TerminalGuard(sys.stderr), highlight=False)
 
 
 def human(n: int) -> str:

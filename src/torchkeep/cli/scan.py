@@ -9,14 +9,15 @@ import click
 from rich.table import Table
 
 from ..errors import FormatError
-from ..format.reader import FileReader
 from ..readers import detect
 from ..readers.dcp import _ALLOWED as DCP_ALLOWED
 from ..readers.dcp import METADATA_NAME, read_blob, read_metadata, scan_blob
 from ..readers.pickle_scan import ScanResult, scan_file, scan_stream
 from ..readers.torch_file import allowed_globals
+from ..transfer.reader import FileReader
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json
+from .safe_text import sanitize
 
 
 def _dcp_allowed(ref: str) -> bool:
@@ -115,8 +116,9 @@ def scan_cmd(path: str, as_json: bool) -> None:
     if as_json:
         print_json(result)
     else:
+        shown = sanitize(result)
         console = out()
-        for entry in result["files"]:
+        for entry in shown["files"]:
             if not entry["pickle"]:
                 console.print(f"{entry['file']}: {entry['format']}, no pickle")
                 continue
@@ -133,7 +135,7 @@ def scan_cmd(path: str, as_json: bool) -> None:
             console.print("verdict: [green]safe[/green] for weights-only loading")
         else:
             console.print(
-                f"verdict: [red]unsafe[/red]: {', '.join(result['unsafe'])}; load it "
+                f"verdict: [red]unsafe[/red]: {', '.join(shown['unsafe'])}; load it "
                 "only with --trusted if you trust its source"
             )
     if result["verdict"] != "safe":

@@ -12,9 +12,14 @@ from ..readers.view import CheckpointView
 SHARDED_METADATA = "checkpoint.json"
 
 
+def is_sharded(path: str | os.PathLike) -> bool:
+    """True for a torchkeep sharded checkpoint directory (``torchkeep.distributed``)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_METADATA))
+
+
 def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
     """The view of ``path``; sharded steps are seen as whole tensors, verified chunk by chunk."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, SHARDED_METADATA)):
+    if is_sharded(path):
         # Imported here, not at the top: torch.distributed.checkpoint adds seconds to every
         # CLI start, and only sharded checkpoints need it.
         from ..distributed.view import ShardedView

@@ -6,16 +6,27 @@ import sys
 
 import click
 
-from ..errors import TorchkeepError
+from ..errors import TorchkeepError, UnsafeFileError
+from ..readers import detect
 from .errors import EXIT_FAILED, one_line
 from .render import opt, out, print_json, progress_bar
-from .sources import open_view
+from .safe_text import markup_safe, sanitize
+from .sources import is_sharded, open_view
 
 
 def verify_path(path: str, trusted: bool) -> dict:
-    """The ``--json`` object of ``verify``; ``ok`` is the verdict."""
+    """The ``--json`` object of ``verify``; ``ok`` is the verdict.
+
+    A path that is missing or is no checkpoint at all raises (the CLI's "unreadable", exit 3),
+    and so does a pickle refused without ``--trusted`` (exit 4); a file that is recognized but
+    damaged is a verdict: ``ok`` false with its problems.
+    """
+    if not is_sharded(path):
+        detect.sniff(path)  # CheckpointNotFoundError / FormatError: unreadable, not corrupt
     try:
         view = open_view(path, trusted=trusted)
+    except UnsafeFileError:
+        raise
     except TorchkeepError as exc:
         return {
             "path": path,
@@ -50,6 +61,9 @@ def verify_path(path: str, trusted: bool) -> dict:
 def verify_cmd(path: str, as_json: bool, trusted: bool) -> None:
     """Verify every checksum of PATH (a file, folder or run directory). Exit 1 on any failure.
 
+    Exit 3 when PATH is missing or not a checkpoint (unreadable), 4 when it is a pickle that
+    needs --trusted.
+
     Formats without checksums (safetensors, torch.save, DCP) are read in full and checked for
     structural validity.
 
@@ -62,10 +76,11 @@ def verify_cmd(path: str, as_json: bool, trusted: bool) -> None:
     if as_json:
         print_json(result)
     else:
+        shown, path = sanitize(result), markup_safe(path)
         console = out()
-        for problem in result["problems"]:
+        for problem in shown["problems"]:
             console.print(f"[red]FAIL[/red] {problem}")
-        for note in result.get("notes", []):
+        for note in shown.get("notes", []):
             console.print(f"note: {note}")
         what = f"checksums ({result['checksums']})" if result["checksums"] else "structure"
         if result["ok"]:

@@ -19,7 +19,6 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import knobs
-from ..asyncsave import SaveHandle
 from ..errors import (
     CorruptionError,
     DistributedCheckpointError,
@@ -28,6 +27,7 @@ from ..errors import (
     TorchkeepError,
     UnsupportedValueError,
 )
+from ..transfer.asyncsave import SaveHandle
 from . import background, training
 from . import metadata as meta
 from .planners import TorchkeepLoadPlanner, TorchkeepSavePlanner

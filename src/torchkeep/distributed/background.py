@@ -19,8 +19,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from .. import knobs
-from ..asyncsave import SaveHandle
-from ..pool import parallel_copy
+from ..transfer.asyncsave import SaveHandle
+from ..transfer.pool import parallel_copy
 
 #: CPU tensors from this size on are staged into reused buffers by several threads at once.
 _SHARED_COPY_BYTES = 1 << 20

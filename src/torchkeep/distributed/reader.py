@@ -25,9 +25,9 @@ from torch.futures import Future
 
 from ..errors import FormatError
 from ..format.dtypes import SAFETENSORS_TO_TORCH
-from ..format.reader import FileReader, materialize, restore_flags
 from ..format.tree import TAG
 from ..format.tree_decode import decode
+from ..transfer.reader import FileReader, materialize, restore_flags
 from . import metadata as meta
 from .writer import RANK_STATE, TENSORS, VALUES
 

@@ -27,7 +27,6 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from ..errors import StorageError
-from ..format.writer import prepare, write_prepared
 from ..storage.io import ops, write_all
 from ..storage.local import (
     atomic_file,
@@ -36,6 +35,7 @@ from ..storage.local import (
     make_temp_dir,
     sweep_temps,
 )
+from ..transfer.writer import prepare, write_prepared
 from . import metadata as meta
 from .metadata import Stored
 

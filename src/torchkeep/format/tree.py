@@ -88,7 +88,10 @@ class _Encoder:
         if id(obj) in self._active:
             raise UnsupportedValueError(f"{path or '<root>'}: the value contains itself (a cycle)")
         if len(self._active) >= knobs.MAX_TREE_DEPTH:
-            raise UnsupportedValueError(f"{path}: nesting deeper than {knobs.MAX_TREE_DEPTH}")
+            raise UnsupportedValueError(
+                f"{short_path(path)}: nesting deeper than {knobs.MAX_TREE_DEPTH} levels; "
+                "flatten the structure (or raise TORCHKEEP_MAX_TREE_DEPTH)"
+            )
         self._active.add(id(obj))
         try:
             if isinstance(obj, dict):
@@ -146,18 +149,11 @@ class _Encoder:
         return self.encode(key, f"{path}[{key!r}]", [])
 
     def _tensor(self, t: torch.Tensor, path: str, parts: list[str]) -> dict:
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):
-            raise UnsupportedValueError(
-                f"{path or '<root>'}: tensor subclass {type(t).__qualname__} is not supported; "
-                "save a plain tensor (for DTensor use torchkeep.distributed)"
-            )
+        refusal = unsupported_tensor(t)
+        if refusal:
+            raise UnsupportedValueError(f"{short_path(path)}: {refusal}")
         device = t.device
         device_type = device.type
-        if t.layout != torch.strided or t.is_quantized or device_type == "meta":
-            raise UnsupportedValueError(
-                f"{path or '<root>'}: {t.layout} / quantized / meta tensors cannot be saved; "
-                "convert to a dense, materialized tensor first"
-            )
         node: dict[str, Any] = {TAG: "tensor"}
         if not parts and not path:
             parts = ["tensor"]
@@ -193,6 +189,52 @@ def _float_text(value: float) -> str:
     if math.isnan(value):
         return "-nan" if math.copysign(1.0, value) < 0 else "nan"
     return repr(value)
+
+
+def short_path(path: str, limit: int = 120) -> str:
+    """``path`` for a message: its start and end around an elision when longer than ``limit``."""
+    if not path:
+        return "<root>"
+    if len(path) <= limit:
+        return path
+    keep = (limit - 5) // 2
+    return f"{path[:keep]} ... {path[-keep:]} ({len(path)} characters)"
+
+
+_SPARSE_PARTS = {
+    torch.sparse_coo: "t.indices() and t.values()",
+    torch.sparse_csr: "t.crow_indices(), t.col_indices() and t.values()",
+    torch.sparse_csc: "t.ccol_indices(), t.row_indices() and t.values()",
+}
+
+
+def unsupported_tensor(t: torch.Tensor) -> str | None:
+    """Why ``t`` cannot be saved, naming its kind and what to save instead; None if it can."""
+    if t.is_nested:
+        return "nested tensors cannot be saved; save its components instead (list(t.unbind()))"
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        name = type(t).__qualname__
+        hint = "use torchkeep.distributed" if name == "DTensor" else "save a plain tensor"
+        return f"tensor subclass {name} is not supported; {hint}"
+    if t.layout in _SPARSE_PARTS or t.layout == torch.sparse_bsr or t.layout == torch.sparse_bsc:
+        parts = _SPARSE_PARTS.get(t.layout, "its index and value tensors")
+        return (
+            f"sparse tensors ({t.layout}) cannot be saved; save t.to_dense(), or its parts "
+            f"({parts}) with its shape"
+        )
+    if t.layout != torch.strided:
+        return f"tensors with layout {t.layout} cannot be saved; save t.to_dense()"
+    if t.is_quantized:
+        return (
+            f"quantized tensors ({t.dtype}) cannot be saved; save t.dequantize(), or "
+            "t.int_repr() with its scale and zero point"
+        )
+    if t.device.type == "meta":
+        return (
+            "tensors on the meta device hold no data and cannot be saved; materialize them "
+            "first (e.g. load real weights with load_state_dict(..., assign=True))"
+        )
+    return None
 
 
 def join_path(path: str, key: str) -> str:

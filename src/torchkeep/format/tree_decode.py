@@ -19,7 +19,7 @@ import torch
 from .. import knobs
 from ..errors import FormatError
 from .dtypes import dtype_from_name
-from .tree import TAG, join_path
+from .tree import TAG, join_path, short_path
 
 TensorResolver = Callable[[dict, str], Any]
 
@@ -31,7 +31,7 @@ class _Decoder:
     def decode(self, node: Any, path: str, depth: int) -> Any:
         if depth > knobs.MAX_TREE_DEPTH:
             raise FormatError(
-                f"typed tree at {path or '<root>'}: nesting deeper than {knobs.MAX_TREE_DEPTH}"
+                f"typed tree at {short_path(path)}: nesting deeper than {knobs.MAX_TREE_DEPTH}"
             )
         if node is None or isinstance(node, (bool, int, str)):
             return node
@@ -212,7 +212,9 @@ def iter_tensor_nodes(root: Any, where: str = "") -> list[tuple[str, dict]]:
 
     def visit(node: Any, path: str, depth: int) -> None:
         if depth > knobs.MAX_TREE_DEPTH:
-            raise FormatError(f"typed tree at {path}: nesting deeper than {knobs.MAX_TREE_DEPTH}")
+            raise FormatError(
+                f"typed tree at {short_path(path)}: nesting deeper than {knobs.MAX_TREE_DEPTH}"
+            )
         if isinstance(node, list):
             for i, v in enumerate(node):
                 visit(v, f"{path}[{i}]", depth + 1)

@@ -16,9 +16,9 @@ from torch import nn
 
 from ..engine import save
 from ..errors import FormatError, TorchkeepError
-from ..format.reader import FileReader, MapLocation
 from ..readers import detect
 from ..readers.torch_file import load_torch_file
+from ..transfer.reader import FileReader, MapLocation
 from . import fit
 from .capture import capture
 from .rebuild import ClassesArg, ClassResolver, Rebuilder

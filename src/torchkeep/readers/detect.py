@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 
-from ..errors import CheckpointNotFoundError, FormatError
+from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
+from ..storage.run_dir import list_steps
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
@@ -14,6 +16,28 @@ DCP = "dcp"
 ACCELERATE = "accelerate"
 RUN_DIR = "run-dir"
 RUN_STEP = "run-step"
+
+#: Files of an Accelerate ``save_state`` folder: model weights, and the state beside them.
+ACCELERATE_MODEL = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model(_\d+)?\.bin)$")
+ACCELERATE_STATE = re.compile(
+    r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|sampler(_\d+)?\.bin|scaler\.pt|"
+    r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|dl_state_dict(_\d+)?\.bin)$"
+)
+
+
+def is_accelerate_folder(names: list[str]) -> bool:
+    """An Accelerate folder holds model weights plus optimizer / RNG state files."""
+    return any(ACCELERATE_MODEL.match(n) for n in names) and any(
+        ACCELERATE_STATE.match(n) for n in names
+    )
+
+
+def is_run_dir(path: str) -> bool:
+    """A torchkeep run directory: at least one committed step (storage/run_dir.py)."""
+    try:
+        return bool(list_steps(path))
+    except (TorchkeepError, OSError):
+        return False
 
 
 def sniff_file(path: str) -> str:
@@ -54,12 +78,8 @@ def sniff_dir(path: str) -> str:
         return HF_SHARDED
     if ".metadata" in names and any(n.endswith(".distcp") for n in names):
         return DCP
-    from .folders import is_accelerate_folder
-
     if is_accelerate_folder(names):
         return ACCELERATE
-    from .run_dir import is_run_dir
-
     if is_run_dir(path):
         return RUN_DIR
     if "state.tk" in names and "meta.json" in names:

@@ -8,7 +8,6 @@ Each file becomes a top-level entry named after its stem (``model``, ``optimizer
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from ..errors import UnsafeFileError
@@ -17,16 +16,8 @@ from .safetensors_view import FileView
 from .torch_file import load_torch_file
 from .view import CheckpointView, skeleton_of
 
-_MODEL = re.compile(r"^(model(_\d+)?\.safetensors|pytorch_model(_\d+)?\.bin)$")
-_STATE = re.compile(
-    r"^(optimizer(_\d+)?\.bin|scheduler(_\d+)?\.bin|sampler(_\d+)?\.bin|scaler\.pt|"
-    r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|dl_state_dict(_\d+)?\.bin)$"
-)
-
-
-def is_accelerate_folder(names: list[str]) -> bool:
-    """An Accelerate folder holds model weights plus optimizer / RNG state files."""
-    return any(_MODEL.match(n) for n in names) and any(_STATE.match(n) for n in names)
+_MODEL = detect.ACCELERATE_MODEL
+_STATE = detect.ACCELERATE_STATE
 
 
 class AccelerateView(CheckpointView):

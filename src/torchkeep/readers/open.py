@@ -9,6 +9,11 @@ import torch
 
 from ..errors import FormatError
 from . import detect
+from .dcp import DcpView
+from .file_view import open_file_view
+from .folders import AccelerateView
+from .run_dir import RunView, StepFolderView
+from .safetensors_view import ShardedView
 from .view import CheckpointView
 
 
@@ -16,33 +21,17 @@ def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
     """A view of the checkpoint at ``path`` (file or folder); pickles only run if ``trusted``."""
     path = os.fspath(path)
     kind = detect.sniff(path)
-    if kind == detect.SAFETENSORS:
-        from .safetensors_view import FileView
-
-        return FileView(path)
-    if kind in (detect.TORCH_ZIP, detect.TORCH_LEGACY):
-        from .torch_view import TorchFileView
-
-        return TorchFileView(path, kind, trusted)
+    if kind in (detect.SAFETENSORS, detect.TORCH_ZIP, detect.TORCH_LEGACY):
+        return open_file_view(path, trusted)
     if kind == detect.HF_SHARDED:
-        from .safetensors_view import ShardedView
-
         return ShardedView(path)
     if kind == detect.DCP:
-        from .dcp import DcpView
-
         return DcpView(path, trusted)
     if kind == detect.ACCELERATE:
-        from .folders import AccelerateView
-
         return AccelerateView(path, trusted)
     if kind == detect.RUN_DIR:
-        from .run_dir import RunView
-
         return RunView(path, trusted)
     if kind == detect.RUN_STEP:
-        from .run_dir import StepFolderView
-
         return StepFolderView(path, trusted)
     raise FormatError(f"{path}: format {kind!r} has no reader")
 

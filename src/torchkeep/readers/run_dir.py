@@ -1,40 +1,28 @@
 """Views of torchkeep manager run directories (one committed checkpoint per step).
 
-The layout belongs to :mod:`torchkeep.manager` (``list_steps``/``list_leftovers``); this module
-only reads it. A run directory is seen as its newest step; ``check`` verifies every step.
+The layout belongs to :mod:`torchkeep.storage.run_dir` (``list_steps``/``list_leftovers``); this
+module only reads it. A run directory is seen as its newest step; ``check`` verifies every step.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any
 
-from ..errors import FormatError, TorchkeepError
+from ..errors import FormatError, TorchkeepError, UnsafePathError
+from ..storage.run_dir import list_leftovers, list_steps
+from .file_view import open_file_view
 from .view import CheckpointView
 
 
-def list_steps(path: str) -> list[Any]:
-    """The manager's committed steps of ``path`` (empty when the manager is unavailable)."""
-    try:
-        from ..manager import list_steps as manager_steps
-    except ImportError:
-        return []
-    return list(manager_steps(path))
-
-
-def is_run_dir(path: str) -> bool:
-    try:
-        return bool(list_steps(path))
-    except (TorchkeepError, OSError):
-        return False
-
-
 def open_step(path: str, trusted: bool = False) -> CheckpointView:
-    """A view of one step: its file, or the checkpoint files of its folder by stem."""
-    from .open import open_view
+    """A view of one step: its file, or the checkpoint files of its folder by stem.
 
-    if os.path.isfile(path):
-        return open_view(path, trusted)
+    Nothing in a step is followed out of it: links and special files are refused.
+    """
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        return open_file_view(path, trusted, follow_symlinks=False)
     return StepFolderView(path, trusted)
 
 
@@ -42,17 +30,17 @@ class StepFolderView(CheckpointView):
     """A step folder holding several checkpoint files; each becomes a top-level entry."""
 
     def __init__(self, folder: str, trusted: bool = False) -> None:
-        from .open import open_view
-
         self.parts: list[CheckpointView] = []
         skeleton: dict[str, Any] = {}
         try:
             for name in sorted(os.listdir(folder)):
                 full = os.path.join(folder, name)
-                if name.startswith(".") or not os.path.isfile(full):
+                if name.startswith(".") or stat.S_ISDIR(os.lstat(full).st_mode):
                     continue
                 try:
-                    view = open_view(full, trusted)
+                    view = open_file_view(full, trusted, follow_symlinks=False)
+                except UnsafePathError:
+                    raise  # a planted link or FIFO is an error, not a sidecar to skip
                 except FormatError:
                     continue  # not a checkpoint file (e.g. a JSON sidecar)
                 self.parts.append(view)
@@ -87,13 +75,8 @@ class RunView(CheckpointView):
         self.trusted = trusted
         self.latest = open_step(self.steps[-1].path, trusted)
         notes = list(self.latest.notes)
-        try:
-            from ..manager import list_leftovers
-
-            notes += [f"{p}: incomplete save (ignored; swept on the next run)"
-                      for p in list_leftovers(path)]  # fmt: skip
-        except ImportError:
-            pass
+        notes += [f"{p}: incomplete save (ignored; swept on the next run)"
+                  for p in list_leftovers(path)]  # fmt: skip
         super().__init__(path, "torchkeep-run", self.latest.skeleton, notes)
         self.refs = self.latest.refs
         self.checksum_algorithm = self.latest.checksum_algorithm

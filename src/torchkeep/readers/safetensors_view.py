@@ -12,9 +12,10 @@ from .. import knobs
 from ..errors import CheckpointNotFoundError, CorruptionError, FormatError
 from ..format import checksum, header
 from ..format.dtypes import SAFETENSORS_TO_TORCH
-from ..format.reader import FileReader, materialize, restore_flags
 from ..format.tree import TAG
 from ..format.tree_decode import decode
+from ..storage.paths import inside, open_regular, plain_name
+from ..transfer.reader import FileReader, materialize, restore_flags
 from .view import CheckpointView, Ref
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -44,8 +45,8 @@ def _entry_ref(reader: FileReader, key: str, name: str) -> Ref:
 class FileView(CheckpointView):
     """A torchkeep file (typed tree, checksums) or a plain safetensors file."""
 
-    def __init__(self, path: str) -> None:
-        self.reader = FileReader(path)
+    def __init__(self, path: str, *, follow_symlinks: bool = True) -> None:
+        self.reader = FileReader(path, follow_symlinks=follow_symlinks)
         try:
             fmt = "torchkeep" if self.reader.is_torchkeep else "safetensors"
             if self.reader.metadata.get("torchkeep_kind") == "model":
@@ -105,10 +106,11 @@ class FileView(CheckpointView):
 def _read_index(folder: str) -> dict[str, str]:
     path = os.path.join(folder, INDEX_NAME)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(knobs.MAX_HEADER_BYTES + 1)
+        fd = open_regular(inside(folder, INDEX_NAME, folder))
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such file") from None
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(knobs.MAX_HEADER_BYTES + 1)
     if len(raw) > knobs.MAX_HEADER_BYTES:
         raise FormatError(f"{path}: index is larger than {knobs.MAX_HEADER_BYTES} bytes")
     obj = header.decode_json(raw, path)
@@ -118,8 +120,7 @@ def _read_index(folder: str) -> dict[str, str]:
     ):
         raise FormatError(f"{path}: 'weight_map' must map tensor names to shard file names")
     for name, shard in weight_map.items():
-        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
-            raise FormatError(f"{path}: tensor {name!r} points outside the folder ({shard!r})")
+        plain_name(shard, f"{path}: tensor {name!r}")
     return weight_map
 
 
@@ -147,11 +148,12 @@ class ShardedView(CheckpointView):
     def _reader(self, folder: str, shard: str) -> FileReader:
         if shard not in self.readers:
             path = os.path.join(folder, shard)
-            if not os.path.isfile(path):
+            if not os.path.lexists(path):
                 raise CheckpointNotFoundError(
                     f"{path}: shard listed in {INDEX_NAME} is missing; re-download the folder"
                 )
-            self.readers[shard] = FileReader(path)
+            real = inside(folder, shard, f"{folder}/{INDEX_NAME}")  # HF cache links stay inside
+            self.readers[shard] = FileReader(real, follow_symlinks=False)
         return self.readers[shard]
 
     def check(self, progress: Any = None) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, UnsafeFileError
+from ..errors import FormatError, TorchkeepError, UnsafeFileError
 from .pickle_scan import ScanResult, scan_file
 
 
@@ -74,4 +74,9 @@ def load_torch_file(
         # torch.load reports garbled files with many exception types; all mean "malformed".
         if mmap and "mmap" in str(exc):
             return load_torch_file(path, map_location, False, trusted)
+        if "on a CUDA device" in str(exc) and not torch.cuda.is_available():
+            raise TorchkeepError(
+                f"{path}: its tensors were saved on a CUDA device and CUDA is not available "
+                "here; pass map_location='cpu' (load_state_dict places them by itself)"
+            ) from exc
         raise FormatError(f"{path}: not a readable torch.save file ({exc})") from exc

@@ -8,6 +8,8 @@ place; every other value is saved as is and written back into the dict. RNG stat
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -20,7 +22,7 @@ from .module import _check as check_report
 from .module import _plan as plan_load
 from .module import load_state_dict as load_module
 from .report import LoadReport
-from .rng import capture_rng, restore_rng
+from .rng import PreparedRng, capture_rng, prepare_rng
 
 FORMAT = "torchkeep.training-state/1"
 #: Optimizer state entries that always have their parameter's shape (checked on restore).
@@ -85,8 +87,10 @@ def restore(
 ) -> None:
     """Load ``tree`` (from :func:`capture`) into ``state``: objects in place, values written back.
 
-    Every key is checked before anything changes; modules load strictly (a mismatch names the
-    offending tensor and leaves the module untouched). ``load_module`` replaces copying a
+    All or nothing: every key, shape, loader state and the RNG state is checked before anything
+    changes, and objects that reject their state are rolled back; modules load strictly (a
+    mismatch names the offending tensor and leaves the module untouched). A checkpoint without
+    RNG state restores everything else, with a warning. ``load_module`` replaces copying a
     module's tensors from ``tree`` (there only their shapes are then needed): the file-backed
     restore reads them straight into the parameters instead.
     """
@@ -94,21 +98,90 @@ def restore(
     _check_keys(objects, values, state, source)
     for name in objects:  # shapes of modules and optimizers, before anything is modified
         _precheck(name, state[name], objects[name], source)
-    ordered = sorted(objects, key=lambda n: not isinstance(state[n], nn.Module))
-    loaders = tree.get("loaders") if isinstance(tree.get("loaders"), dict) else {}
-    for name in ordered:
-        _restore_object(name, state[name], objects[name], source, load_module)
+    loaders = _check_loaders(tree, source)
+    prepared_rng = _prepare_rng(tree, rng, source)
+    # Everything that can be checked has been; now apply. Objects that are not modules go first
+    # and are rolled back if one of them rejects its state; module weights were verified and
+    # shape-checked above, so they go last, then the plain values and the RNG state.
+    _apply_stateful(
+        [n for n in objects if not isinstance(state[n], nn.Module)], objects, state, source
+    )
+    for name in objects:
+        if isinstance(state[name], nn.Module):
+            _restore_object(name, state[name], objects[name], source, load_module)
+    for name in objects:
         if is_stateful_loader(state[name]):
             settle(state[name], loaders.get(name) or {})
     for name, value in values.items():
         state[name] = value
-    if rng:
-        if "rng" not in tree:
-            raise StateDictMismatchError(
-                f"{source}: the checkpoint holds no RNG state (saved with rng=False); "
-                "pass rng=False to restore without it"
-            )
-        restore_rng(tree["rng"], f"{source}: rng")
+    if prepared_rng is not None:
+        prepared_rng.apply()
+
+
+def _prepare_rng(tree: dict, rng: bool, source: str) -> PreparedRng | None:
+    """The checked RNG state to apply last, or None (skipped, or absent: then a warning)."""
+    if not rng:
+        return None
+    if "rng" not in tree:
+        warnings.warn(
+            f"{source}: the checkpoint holds no RNG state (saved with rng=False); everything "
+            "else was restored, the random generators were left as they are",
+            stacklevel=4,
+        )
+        return None
+    return prepare_rng(tree["rng"], f"{source}: rng")
+
+
+def _check_loaders(tree: dict, source: str) -> dict[str, Any]:
+    """Saved data-loader generator states, each a tensor of a generator state's size."""
+    loaders = tree.get("loaders")
+    if not isinstance(loaders, dict):
+        return {}
+    size = len(torch.Generator().get_state())
+    for name, saved in loaders.items():
+        for gen_name, value in saved.items() if isinstance(saved, dict) else ():
+            if not isinstance(value, torch.Tensor) or value.numel() != size:
+                raise StateDictMismatchError(
+                    f"{source}: loaders[{name!r}].{gen_name}: not a generator state of {size} "
+                    "bytes; restore a step saved by torchkeep or drop the loader from the state"
+                )
+    return loaders
+
+
+def _apply_stateful(names: list[str], objects: dict, state: MutableMapping, source: str) -> None:
+    """``load_state_dict`` each object; if one rejects its state, put the earlier ones back."""
+    done: list[tuple[str, Any]] = []
+    for name in names:
+        target = state[name]
+        before = _snapshot(target)
+        try:
+            _restore_object(name, target, objects[name], source, None)
+        except BaseException:
+            for earlier, saved in reversed(done + [(name, before)]):
+                _rollback(state[earlier], saved)
+            raise
+        done.append((name, before))
+
+
+def _snapshot(target: Any) -> Any:
+    """What ``target.load_state_dict`` needs to undo a restore.
+
+    An optimizer's ``load_state_dict`` builds new state tensors and leaves the old ones alone,
+    so its current state dict (which refers to them) is enough; other objects may update what
+    their state dict refers to in place, so theirs is copied.
+    """
+    current = target.state_dict()
+    return current if isinstance(target, torch.optim.Optimizer) else copy.deepcopy(current)
+
+
+def _rollback(target: Any, saved: Any) -> None:
+    try:
+        target.load_state_dict(saved)
+    except Exception as exc:  # the original error is the one to report; say this one too
+        warnings.warn(
+            f"could not put {type(target).__name__} back after a failed restore: {exc}",
+            stacklevel=3,
+        )
 
 
 def _check_tree(tree: Any, source: str) -> tuple[dict, dict]:

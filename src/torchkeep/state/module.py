@@ -9,48 +9,83 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
-from ..errors import CorruptionError, FormatError, StateDictMismatchError, TorchkeepError
+from ..args import MapLocation, check_flag, check_map_location
+from ..engine import load
+from ..errors import FormatError, StateDictMismatchError
 from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-from ..format.reader import FileReader, int_list, materialize
 from ..format.tree import TAG
-from ..gcpause import paused_gc
 from ..readers import detect
+from ..storage.fileobj import is_file_object, readable_copy
+from ..transfer.gcpause import paused_gc
+from ..transfer.reader import FileReader, int_list, materialize
 from .keys import match_keys
+from .placement import Placement, check_meta, stays_on_meta, tie_missing
 from .report import LoadReport
+from .select import WRAPPER_KEYS, Kinds, select
 
-#: Sub-dicts of a checkpoint dict that hold the model's weights, tried in this order.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
+__all__ = ["WRAPPER_KEYS", "load_from_reader", "load_state_dict"]
+
+Source = str | os.PathLike | Mapping[str, Any] | BinaryIO
 
 
 def load_state_dict(
     model: nn.Module,
-    source: str | os.PathLike | Mapping[str, Any],
+    source: Source,
     *,
     strict: bool = True,
     verify: bool = True,
     key: str | None = None,
+    prefix: str | None = None,
+    map_location: MapLocation = None,
+    assign: bool = False,
 ) -> LoadReport:
-    """Load ``source`` (a path or a mapping) into ``model`` in place and return a report.
+    """Load ``source`` (a path, a mapping or a binary file object) into ``model``; report it.
 
-    ``key`` picks a sub-dict of a checkpoint dict (e.g. ``"model_state"``); when omitted, a flat
-    state dict is used as is and a dict holding one of ``state_dict``/``model_state_dict``/
-    ``model_state``/``model`` is unwrapped. ``module.``/``_orig_mod.`` prefixes are normalized.
-    With ``strict=True`` a mismatch raises :class:`StateDictMismatchError` before any change.
+    ``key`` picks the sub-dict holding the weights by dotted path (``"state_dict.net"``), through
+    nested dicts or flat dotted keys alike; when omitted, a flat state dict is used as is and a
+    ``state_dict``/``model_state_dict``/``model_state``/``model`` entry is unwrapped. ``prefix``
+    keeps only the keys starting with it and removes it (``prefix="net."``).
+    ``module.``/``_orig_mod.`` prefixes are normalized. Each tensor lands on the device of the
+    parameter it fills (a file saved on a GPU loads into a CPU model); ``map_location`` says where
+    ``torch.save`` files are read to first (default: the model's device), and where tensors go
+    with ``assign``.
+    ``assign=True`` makes the loaded tensors the parameters (models built on ``meta``); without
+    it a model on ``meta`` is refused. With ``strict=True`` a mismatch raises
+    :class:`StateDictMismatchError` before any change.
     """
+    check_map_location(map_location)
+    for name, flag in (("strict", strict), ("verify", verify), ("assign", assign)):
+        check_flag(flag, name)
+    if key is not None and not (isinstance(key, str) and key):
+        raise TypeError(f"key must be a non-empty dotted string such as 'state_dict', not {key!r}")
+    place = Placement(assign, map_location)
+    options = dict(strict=strict, key=key, prefix=prefix, place=place)
+    if is_file_object(source):
+        with readable_copy(source) as tmp:
+            report = load_state_dict(
+                model, tmp, strict=strict, verify=verify, key=key, prefix=prefix,
+                map_location=map_location, assign=assign,
+            )  # fmt: skip
+        report.source = f"<{type(source).__name__}>"
+        return report
     if isinstance(source, Mapping):
-        return _load_mapping(model, source, strict=strict, key=key)
+        return _load_mapping(model, source, **options)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            "source must be a path, a mapping of tensors or a binary file object, not "
+            f"{type(source).__name__}"
+        )
     path = os.fspath(source)
-    if detect.sniff(path) != detect.SAFETENSORS:
-        from ..engine import load
-
-        return _load_mapping(model, load(path, verify=verify), strict=strict, key=key, name=path)
+    if detect.sniff(path) != detect.SAFETENSORS:  # torch.save file, or a folder checkpoint
+        state = load(path, map_location=place.read_location(model), verify=verify)
+        return _load_mapping(model, state, name=path, **options)
     with FileReader(path) as reader:
-        return _load_file(model, reader, strict=strict, verify=verify, key=key)
+        return _load_file(model, reader, verify=verify, **options)
 
 
 def _targets(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,25 +101,9 @@ def load_from_reader(
     parts so that keys containing dots stay unambiguous. Used to restore training checkpoints
     without materializing a second copy of the weights.
     """
-    return _load_file(model, reader, strict=strict, verify=verify, key=parts)
-
-
-def _unwrap(
-    tree: Any, key: str | tuple[str, ...] | None, is_leaf: Any, name: str
-) -> tuple[Any, str | None]:
-    """Find the sub-dict holding the weights; returns (sub-dict, note)."""
-    if key is not None:
-        for part in key.split(".") if isinstance(key, str) else key:
-            if not isinstance(tree, dict) or part not in tree:
-                raise TorchkeepError(f"{name}: no entry {key!r} in the checkpoint")
-            tree = tree[part]
-        return tree, None
-    if isinstance(tree, dict) and tree and not all(is_leaf(v) for v in tree.values()):
-        for candidate in WRAPPER_KEYS:
-            value = tree.get(candidate)
-            if isinstance(value, dict) and not is_leaf(value):  # a tensor node is a dict too
-                return value, f"used the checkpoint's '{candidate}' entry"
-    return tree, None
+    return _load_file(
+        model, reader, strict=strict, verify=verify, key=parts, prefix=None, place=Placement()
+    )
 
 
 def _check(report: LoadReport, strict: bool) -> None:
@@ -105,7 +124,6 @@ def _plan(
     mapping, notes = match_keys(list(sources), list(targets))
     report.notes.extend(notes)
     used = set(mapping.values())
-    report.missing = [k for k in targets if k not in mapping]
     report.unexpected = [k for k in sources if k not in used]
     plan = {}
     for tkey, skey in mapping.items():
@@ -117,41 +135,84 @@ def _plan(
         if dtype != target.dtype:
             report.dtype_changes.append((tkey, str(dtype), str(target.dtype)))
         plan[tkey] = skey
+    missing = [k for k in targets if k not in mapping]
+    report.missing, report.tied = tie_missing(missing, plan, targets)
+    if report.tied:
+        report.notes.append(
+            f"{len(report.tied)} tied tensors (e.g. {report.tied[0][0]} is "
+            f"{report.tied[0][1]}) were loaded through the tensor they share"
+        )
     return plan
 
 
-def _load_mapping(
-    model: nn.Module, state: Any, *, strict: bool, key: str | None, name: str = "<mapping>"
-) -> LoadReport:
-    state, note = _unwrap(state, key, lambda v: isinstance(v, torch.Tensor), name)
-    if not isinstance(state, Mapping):
-        raise TorchkeepError(f"{name}: expected a state dict (a mapping of tensors)")
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    report = LoadReport(source=name, notes=[note] if note else [])
+def _prepare(
+    model: nn.Module, report: LoadReport, sources: dict[str, tuple], strict: bool, place: Placement
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Plan, then refuse (before any change) a mismatch under ``strict`` or a no-op on meta."""
     targets = _targets(model)
-    plan = _plan(report, targets, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    plan = _plan(report, targets, sources)
     _check(report, strict)
+    check_meta(report.source, targets, plan, place.assign)
+    return targets, plan
+
+
+def _finish(report: LoadReport, targets: dict[str, torch.Tensor], plan: dict[str, str]) -> None:
+    report.loaded.extend(plan)
+    on_meta = stays_on_meta(targets, plan, report.tied)
+    if on_meta:
+        report.notes.append(
+            f"{len(on_meta)} tensors were not in the checkpoint and stay on the meta device "
+            f"(e.g. {on_meta[0]}); initialize them before use"
+        )
+
+
+def _tensor_kinds() -> Kinds:
+    return Kinds(lambda v: isinstance(v, torch.Tensor), lambda v: isinstance(v, Mapping))
+
+
+def _load_mapping(
+    model: nn.Module,
+    state: Any,
+    *,
+    strict: bool,
+    key: str | None,
+    prefix: str | None,
+    place: Placement,
+    name: str = "<mapping>",
+) -> LoadReport:
+    targets = _targets(model)
+    tensors, notes = select(
+        state, key=key, prefix=prefix, kinds=_tensor_kinds(), name=name, target_keys=targets
+    )
+    report = LoadReport(source=name, notes=notes)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    targets, plan = _prepare(model, report, shapes, strict, place)
     with torch.no_grad():
-        for tkey, skey in plan.items():
-            targets[tkey].copy_(tensors[skey])
-            report.loaded.append(tkey)
+        if place.assign:
+            place.assign_all(model, targets, plan, report.tied, lambda s: tensors[s])
+        else:
+            for tkey, skey in plan.items():
+                targets[tkey].copy_(tensors[skey])
+    _finish(report, targets, plan)
     return report
 
 
 def _file_sources(
-    reader: FileReader, key: str | tuple[str, ...] | None
-) -> tuple[dict[str, dict], str | None]:
+    reader: FileReader,
+    key: str | tuple[str, ...] | None,
+    prefix: str | None,
+    target_keys: Any,
+) -> tuple[dict[str, dict], list[str]]:
     """Map state-dict key -> tensor node, by walking the typed tree (no tensor is read)."""
-    tree = reader.tree
 
     def is_leaf(node: Any) -> bool:
         return isinstance(node, dict) and node.get(TAG) == "tensor"
 
-    plain = _node_to_plain(tree)
-    sub, note = _unwrap(plain, key, is_leaf, reader.path)
-    if not isinstance(sub, _Mapping):  # a value, or a node's own JSON fields: not a state dict
-        raise TorchkeepError(f"{reader.path}: expected a state dict (a mapping of tensors)")
-    return {k: v for k, v in sub.items() if is_leaf(v)}, note
+    kinds = Kinds(is_leaf, lambda node: isinstance(node, _Mapping))
+    plain = _node_to_plain(reader.tree)
+    return select(
+        plain, key=key, prefix=prefix, kinds=kinds, name=reader.path, target_keys=target_keys
+    )
 
 
 class _Mapping(dict):
@@ -194,46 +255,60 @@ def _load_file(
     strict: bool,
     verify: bool,
     key: str | tuple[str, ...] | None,
+    prefix: str | None,
+    place: Placement,
 ) -> LoadReport:
     with paused_gc():  # per-tensor planning allocates many small objects
-        return _load_file_inner(model, reader, strict=strict, verify=verify, key=key)
-
-
-def _load_file_inner(
-    model: nn.Module,
-    reader: FileReader,
-    *,
-    strict: bool,
-    verify: bool,
-    key: str | tuple[str, ...] | None,
-) -> LoadReport:
-    nodes, note = _file_sources(reader, key)
-    report = LoadReport(source=reader.path, notes=[note] if note else [])
-    targets = _targets(model)
-    shapes = {k: _node_shape_dtype(reader, n, k) for k, n in nodes.items()}
-    plan = _plan(report, targets, shapes)
-    _check(report, strict)
-    with torch.no_grad():
-        direct, rest, seen = [], [], set()
-        for tkey, skey in plan.items():
-            data = targets[tkey].data
-            # Each destination once in the parallel pass; tied parameters load in order after.
-            if _is_direct(reader, nodes[skey], data) and data.data_ptr() not in seen:
-                seen.add(data.data_ptr())
-                direct.append((nodes[skey]["key"], data))
+        nodes, notes = _file_sources(reader, key, prefix, _targets(model))
+        report = LoadReport(source=reader.path, notes=notes)
+        shapes = {k: _node_shape_dtype(reader, n, k) for k, n in nodes.items()}
+        targets, plan = _prepare(model, report, shapes, strict, place)
+        if verify and not place.assign:
+            # All or nothing: every checksum is checked before the first byte lands in the
+            # model (the file is read twice, the second time from the page cache).
+            reader.verify_many([nodes[skey]["key"] for skey in plan.values()])
+        with torch.no_grad():
+            if place.assign:  # fresh tensors: the model changes only once all are read
+                read = _reading(reader, nodes, verify)
+                place.assign_all(model, targets, plan, report.tied, read)
             else:
-                rest.append((tkey, skey))
-        try:
-            reader.read_many(direct, verify)
-            for tkey, skey in rest:
-                _fill(reader, nodes[skey], targets[tkey], verify, skey)
-        except CorruptionError as exc:
-            raise CorruptionError(
-                f"{exc}. The model was partly overwritten before the damage was found: "
-                "reload it from a good checkpoint before using it"
-            ) from exc
-        report.loaded.extend(plan)
+                _read_in_place(reader, nodes, targets, plan, verify=False)
+        _finish(report, targets, plan)
     return report
+
+
+def _reading(reader: FileReader, nodes: dict[str, dict], verify: bool) -> Any:
+    """``source key -> tensor`` read from the file (entries shared by several keys read once)."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def read(skey: str) -> torch.Tensor:
+        node = nodes[skey]
+        if node["key"] not in cache:
+            cache[node["key"]] = reader.read_entry(node["key"], verify)
+        return materialize(node, cache[node["key"]], reader.path, skey)
+
+    return read
+
+
+def _read_in_place(
+    reader: FileReader,
+    nodes: dict[str, dict],
+    targets: dict[str, torch.Tensor],
+    plan: dict[str, str],
+    verify: bool,
+) -> None:
+    direct, rest, seen = [], [], set()
+    for tkey, skey in plan.items():
+        data = targets[tkey].data
+        # Each destination once in the parallel pass; tied parameters load in order after.
+        if _is_direct(reader, nodes[skey], data) and data.data_ptr() not in seen:
+            seen.add(data.data_ptr())
+            direct.append((nodes[skey]["key"], data))
+        else:
+            rest.append((tkey, skey))
+    reader.read_many(direct, verify)
+    for tkey, skey in rest:
+        _fill(reader, nodes[skey], targets[tkey], verify, skey)
 
 
 def _is_direct(reader: FileReader, node: dict, data: torch.Tensor) -> bool:

@@ -11,7 +11,8 @@ class LoadReport:
 
     ``missing``: keys the model has and the checkpoint lacks; ``unexpected``: the reverse;
     ``shape_mismatches``: (key, checkpoint shape, model shape), not loaded; ``dtype_changes``:
-    (key, checkpoint dtype, model dtype), loaded with a cast; ``notes``: key normalizations.
+    (key, checkpoint dtype, model dtype), loaded with a cast; ``notes``: key normalizations;
+    ``tied``: keys loaded through the tensor they share.
     """
 
     source: str = "<mapping>"
@@ -21,6 +22,9 @@ class LoadReport:
     shape_mismatches: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     dtype_changes: list[tuple[str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: (key, loaded key): keys the checkpoint lacks that are the same tensor as a loaded key
+    #: (tied weights, e.g. ``lm_head.weight`` and the input embedding); not counted as missing.
+    tied: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -35,6 +39,7 @@ class LoadReport:
             ("shape mismatch", k, f"checkpoint {list(a)} vs model {list(b)}")
             for k, a, b in self.shape_mismatches
         ]
+        rows += [("tied (loaded)", k, f"same tensor as {twin}") for k, twin in self.tied]
         rows += [
             ("dtype cast", k, f"checkpoint {a} -> model {b}") for k, a, b in self.dtype_changes
         ]

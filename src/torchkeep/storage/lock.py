@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 
 from ..errors import LockError
+from .paths import open_regular
 
 LOCK_NAME = ".torchkeep.lock"
 
@@ -33,7 +34,9 @@ class DirLock:
         """Take the lock now or raise :class:`LockError` naming the holder's pid."""
         if self.held:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # Never through a link: a lock file planted as a symlink would make us truncate its
+        # target (any file the user can write).
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

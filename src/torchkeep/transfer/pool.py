@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import knobs
+from .. import knobs
 from .memcopy import copy_bytes
 
 _lock = threading.Lock()

@@ -17,14 +17,16 @@ from typing import Any
 import torch
 
 from .. import knobs
-from ..errors import CorruptionError, FormatError
-from ..gcpause import paused_gc
-from . import checksum, header
-from .dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
-from .header import EntryInfo, Header
+from ..errors import CorruptionError, FormatError, TorchkeepError
+from ..format import checksum, header
+from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
+from ..format.header import EntryInfo, Header
+from ..format.tree import TAG
+from ..format.tree_decode import decode, iter_tensor_nodes
+from ..storage.paths import open_regular
+from .gcpause import paused_gc
 from .parallel_read import plan_reads, run_reads
-from .tree import TAG
-from .tree_decode import decode, iter_tensor_nodes
+from .pool import drain, io_pool
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
 
@@ -32,9 +34,11 @@ MapLocation = Any  # None | str | torch.device | dict[str, str]
 class FileReader:
     """An open torchkeep/safetensors file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, follow_symlinks: bool = True) -> None:
+        """Open ``path``; ``follow_symlinks=False`` for files found in a directory (a link there
+        could lead outside it). Anything but a regular file is refused."""
         self.path = os.fspath(path)
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
         try:
             self.size = os.fstat(self._fd).st_size
             with paused_gc():  # a header can hold tens of thousands of small dicts
@@ -207,23 +211,54 @@ class FileReader:
         except RuntimeError:  # misaligned entry in a foreign file: fall back to a copy
             return raw.clone().view(dtype).reshape(info.shape)
 
-    def verify_entry(self, key: str) -> None:
+    def verify_entry(self, key: str, scratch: bytearray | None = None) -> None:
         """Hash entry ``key`` from disk and raise :class:`CorruptionError` on mismatch.
 
         Reads through one small buffer reused for every entry (``READ_PIECE_BYTES``, hot in
-        the CPU cache), so verifying a whole file holds no copy of it.
+        the CPU cache), so verifying a whole file holds no copy of it. Threads pass their own
+        ``scratch``.
         """
         info = self.entry(key)
         hasher = checksum.new_hasher()
         start = self.header.data_start + info.begin
         step = max(1, knobs.READ_PIECE_BYTES)
-        if self._scratch is None or len(self._scratch) < min(info.nbytes, step):
-            self._scratch = bytearray(step)
+        if scratch is None:
+            if self._scratch is None or len(self._scratch) < min(info.nbytes, step):
+                self._scratch = bytearray(step)
+            scratch = self._scratch
         for lo in range(0, info.nbytes, step):
-            view = memoryview(self._scratch)[: min(step, info.nbytes - lo)]
+            view = memoryview(scratch)[: min(step, info.nbytes - lo)]
             self._preadinto(view, start + lo)
             hasher.update(view)
         self._check(key, hasher.hexdigest())
+
+    def verify_many(self, keys: list[str]) -> None:
+        """Verify the checksums of ``keys`` before anything is copied anywhere.
+
+        Entries are shared out among the I/O threads, each hashing through its own small
+        buffer; raises :class:`CorruptionError` naming the first corrupt entry (in file order).
+        """
+        todo = sorted(
+            (k for k in dict.fromkeys(keys) if k in self.checksums),
+            key=lambda k: self.entry(k).begin,
+        )
+        if not todo:
+            return
+        lanes = max(1, min(knobs.IO_THREADS, len(todo)))
+        groups = [todo[i::lanes] for i in range(lanes)]
+        piece = max(1, knobs.READ_PIECE_BYTES)
+
+        def lane(group: list[str]) -> None:
+            scratch = bytearray(piece)
+            for key in group:
+                self.verify_entry(key, scratch)
+
+        futures = [io_pool().submit(lane, group) for group in groups]
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            drain(futures)
 
     def corrupt_entries(self) -> list[str]:
         """Keys of every entry whose checksum does not match (empty for plain safetensors)."""
@@ -386,8 +421,6 @@ def target_device(saved: Any, map_location: MapLocation, path: str, file: str) -
 
 
 def _require_available(device: torch.device, path: str, file: str) -> None:
-    from ..errors import TorchkeepError
-
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TorchkeepError(
             f"{file}: tensor at {path or '<root>'} was saved on {device} but CUDA is not "

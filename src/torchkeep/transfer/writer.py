@@ -17,14 +17,14 @@ from typing import Any
 
 from .. import knobs
 from ..errors import UnsupportedValueError
-from ..gcpause import paused_gc
-from ..pool import Pipeline
+from ..format import checksum, header
+from ..format.layout import Entry, plan_entries
+from ..format.memory import byte_view, host_source, small_buffer
+from ..format.tree import encode
 from ..storage.io import IOV_MAX, FileOps, write_all, writev_all
-from . import checksum, header
 from .direct_writer import DirectWriter, usable_image, wants_direct
-from .layout import Entry, plan_entries
-from .memory import byte_view, host_source, small_buffer
-from .tree import encode
+from .gcpause import paused_gc
+from .pool import Pipeline
 
 
 @dataclass

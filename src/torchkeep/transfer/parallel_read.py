@@ -26,10 +26,10 @@ import torch
 
 from .. import knobs
 from ..errors import FormatError
-from ..pool import drain, io_pool
+from ..format import checksum
+from ..format.memory import byte_view
 from ..storage.io import IOV_MAX, skip_bytes
-from . import checksum
-from .memory import byte_view
+from .pool import drain, io_pool
 
 if TYPE_CHECKING:
     from .reader import FileReader

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import knobs
+from .. import knobs
 
 try:
-    from . import _streamcopy
+    from .. import _streamcopy
 except ImportError:  # built without a C compiler: numpy's copy does the same job, slower
     _streamcopy = None
 

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import knobs
-from .format.direct_writer import direct_alignment
-from .format.writer import PreparedFile, prepare, write_prepared
+from .. import knobs
+from ..storage.aligned import align_up
+from ..storage.io import ops
+from ..storage.local import atomic_file
+from .direct_writer import direct_alignment
 from .pool import exiting, parallel_copy
-from .storage.aligned import align_up
-from .storage.io import ops
-from .storage.local import atomic_file
+from .writer import PreparedFile, prepare, write_prepared
 
 
 class SaveHandle:

@@ -22,12 +22,12 @@ import threading
 from typing import Any
 
 from .. import knobs
-from ..pool import Pipeline
+from ..format import checksum
+from ..format.layout import Entry
+from ..format.memory import byte_view, host_source, small_buffer
 from ..storage.aligned import STAGING, AlignedBuffer, align_up
 from ..storage.io import FileOps, write_all
-from . import checksum
-from .layout import Entry
-from .memory import byte_view, host_source, small_buffer
+from .pool import Pipeline
 
 #: A piece of tensor memory: (offset in its segment, source address, byte count).
 Piece = tuple[int, int, int]

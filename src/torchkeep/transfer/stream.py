@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedValueError
+from ..format import checksum, header
+from ..format.dtypes import TORCH_TO_SAFETENSORS, dtype_name, storage_dtype
+from ..format.memory import byte_view
+from ..format.tree import encode
 from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
-from . import checksum, header
-from .dtypes import TORCH_TO_SAFETENSORS, dtype_name, storage_dtype
-from .memory import byte_view
-from .tree import encode
 
 
 @dataclass
