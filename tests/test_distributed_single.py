@@ -309,3 +309,27 @@ def test_steps_keep_last_latest_and_fallback(tmp_path):
     assert fresh["step"] == 20 and torch.all(fresh["model"][0].bias == 20)
     with pytest.raises(tkd_errors.CheckpointNotFoundError):
         tkd.restore(run, fresh, step=99)
+
+
+def test_links_inside_a_checkpoint_are_refused(helper_saved, tmp_path):
+    path = helper_saved
+    meta = os.path.join(path, "checkpoint.json")
+    outside = tmp_path / "outside.json"
+    os.replace(meta, outside)
+    os.symlink(outside, meta)
+    with pytest.raises(FormatError, match="symbolic link"):
+        tkd.TorchkeepReader(path).read_metadata()
+    os.remove(meta)
+    os.replace(outside, meta)
+    os.replace(_rank0(path), tmp_path / "rank0")
+    os.symlink(tmp_path / "rank0", _rank0(path))
+    with pytest.raises(FormatError, match="symlinks are refused"):
+        tkd.load({"model": _model(1)}, path, rng=False)
+
+
+def test_fifo_in_place_of_the_metadata_does_not_block(helper_saved):
+    meta = os.path.join(helper_saved, "checkpoint.json")
+    os.remove(meta)
+    os.mkfifo(meta)
+    with pytest.raises(FormatError, match="not a regular file"):
+        tkd.TorchkeepReader(helper_saved).read_metadata()

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 from .. import knobs
 from ..errors import FormatError
 from ..format.dtypes import dtype_from_name, dtype_name
+from ..storage.paths import open_regular
 from .chunks import check_chunks
 
 METADATA_FILE = "checkpoint.json"
@@ -152,16 +153,14 @@ def _read_bounded(path: str, directory: str) -> bytes:
     if not os.path.isdir(directory):
         raise FormatError(f"{directory}: not a directory (a torchkeep sharded checkpoint is one)")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = open_regular(path)  # no symlink, no FIFO or device: a plain file or nothing
     except FileNotFoundError:
         stock = os.path.exists(os.path.join(directory, ".metadata"))
         hint = " (it looks like a stock DCP checkpoint; its .metadata is a pickle)" if stock else ""
         raise FormatError(f"{path}: missing; not a committed torchkeep checkpoint{hint}") from None
     except OSError as exc:
-        raise FormatError(f"{path}: cannot open ({exc.strerror}); a symlink is refused") from exc
+        raise FormatError(f"{path}: cannot open ({exc.strerror})") from exc
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise FormatError(f"{path}: not a regular file")
         raw = f.read(MAX_METADATA_BYTES + 1)
     if len(raw) > MAX_METADATA_BYTES:
         raise FormatError(f"{path}: larger than {MAX_METADATA_BYTES} bytes; refused")

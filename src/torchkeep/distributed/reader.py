@@ -39,7 +39,7 @@ class ShardFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.reader = FileReader(path)
+        self.reader = FileReader(path, follow_symlinks=False)  # a link could leave the dir
         tree = self.reader.tree
         top = tree.get("v") if isinstance(tree, dict) and tree.get(TAG) == "dict" else None
         if not isinstance(top, dict):
