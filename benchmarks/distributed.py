@@ -7,8 +7,9 @@ splits the writing between the ranks) and ``fsdp`` (the same model sharded with 
 ``sync_files=True``, torchkeep's commit, ``os.fsync`` after ``torch.save``). Loads read into a
 zeroed model of the same layout, first with the files evicted from the page cache
 (``posix_fadvise(DONTNEED)``, "cold"), then again with them cached by that read ("warm").
-Times are rank 0's wall time from a barrier before the operation to a barrier after it.
-Contenders are rotated between repetitions.
+For ``fsdp`` one more cold load goes into an unsharded model on every rank ("load reshard":
+each rank reads both ranks' chunks). Times are rank 0's wall time from a barrier before the
+operation to a barrier after it. Contenders are rotated between repetitions.
 
     python benchmarks/distributed.py                      # ~1.2 GB LLM-like, 3 repetitions
     python benchmarks/distributed.py --size-mb 256 --reps 2
@@ -125,6 +126,8 @@ def _measure(workload: str, rank: int, world: int, args: argparse.Namespace) -> 
     model = _model(workload, args.size_mb * MB, world, fill=True)
     source = {"model": model.state_dict()}
     target = {"model": _model(workload, args.size_mb * MB, world, fill=False).state_dict()}
+    # fsdp: also load the sharded checkpoint into an unsharded copy on every rank (resharding)
+    whole = {"model": _model("ddp", args.size_mb * MB, world, fill=False).state_dict()}
     nbytes = sum(v.numel() * v.element_size() for v in source["model"].values())
     savers = SAVERS if workload == "ddp" else SAVERS[:2]
     out = []
@@ -140,6 +143,11 @@ def _measure(workload: str, rank: int, world: int, args: argparse.Namespace) -> 
                         _evict(path)
                     seconds = _timed(_load, contender, target, path)
                     out.append(_row(workload, f"load {cache}", contender, rep, seconds, nbytes))
+                if workload == "fsdp":
+                    if rank == 0:
+                        _evict(path)
+                    seconds = _timed(_load, contender, whole, path)
+                    out.append(_row(workload, "load reshard", contender, rep, seconds, nbytes))
             dist.barrier()
             if rank == 0:
                 shutil.rmtree(path, ignore_errors=True)
