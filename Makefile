@@ -36,6 +36,7 @@ bench: $(STAMP)
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}
+	$(PY) tests/fuzz_campaign.py --target scan --seconds $${FUZZ_SCAN_SECONDS:-60}
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -2,7 +2,9 @@
 
 Run by ``run.py`` in a fresh interpreter per (repetition, workload, family), so peak RSS is the
 family's own. Before each op the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``),
-so "peak extra RSS" is the op's high-water mark minus the RSS it started from.
+so "peak extra RSS" is the op's high-water mark minus the RSS it started from. Each load is run
+once more, untimed, to split that peak into private (anonymous) and file-mapped pages
+(``memory_split``): a loader that maps the file holds page-cache pages, not memory of its own.
 
 The family ``side-by-side`` is the exception: one process writes every family's file and then
 times all their warm loads in rounds, the order rotated each round (``side_by_side``).
@@ -20,7 +22,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from contenders import FAMILIES, copy_floor, drop_cache, remove, warm_cache  # noqa: E402
+from contenders import (  # noqa: E402
+    FAMILIES,
+    RELEASE_HOOKS,
+    copy_floor,
+    drop_cache,
+    remove,
+    warm_cache,
+)
+from memsplit import peak_split  # noqa: E402
 from report import COPY_FLOOR  # noqa: E402
 from workloads import add_optimizer, build_model, checkpoint_bytes  # noqa: E402
 
@@ -81,6 +91,16 @@ def measure(fn, *args) -> dict:
     out = {"seconds": seconds, "peak_extra": max(0, peak - rss0) if exact else None}
     out.update(extra or {})
     return out
+
+
+def memory_split(fn, target, obj, path: str, cache: str) -> dict:
+    """One more, untimed, run of a load from the same cache state, sampling its peak private
+    (anonymous) and file-mapped memory apart (:mod:`memsplit`); the timed run stays unsampled."""
+    warm_cache(path)
+    if cache == "cold":
+        drop_cache(path)
+    gc.collect()
+    return peak_split(fn, target, obj, path, hooks=RELEASE_HOOKS)
 
 
 def lazy_access(path: str, key: str) -> dict:
@@ -234,7 +254,9 @@ def main(spec: dict) -> None:
             warm_cache(path)  # cold: read once first, so every op finds the host side alike
             if cache == "cold":
                 drop_cache(path)
-            emit(op, "load", measure(fn, target, obj, path), cache)
+            result = measure(fn, target, obj, path)
+            result.update(memory_split(fn, target, obj, path, cache))
+            emit(op, "load", result, cache)
     if not spec.get("keep"):
         remove(path)
 

@@ -7,7 +7,12 @@ The only allowed outcomes are a load or a TorchkeepError; any other exception is
 the input is written to tests/hostile/corpus/ as a regression file (replayed by
 tests/hostile/test_resource_bounds.py in a guarded process), then reported.
 
-Usage: ``python tests/fuzz_campaign.py --seconds 300 [--engine atheris|random]``.
+``--target scan`` fuzzes the static pickle scanner instead: random mutations of real pickles
+(torch state dicts of every protocol, the hostile payloads) must never escape the scanner as a
+raw exception, and must never call anything (an audit hook aborts on os.system, exec,
+subprocess and spawn while the scanner runs).
+
+Usage: ``python tests/fuzz_campaign.py --seconds 300 [--engine atheris|random] [--target scan]``.
 """
 
 from __future__ import annotations
@@ -139,6 +144,23 @@ def random_campaign(seconds: float, seed: int) -> tuple[int, int]:
     return runs, crashes
 
 
+def scan_campaign(seconds: float, seed: int) -> int:
+    """Mutated real pickles through the scanner for ``seconds``; returns the exit status."""
+    from test_scanner import _CALLED, fuzz_scanner
+
+    deadline = time.monotonic() + seconds
+    runs = crashes = 0
+    while time.monotonic() < deadline:
+        try:
+            runs += fuzz_scanner(200, seed + runs)
+        except Exception:  # noqa: BLE001 - an escaped exception is the finding
+            crashes += 1
+            traceback.print_exc()
+            runs += 200
+    print(f"scanner campaign: {runs} inputs, {crashes} crashes, calls {_CALLED}", file=sys.stderr)
+    return 1 if crashes or _CALLED else 0
+
+
 def atheris_campaign(seconds: float) -> None:
     import atheris
 
@@ -160,8 +182,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--engine", choices=["auto", "atheris", "random"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", choices=["file", "scan"], default="file")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.target == "scan":
+        sys.exit(scan_campaign(args.seconds, args.seed))
     engine = args.engine
     if engine == "auto":
         try:

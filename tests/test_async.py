@@ -34,12 +34,39 @@ def test_caller_may_mutate_tensors_once_save_async_returns(tmp_path, numel) -> N
     assert torch.equal(loaded["b"], torch.ones(7, dtype=torch.bfloat16))
 
 
+class Gate(FileOps):
+    """Blocks the background thread's first write until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        if threading.current_thread().name == "torchkeep-save" and not self.release.is_set():
+            self.entered.set()
+            assert self.release.wait(30)
+        return super().pwrite(fd, data, offset)
+
+
 def test_one_in_flight_and_last_save_wins(tmp_path) -> None:
+    """The first save is held mid-write (a gate on its first write), so the second call
+    really meets a save in flight: it must wait for it, not run beside it."""
     path = tmp_path / "b.tk"
-    first = torchkeep.save_async({"v": torch.zeros(4)}, path)
-    second = torchkeep.save_async({"v": torch.ones(4)}, path)
-    assert first.done()  # the second call waited for the first
-    second.result()
+    gate = Gate()
+    second: list = []
+    with use_ops(gate):
+        first = torchkeep.save_async({"v": torch.zeros(4)}, path)
+        assert gate.entered.wait(30) and not first.done()  # the first write is in flight
+        caller = threading.Thread(
+            target=lambda: second.append(torchkeep.save_async({"v": torch.ones(4)}, path))
+        )
+        caller.start()
+        caller.join(0.3)
+        assert caller.is_alive() and not second, "the second save did not wait for the first"
+        gate.release.set()
+        caller.join(30)
+    assert first.done() and second  # the second call returned only after the first finished
+    second[0].result()
     assert torch.equal(torchkeep.load(path)["v"], torch.ones(4))
 
 
@@ -76,20 +103,6 @@ def test_sync_save_makes_no_snapshot(tmp_path) -> None:
     asyncsave._DEFAULT.stager.release()
     torchkeep.save({"w": torch.ones(100)}, tmp_path / "s.tk")
     assert asyncsave._DEFAULT.stager.buffer is None
-
-
-class Gate(FileOps):
-    """Blocks the background thread's first write until ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
-        if threading.current_thread().name == "torchkeep-save" and not self.release.is_set():
-            self.entered.set()
-            assert self.release.wait(30)
-        return super().pwrite(fd, data, offset)
 
 
 def test_retention_never_deletes_while_save_in_flight(tmp_path) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -77,11 +79,37 @@ NODE = st.recursive(
 TENSORS = {"t": ("F32", [4], bytes(range(16))), "u": ("U8", [3], b"abc")}
 
 
+#: Every type a successful load may hand back (the typed tree's fixed constructors); anything
+#: else came out of a file and would mean the file chose what to build.
+PLAIN = (type(None), bool, int, float, str, bytes, bytearray, complex, slice)
+PLAIN += (torch.dtype, torch.device, torch.Tensor)
+CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _assert_plain(value: object, path: str, depth: int = 0) -> None:
+    """Assert that ``value`` holds only the plain types a load may build (no object of a type
+    the file named, no object-dtype array), checking containers recursively."""
+    assert depth < 200, f"{path}: nesting deeper than any decoder limit"
+    if isinstance(value, (np.ndarray, np.generic)):
+        assert not value.dtype.hasobject, f"{path}: object-dtype NumPy value"
+        return
+    if isinstance(value, PLAIN):
+        return
+    assert type(value) in CONTAINERS or type(value) in (OrderedDict, torch.Size), (
+        f"{path}: a load returned a {type(value).__module__}.{type(value).__qualname__}"
+    )
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(value, dict):
+            _assert_plain(key, f"{path} key {key!r}", depth + 1)
+        _assert_plain(item, f"{path}[{key!r}]", depth + 1)
+
+
 def _exercise(path: str) -> None:
     """Every read path a file can take; only TorchkeepError may escape."""
     try:
         out = torchkeep.load(path)
-        assert out is not None or out is None
+        _assert_plain(out, "<root>")
         with torchkeep.open_file(path) as reader:
             for key in reader.keys():  # noqa: SIM118 - FileReader is not iterable
                 reader.read_entry(key)
@@ -178,3 +206,27 @@ def test_forged_tensor_nodes_fail_load_state_dict_with_a_format_error(tmp_path, 
         handle.write(torchkeep_file(tree, TENSORS))
     with pytest.raises(torchkeep.TorchkeepError, match="forged.tk"):
         torchkeep.load_state_dict(torch.nn.Linear(2, 2), path, strict=False)
+
+
+def test_plain_check_accepts_every_decoded_type_and_rejects_others(tmp_path) -> None:
+    """The fuzz assertion bites: what a load of a saved tree returns passes it, while a type
+    the decoder never builds, or an object-dtype array, fails it wherever it sits."""
+    tree = {
+        "t": torch.ones(2),
+        "a": np.arange(3),
+        "s": np.float32(1.5),
+        "misc": [None, True, 3, 2.5, "x", b"y", bytearray(b"z"), 1j, slice(1, 2, None)],
+        "torch": (torch.float16, torch.device("cpu"), torch.Size([2, 3])),
+        "sets": ({1, 2}, frozenset({"a"})),
+        "od": OrderedDict(k=1),
+    }
+    path = os.path.join(tmp_path, "all.tk")
+    torchkeep.save(tree, path)
+    _assert_plain(torchkeep.load(path), "<root>")
+
+    class Foreign:
+        pass
+
+    for bad in ({"k": [Foreign()]}, {(1, Foreign()): 1}, [np.array([None], dtype=object)]):
+        with pytest.raises(AssertionError):
+            _assert_plain(bad, "<root>")

@@ -25,7 +25,7 @@ NUMEL = 1 << 20  # 8 tensors of 4 MiB: a 32 MiB checkpoint
 
 ZYGOTE = textwrap.dedent(
     """
-    import os, signal, sys
+    import mmap, os, signal, sys
     import torch, torchkeep
     from torchkeep.storage.io import FileOps, use_ops
 
@@ -56,12 +56,26 @@ ZYGOTE = textwrap.dedent(
             self._hit("fsync_dir")
             super().fsync_dir(path)
 
+    class Phase(FileOps):
+        # Byte 1 of the shared flag file: this save's I/O has begun (its temp file exists).
+        def __init__(self, flag):
+            self.flag = flag
+        def open_new(self, path):
+            self.flag[1] = 1
+            return super().open_new(path)
+
     def child(words):
         if words[0] == "loop":
-            path, gen = words[1], int(words[2])
+            path, gen, flag_path = words[1], int(words[2]), words[3]
+            fd = os.open(flag_path, os.O_RDWR)
+            flag = mmap.mmap(fd, 2)  # MAP_SHARED: the test reads it after the kill
             while True:
                 gen += 1
-                torchkeep.save(obj(gen), path)
+                flag[1] = 0
+                flag[0] = 1  # byte 0: inside torchkeep.save
+                with use_ops(Phase(flag)):
+                    torchkeep.save(obj(gen), path)
+                flag[0] = 0
         path, gen, op, nth = words[1], int(words[2]), words[3], int(words[4])
         with use_ops(CrashAt(op, nth)):
             torchkeep.save(obj(gen), path)
@@ -151,15 +165,20 @@ def test_random_sigkill_during_repeated_saves(tmp_path, zygote, long_run):
     path = tmp_path / "ckpt.tk"
     torchkeep.save(generation(0), path)
     rng = random.Random(1234)
-    gen, temps_seen, trials = 0, 0, 60 if long_run else 15
+    flag = tmp_path.parent / f"{tmp_path.name}.flag"  # outside the checked directory
+    gen, temps_seen, landed, trials = 0, 0, 0, 60 if long_run else 15
     for _ in range(trials):
-        pid = zygote.spawn("loop", path, gen)
+        flag.write_bytes(b"\0\0")
+        pid = zygote.spawn("loop", path, gen, flag)
         time.sleep(rng.uniform(0.0, 0.5))  # a random moment, not an assertion on time
         os.kill(pid, signal.SIGKILL)
         zygote.reap(pid)
+        landed += flag.read_bytes() == b"\1\1"  # inside a save, after its temp file opened
         gen = check_consistent(path, gen)
         temps_seen += sweep_and_check(tmp_path, path.name)
-    print(f"{trials} kills, final generation {gen}, {temps_seen} temporaries swept")
+    print(f"{trials} kills ({landed} mid-save), final generation {gen}, {temps_seen} swept")
+    # The kills must interrupt saves in progress, not only the gaps between them.
+    assert landed >= trials // 4, f"only {landed} of {trials} kills landed mid-save"
 
 
 @pytest.mark.parametrize(

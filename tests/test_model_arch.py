@@ -110,17 +110,51 @@ def test_renamed_layer_is_explained(versions, tmp_path) -> None:
     assert sorted(loaded.unexpected) == ["linear.bias", "linear.weight"]
 
 
-def test_resized_layer_is_explained(versions, tmp_path) -> None:
+def test_resized_layer_is_explained(versions, tmp_path, monkeypatch) -> None:
+    """Resizes show only through the constructor check, which runs only for trusted files."""
     v1, upgrade = versions
     path = tmp_path / "m.tk"
     model = v1.Sized(3)
     torchkeep.save_model(model, path)
-    upgrade()
+    v2 = upgrade()
+    calls = []
+    monkeypatch.setattr(v2.Sized, "__init__", _spy(v2.Sized.__init__, calls))
+    untrusted = torchkeep.load_model(path)  # structure still fits; nothing of Sized is called
+    assert calls == [] and type(untrusted) is v2.Sized
     with pytest.raises(StateDictMismatchError) as info:
-        torchkeep.load_model(path)
+        torchkeep.load_model(path, trusted=True)
+    assert calls  # the trusted check did build the current class (on the meta device)
     mismatches = {k: (a, b) for k, a, b in info.value.report.shape_mismatches}
     assert mismatches["fc.weight"] == ((4, 3), (8, 3))
     assert "shape mismatch" in str(info.value)
     as_saved = torchkeep.load_model(path, check_fit=False)  # the model exactly as saved
     x = torch.randn(2, 3)
     assert torch.equal(as_saved(x), model.eval()(x))
+
+
+def _spy(init, calls):
+    def spied(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        init(self, *args, **kwargs)
+
+    return spied
+
+
+def test_added_layer_found_from_init_source(versions, tmp_path) -> None:
+    """A layer the current __init__ always creates but the file lacks is missing, untrusted."""
+    v1, upgrade = versions
+    path = tmp_path / "m.tk"
+    torchkeep.save_model(v1.Sized(3), path)
+    v2 = upgrade()  # the class is only parsed, never called
+    source = (tmp_path / "v2" / "tkarch.py").read_text()
+    (tmp_path / "v2" / "tkarch.py").write_text(
+        source.replace("self.out = nn.Linear(2 * hidden, 1)",
+                       "self.out = nn.Linear(2 * hidden, 1)\n        self.norm = nn.LayerNorm(1)")
+    )  # fmt: skip
+    sys.modules.pop("tkarch")
+    import tkarch
+
+    assert tkarch.Sized is not v2.Sized
+    with pytest.raises(StateDictMismatchError) as info:
+        torchkeep.load_model(path)
+    assert info.value.report.missing == ["norm"]

@@ -77,3 +77,72 @@ def test_untraceable_model_is_explained(tmp_path) -> None:
     with pytest.raises(TorchkeepError, match="torch.export could not trace Branchy"):
         torchkeep.export_model(Branchy(), tmp_path / "b.pt2", (torch.ones(3),))
     assert not (tmp_path / "b.pt2").exists()
+
+
+def test_untrusted_load_never_calls_torch_export_load(exported, monkeypatch) -> None:
+    """The untrusted path reads the parts itself, every pickle weights-only (no fallback)."""
+    path, model, x, program = exported
+    calls = []
+    monkeypatch.setattr(torch.export, "load", lambda *a, **k: calls.append(a))
+    loaded = torchkeep.load_exported(path)
+    assert calls == []
+    assert torch.allclose(loaded.module()(x), model(x), atol=1e-6)
+    assert sorted(loaded.state_dict) == sorted(program.state_dict)
+    torchkeep.load_exported(path, trusted=True)
+    assert len(calls) == 1
+
+
+def test_untrusted_load_of_dynamic_shapes_tied_weights_and_constants(tmp_path) -> None:
+    from torch.export import Dim
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+            self.register_buffer("scale", torch.tensor([2.0]))
+            self.const = torch.arange(4.0).reshape(2, 2).t()  # a strided tensor constant
+
+        def forward(self, i: torch.Tensor) -> torch.Tensor:
+            return self.out(self.emb(i) * self.scale) + self.const.sum()
+
+    model = Tied().eval()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    path = tmp_path / "tied.pt2"
+    torchkeep.export_model(model, path, (ids,), dynamic_shapes={"i": {0: Dim("b", max=64)}})
+    loaded = torchkeep.load_exported(path)
+    more = torch.tensor([[1, 2, 3]] * 5)
+    assert torch.equal(loaded.module()(more), model(more))
+    assert loaded.range_constraints.keys() and "const" in loaded.constants
+    reference = torch.export.load(path)  # aliasing and keys as torch's own loader has them
+    assert sorted(loaded.state_dict) == sorted(reference.state_dict)
+    ptrs = {k: v.data_ptr() for k, v in loaded.state_dict.items()}
+    ref_ptrs = {k: v.data_ptr() for k, v in reference.state_dict.items()}
+    assert (len(set(ptrs.values())), len(ptrs)) == (len(set(ref_ptrs.values())), len(ref_ptrs))
+
+
+def test_untrusted_load_reads_a_pickled_weight_weights_only(exported, tmp_path) -> None:
+    """A weight the config marks ``use_pickle`` (a torch.save zip) loads through weights-only."""
+    import io
+    import json
+
+    path, model, x, _ = exported
+    out = tmp_path / "pickled.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        top = src.namelist()[0].split("/", 1)[0]
+        config = json.loads(src.read(f"{top}/data/weights/model_weights_config.json"))
+        fqn, meta = next(iter(config["config"].items()))
+        meta["use_pickle"] = True
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("model_weights_config.json"):
+                data = json.dumps(config).encode()
+            elif info.filename == f"{top}/data/weights/{meta['path_name']}":
+                buffer = io.BytesIO()
+                torch.save(dict(model.named_parameters())[fqn], buffer)  # as torch pickles it
+                data = buffer.getvalue()
+            dst.writestr(info, data)
+    loaded = torchkeep.load_exported(out)
+    assert torch.equal(loaded.state_dict[fqn], model.state_dict()[fqn])
+    assert torch.allclose(loaded.module()(x), model(x), atol=1e-6)

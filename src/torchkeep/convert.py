@@ -7,12 +7,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from .errors import TorchkeepError
-from .model.api import save_model
 from .readers.safetensors_view import INDEX_NAME, dumps_index
 from .readers.view import CheckpointView, Ref, map_refs
 from .storage.io import ops, write_all
@@ -183,8 +181,3 @@ def _to_sharded(
     with atomic_file(os.path.join(tmp, INDEX_NAME), len(text)) as fd:
         write_all(ops(), fd, memoryview(text), 0)
     commit_dir(tmp, os.path.abspath(dst))
-
-
-def save_whole_model(model: Any, dst: str) -> None:
-    """A ``torch.save(model)`` object re-saved as a safe whole-model torchkeep file."""
-    save_model(model, dst)

@@ -73,6 +73,25 @@ HEADER_ALIGN = _env_int("HEADER_ALIGN", 64)
 #: Most elements a saved view may expose. Views are lazy, but a hostile stride-0 view of 2**62
 #: elements would make any later pass over it (diff, convert, clone) run for ever.
 MAX_VIEW_ELEMENTS = _env_int("MAX_VIEW_ELEMENTS", 2**32)
+#: Largest single pickle stream the static pickle scan reads (``torchkeep scan``, and the check
+#: before any untrusted ``torch.load``). The stream is read through a capped reader, so a
+#: deflated 1 GiB member of a 3 MB zip costs at most this much decompression, never an
+#: allocation of its claimed size; a longer pickle is reported unsafe ("over the cap"). The
+#: scan replays about 1 MB of pickle a second, so this also bounds its time (about a minute).
+#: A compressed archive nested in an archive is spooled, and is accepted up to this size too
+#: (torch writes nested archives uncompressed; those are read in place).
+SCAN_MAX_PICKLE_BYTES = _env_int("SCAN_MAX_PICKLE_BYTES", 64 * 1024 * 1024)
+#: Most stack, mark and memo entries the scan's simulated unpickler holds for one pickle (the
+#: scan's memory is proportional to this, about 100 bytes an entry).
+SCAN_MAX_PICKLE_OBJECTS = _env_int("SCAN_MAX_PICKLE_OBJECTS", 4_000_000)
+#: Most bytes the scan decompresses for one file in all (every pickle of every nested archive
+#: together, and every compressed nested archive it spools).
+SCAN_MAX_TOTAL_BYTES = _env_int("SCAN_MAX_TOTAL_BYTES", 1024 * 1024 * 1024)
+#: Most members the scan accepts in one zip or tar archive (nested archives count apiece).
+SCAN_MAX_MEMBERS = _env_int("SCAN_MAX_MEMBERS", 1_000_000)
+#: Deepest nesting of archives inside archives the scan follows (a torch.export archive holds
+#: torch.save zips: depth 2); deeper nesting is reported unsafe.
+SCAN_MAX_DEPTH = _env_int("SCAN_MAX_DEPTH", 4)
 #: Seconds a collective of torchkeep.distributed's save/load may wait for the other ranks
 #: before failing (a dead or hung rank then makes every other rank raise instead of hanging).
 DIST_TIMEOUT_S = _env_int("DIST_TIMEOUT_S", 600)

@@ -9,6 +9,7 @@ written bytes so :mod:`powerloss` can replay the save into simulated power-loss 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
 from dataclasses import dataclass, field
@@ -153,3 +154,39 @@ def temps_in(directory: str) -> list[str]:
     for root, dirs, files in os.walk(directory):
         found += [os.path.join(root, n) for n in dirs + files if is_temp(n)]
     return found
+
+
+IDLE, IN_SAVE, IO_BEGUN = 0, 1, 1
+
+
+class PhaseOps(FileOps):
+    """The real FileOps, plus a byte shared with the parent saying that a save's I/O has begun.
+
+    ``flag`` is a shared anonymous ``mmap`` (it survives ``fork``). The child sets byte 0 to
+    ``IN_SAVE`` before a save and back to ``IDLE`` after it returns; the save's first operation
+    (creating its temporary file or step directory) sets byte 1 to ``IO_BEGUN``. After a
+    SIGKILL the parent reads both: a kill that landed while byte 0 was ``IN_SAVE`` and byte 1
+    ``IO_BEGUN`` interrupted a save between its first I/O and its return. Nothing else is
+    wrapped, so the writer threads run exactly as without it (no lock, no log).
+    """
+
+    def __init__(self, flag: mmap.mmap) -> None:
+        self.flag = flag
+
+    def open_new(self, path: str) -> int:
+        self.flag[1] = IO_BEGUN
+        return super().open_new(path)
+
+    def mkdir(self, path: str) -> None:
+        self.flag[1] = IO_BEGUN
+        super().mkdir(path)
+
+
+def new_phase_flag() -> mmap.mmap:
+    """A two-byte flag shared with forked children (anonymous mmaps are MAP_SHARED)."""
+    return mmap.mmap(-1, 2)
+
+
+def landed_mid_save(flag: mmap.mmap) -> bool:
+    """True when the child was inside a save whose I/O had begun (see :class:`PhaseOps`)."""
+    return flag[0] == IN_SAVE and flag[1] == IO_BEGUN

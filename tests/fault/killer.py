@@ -3,7 +3,9 @@
 Usage: ``python killer.py KIND WORKDIR SEED MODE:TRIALS...`` prints JSON summaries. Modes:
 
 * ``at_op``: the child crashes (``os._exit``) at I/O operation K of a save, for every K.
-* ``random``: the child saves new versions in a loop and is SIGKILLed at a random moment.
+* ``random``: the child saves new versions in a loop and is SIGKILLed at a random moment; a
+  flag shared with the child (:class:`faultlib.PhaseOps`) tells the parent whether the kill
+  landed inside a save after its first I/O (counted as ``killed mid-save``).
 * ``fsize``: the child saves under ``RLIMIT_FSIZE`` (SIGXFSZ ignored) swept over byte offsets;
   the save must fail with a StorageError and clean up its own temporaries.
 
@@ -24,8 +26,17 @@ import time
 import traceback
 
 import torch
-from faultlib import CRASH_EXIT, FaultOps, temps_in
-from scenarios import check_after_fault, committed, save_version
+from faultlib import (
+    CRASH_EXIT,
+    IDLE,
+    IN_SAVE,
+    FaultOps,
+    PhaseOps,
+    landed_mid_save,
+    new_phase_flag,
+    temps_in,
+)
+from scenarios import check_after_fault, committed, is_step, save_version
 
 import torchkeep
 from torchkeep.manager import CheckpointManager
@@ -73,7 +84,7 @@ def _wait(pid: int, kill_after: float | None = None) -> tuple[str, int]:
 
 def _sweep_and_check(kind: str, target: str) -> None:
     """The next open must sweep what a dead writer left."""
-    if kind == "step":
+    if is_step(kind):
         CheckpointManager(target, rng=False).close()
         left = temps_in(target)
     else:
@@ -93,7 +104,7 @@ def _save_in_child(kind: str, target: str, version: int) -> None:
 class Campaign:
     def __init__(self, kind: str, workdir: str, seed: int) -> None:
         self.kind = kind
-        self.target = os.path.join(workdir, "run" if kind == "step" else "ckpt.tk")
+        self.target = os.path.join(workdir, "run" if is_step(kind) else "ckpt.tk")
         self.rng = random.Random(seed)
         self.failures: list[str] = []
         self.outcomes: dict[str, int] = {}
@@ -162,21 +173,29 @@ class Campaign:
         start = time.monotonic()
         self.count_ops()
         span = max(0.01, 2.5 * (time.monotonic() - start))
+        flag = new_phase_flag()
         for trial in range(trials):
             old = self.current
+            flag[:] = bytes([IDLE, 0])
 
             def body(old=old) -> None:
                 version = old
                 while True:
                     version += 1
-                    save_version(self.kind, self.target, version)
+                    flag[1] = 0
+                    flag[0] = IN_SAVE
+                    with use_ops(PhaseOps(flag=flag)):
+                        save_version(self.kind, self.target, version)
+                    flag[0] = IDLE
 
             how, code = _wait(_fork(body), kill_after=self.rng.uniform(0, span))
             self.note(how)
             if how != "killed":
                 self.failures.append(f"random kill {trial}: child ended {how} {code}")
+            elif landed_mid_save(flag):
+                self.note("killed mid-save")  # between the save's first I/O and its return
             if temps_in(os.path.dirname(self.target)):
-                self.note("killed mid-save")
+                self.note("temporaries left")
             try:
                 seen = committed(self.kind, self.target)
                 if not seen or max(seen) < old:
@@ -189,7 +208,7 @@ class Campaign:
         return trials
 
     def fsize(self, trials: int) -> int:
-        size = os.path.getsize(self.target) if self.kind != "step" else 20_000
+        size = os.path.getsize(self.target) if not is_step(self.kind) else 20_000
         for trial in range(trials):
             limit = 1 + (trial * (size + 4096)) // max(1, trials - 1)
             old, new = self.current, self.current + 1

@@ -3,11 +3,13 @@
 ``python runners.py train RUN_DIR MODE`` trains forever, saving a step per iteration with the
 manager; MODE ``graceful`` stops at SIGTERM after the current step and closes the manager
 (waiting for the in-flight async save), ``default`` keeps Python's default (die at once).
-Prints ``saved N`` after each returned save.
+Prints ``ready`` once the first save returned, ``saved N`` after each returned save, and
+(graceful) whether a background write was in flight when SIGTERM arrived.
 
 ``python runners.py write RUN_DIR STEPS GOFILE`` saves STEPS steps (keep_last=2) and counts the
 LockErrors it meets; ``python runners.py read RUN_DIR STOPFILE`` opens the newest step, waits
-so retention can delete it, then reads and checks every byte; it prints a JSON summary.
+(bounded) until retention deletes it, then reads and checks every byte; it prints a JSON
+summary in which ``read_after_delete`` counts the reads of a step deleted while open.
 """
 
 from __future__ import annotations
@@ -28,18 +30,24 @@ from torchkeep.transfer.reader import FileReader
 
 
 def train(run_dir: str, mode: str) -> None:
-    stop = []
+    stop: list[bool] = []
+    last = []  # the handle of the latest returned save
+
+    def on_sigterm(*_: object) -> None:
+        stop.append(bool(last) and not last[-1].done())  # True: a write was in flight
+
     if mode == "graceful":
-        signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+        signal.signal(signal.SIGTERM, on_sigterm)
     manager = CheckpointManager(run_dir, rng=False, keep_last=3, async_save=True)
-    start = max([s.step for s in list_steps(run_dir)], default=0) + 1
-    print("ready", flush=True)
-    step = start
+    first = step = max([s.step for s in list_steps(run_dir)], default=0) + 1
     while not stop:
-        manager.save(step, {"weights": make_state(step, scale=20)})
+        last[:] = [manager.save(step, {"weights": make_state(step, scale=20)})]
+        if step == first:
+            print("ready", flush=True)  # after one save, so a SIGTERM never finds none
         print(f"saved {step}", flush=True)
         step += 1
     manager.close()
+    print(f"in flight at SIGTERM: {stop[0]}", flush=True)
     print("closed", flush=True)
 
 
@@ -79,7 +87,13 @@ def read(run_dir: str, stopfile: str) -> None:
             summary["vanished"] += 1  # deleted between listing and opening: never partial
             continue
         with reader:
-            time.sleep(0.05)  # let retention delete the step while it is open
+            # Hold the step open until retention deletes it (or the writers stop), so the
+            # read-after-delete case really happens instead of depending on timing.
+            deadline = time.monotonic() + 2.0
+            while os.path.exists(info.path) and time.monotonic() < deadline:
+                if os.path.exists(stopfile):
+                    break
+                time.sleep(0.005)
             try:
                 tree = reader.load()
                 if not same(tree["values"]["weights"], make_state(info.step)):

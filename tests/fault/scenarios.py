@@ -16,7 +16,15 @@ import torchkeep
 from torchkeep.manager import CheckpointManager
 from torchkeep.storage.run_dir import STATE_FILE, list_steps
 
-KINDS = ("file", "step", "async")
+KINDS = ("file", "step", "bare_step", "async")
+#: Kinds whose target is a manager run directory: ``step`` applies retention (keep_last=2),
+#: ``bare_step`` none, so only the commit's own parent-directory fsync makes a step durable.
+STEP_KINDS = ("step", "bare_step")
+
+
+def is_step(kind: str) -> bool:
+    """True when ``kind`` saves manager steps into a run directory."""
+    return kind in STEP_KINDS
 
 
 def make_state(version: int, scale: int = 1) -> dict[str, Any]:
@@ -51,8 +59,9 @@ def save_version(kind: str, target: str, version: int, scale: int = 1) -> None:
         torchkeep.save(obj, target)
     elif kind == "async":
         torchkeep.save_async(obj, target).wait()
-    elif kind == "step":
-        with CheckpointManager(target, rng=False, keep_last=2) as manager:
+    elif is_step(kind):
+        keep_last = 2 if kind == "step" else None
+        with CheckpointManager(target, rng=False, keep_last=keep_last) as manager:
             manager.save(version, {"weights": obj})
     else:
         raise ValueError(kind)
@@ -82,7 +91,7 @@ def step_versions(run_dir: str, scale: int = 1) -> list[int]:
 
 def committed(kind: str, target: str, scale: int = 1) -> list[int]:
     """Versions visible at ``target``: ``[v]`` for a file (``[]`` if absent), steps for a run."""
-    if kind == "step":
+    if is_step(kind):
         return step_versions(target, scale)
     if not os.path.exists(target):
         return []
@@ -92,7 +101,7 @@ def committed(kind: str, target: str, scale: int = 1) -> list[int]:
 def check_after_fault(kind: str, target: str, old: int, new: int, scale: int = 1) -> list[int]:
     """Assert the state after an interrupted save of ``new`` over ``old``; returns what is seen."""
     seen = committed(kind, target, scale)
-    if kind == "step":
+    if is_step(kind):
         # Retention interrupted by the fault may leave extra older steps; never newer ones.
         if old not in seen or max(seen) > new:
             raise AssertionError(f"{target}: steps {seen} after a fault (old {old}, new {new})")

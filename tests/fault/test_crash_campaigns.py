@@ -43,7 +43,7 @@ def run_campaign(
 
 
 @pytest.mark.parametrize("write_mode", ["buffered", "direct"])
-@pytest.mark.parametrize("kind", ["file", "step", "async"])
+@pytest.mark.parametrize("kind", ["file", "step", "bare_step", "async"])
 def test_crash_campaign(kind: str, write_mode: str, tmp_path, long_run: bool) -> None:
     kills = 400 if long_run else 12
     specs = [f"at_op:{3 if long_run else 1}", f"random:{kills}", f"fsize:{60 if long_run else 10}"]
@@ -54,5 +54,9 @@ def test_crash_campaign(kind: str, write_mode: str, tmp_path, long_run: bool) ->
         assert summary["trials"] >= (kills if summary["mode"] == "random" else 8), summary
     by_mode = {s["mode"]: s["outcomes"] for s in summaries}
     assert by_mode["at_op"].get("exit:77", 0) >= 8  # the crashes really happened mid-save
+    # The random SIGKILLs must hit saves in progress (after their first I/O, before they
+    # returned: a flag shared with the child says so), not only the gaps between saves.
+    landed = by_mode["random"].get("killed mid-save", 0)
+    assert landed >= kills // 4, f"only {landed} of {kills} kills landed mid-save"
     assert by_mode["fsize"].get("exit:3", 0) >= 3  # the size limit really failed saves
     print(json.dumps(summaries))

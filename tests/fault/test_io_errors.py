@@ -1,8 +1,11 @@
 """Issue 5 items 4-5 at the I/O interface: an error injected at every operation of a save.
 
-Each case asserts: the error reached the caller as a TorchkeepError, the previous checkpoint
-still loads and verifies (or the new one, when the fault hit after the commit), nothing partial
-is visible, and no temporary is left behind (except when the fault hit the cleanup itself).
+Each case asserts: the error reached the caller as a StorageError carrying the injected errno
+(every one, also a failed directory fsync after the rename, when the files already look fine,
+and a failure in retention after the commit), the previous checkpoint still loads and verifies
+(or the new one, when the fault hit after the commit), nothing partial is visible, and no
+temporary is left behind (except when the fault hit the cleanup itself). Manager steps run with
+retention (``step``) and without (``bare_step``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 
 import pytest
 from faultlib import FaultOps, temps_in
-from scenarios import KINDS, check_after_fault, committed, save_version
+from scenarios import KINDS, check_after_fault, committed, is_step, save_version
 
 import torchkeep
 from torchkeep.storage.io import use_ops
@@ -21,7 +24,7 @@ CLEANUP = {"unlink", "rmtree"}
 
 
 def _prepare(kind: str, tmp_path) -> tuple[str, int]:
-    target = str(tmp_path / ("run" if kind == "step" else "ckpt.tk"))
+    target = str(tmp_path / ("run" if is_step(kind) else "ckpt.tk"))
     save_version(kind, target, 1)
     save_version(kind, target, 2)
     return target, 2
@@ -40,7 +43,7 @@ def test_error_at_every_operation(kind: str, err: int, write_mode: str, tmp_path
     target, old = _prepare(kind, tmp_path)
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
-    probe = str(probe_dir / ("run" if kind == "step" else "ckpt.tk"))
+    probe = str(probe_dir / ("run" if is_step(kind) else "ckpt.tk"))
     save_version(kind, probe, 1)
     save_version(kind, probe, 2)
     total = _count_ops(kind, probe, 3).counted
@@ -56,14 +59,17 @@ def test_error_at_every_operation(kind: str, err: int, write_mode: str, tmp_path
                 raised = exc
         where = f"{kind}: {errno.errorcode[err]} at op {k} ({injector.fired_kind})"
         assert injector.fired, where
-        if raised is not None:
-            assert isinstance(raised, torchkeep.TorchkeepError), f"{where}: {raised!r}"
+        # Every injected error must reach the caller, also one after the commit (a failed
+        # directory fsync after the rename) or in retention: files that look fine on disk do
+        # not make a swallowed error acceptable.
+        assert isinstance(raised, torchkeep.StorageError), f"{where}: raised {raised!r}"
+        assert raised.errno == err or errno.errorcode[err] in repr(raised), f"{where}: {raised!r}"
         seen = check_after_fault(kind, target, old, new)
         # A failed directory fsync while retention deletes an old step (after the new step
         # committed) leaves that step's trash for the next open's sweep, on purpose.
         trash_left = kind == "step" and new in seen and injector.fired_kind == "fsync_dir"
         if injector.fired_kind not in CLEANUP and not trash_left:
-            assert temps_in(os.path.dirname(target) if kind != "step" else target) == [], where
+            assert temps_in(os.path.dirname(target) if not is_step(kind) else target) == [], where
         if new in seen:  # committed anyway: reset so the next case saves over `old` again
             target, old = _reset(kind, tmp_path, k)
 
@@ -125,3 +131,21 @@ def test_enospc_message_says_disk_full(tmp_path) -> None:
     with use_ops(injector), pytest.raises(torchkeep.StorageError, match="disk is full"):
         save_version("file", target, old + 1)
     assert committed("file", target) == [old]
+
+
+@pytest.mark.parametrize("kind", ["file", "bare_step", "async"])
+def test_failed_directory_fsync_after_the_rename_is_raised(kind: str, tmp_path) -> None:
+    """The rename already happened, so the files look fine; the save must still fail with a
+    StorageError saying the new content may not be durable (not return as if it were)."""
+    target, old = _prepare(kind, tmp_path)
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    probe, _ = _prepare(kind, probe_dir)
+    kinds = [rec[0] for rec in _count_ops(kind, probe, old + 1).log]  # where is the last one?
+    last_dir_sync = sum(1 for k in kinds if k == "fsync_dir") - 1
+    assert kinds.index("replace") < len(kinds) - 1 - kinds[::-1].index("fsync_dir")
+    injector = FaultOps(at=last_dir_sync, action="raise", err=errno.EIO, kinds=("fsync_dir",))
+    with use_ops(injector), pytest.raises(torchkeep.StorageError, match="may not be durable"):
+        save_version(kind, target, old + 1)
+    assert injector.fired and injector.kinds_seen()[-1] == "fsync_dir"
+    assert old + 1 in committed(kind, target)  # in place, as the message says

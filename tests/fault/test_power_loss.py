@@ -5,6 +5,8 @@ A save of version ``new`` over ``old`` is recorded operation by operation, then 
 current; file bytes synced, all written, or the last write torn). Every state must load as the
 old or the new version, and once the save has returned, the synced state must hold the new one.
 A missing file fsync, a missing directory fsync, or a rename before the data is durable fails.
+Manager steps run with retention (``step``, keep_last=2) and without (``bare_step``): retention's
+own fsync of the run directory would hide a missing fsync after the step's commit rename.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import shutil
 import pytest
 from faultlib import FaultOps
 from powerloss import SimFS, crash_states
-from scenarios import KINDS, check_after_fault, committed, save_version
+from scenarios import KINDS, check_after_fault, committed, is_step, save_version
 
 from _direct import direct_io_supported
 from torchkeep.storage.io import use_ops
+from torchkeep.storage.local import is_temp
 
 
 def _name(kind: str) -> str:
-    return "run" if kind == "step" else "ckpt.tk"
+    return "run" if is_step(kind) else "ckpt.tk"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -97,3 +100,46 @@ def test_model_catches_a_missing_directory_fsync(tmp_path, monkeypatch) -> None:
     state.mkdir()
     sim.materialize(str(state), "synced", "synced")
     assert committed("file", str(state / "ckpt.tk")) == [1]
+
+
+class SkipCommitFsync(FaultOps):
+    """A recorder whose fsync of a committed directory right after a commit rename into it (not
+    a rename to a trash name, not inside a step being assembled) does nothing: the bug of a
+    step commit that forgets to make its rename durable; later fsyncs still happen."""
+
+    def fsync_dir(self, path: str) -> None:
+        last = self.log[-1] if self.log else ()
+        path = os.path.abspath(path)
+        committing = last[:1] == ("replace",) and os.path.dirname(last[2]) == path
+        names = (os.path.basename(last[2]), os.path.basename(path)) if committing else ()
+        if committing and not any(is_temp(name) for name in names):
+            self.skipped = getattr(self, "skipped", 0) + 1
+            return
+        super().fsync_dir(path)
+
+
+@pytest.mark.parametrize("kind", ["step", "bare_step"])
+def test_retention_hides_a_missing_commit_fsync(kind: str, tmp_path) -> None:
+    """Why ``bare_step`` exists: drop the run directory's fsync after a step's rename. With
+    retention (``step``) the fsync after renaming the oldest step to trash makes the new step
+    durable anyway, so only the scenario without retention can see the commit fsync missing."""
+    live = tmp_path / "live"
+    live.mkdir()
+    run = str(live / "run")
+    for version in (1, 2):
+        save_version(kind, run, version)
+    sim = SimFS(str(live))
+    recorder = SkipCommitFsync(keep_data=True)
+    with use_ops(recorder):
+        save_version(kind, run, 3)
+    assert recorder.skipped >= 1
+    for record in recorder.log:
+        sim.apply(record)
+    state = tmp_path / "state"
+    state.mkdir()
+    sim.materialize(str(state), "synced", "synced")
+    seen = committed(kind, str(state / "run"))
+    if kind == "step":
+        assert 3 in seen, seen  # retention's directory fsync covered the gap
+    else:
+        assert 3 not in seen and 2 in seen, seen  # the missing fsync is visible

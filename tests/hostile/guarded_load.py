@@ -83,6 +83,7 @@ def file_entry_points(path: str, scratch: str) -> dict:
         "open_view": lambda: open_view(path).materialize(),
         "verify": lambda: torchkeep.verify(path),
         "open_file": lambda: torchkeep.open_file(path).close(),
+        "load_exported": lambda: torchkeep.load_exported(path),
     }
     calls.update({name: _cli(args) for name, args in cli_cmds.items()})
     return calls

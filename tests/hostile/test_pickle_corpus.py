@@ -11,8 +11,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from guard import run_guarded
 from pickles import write_corpus
+
+import torchkeep
+from torchkeep.readers import torch_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,3 +97,37 @@ def test_every_entry_point_refuses_every_payload(corpus, tmp_path) -> None:
     assert not os.path.exists(sentinel)
     assert len(results) >= 14 * len(paths)
     print(f"{len(results)} hostile loads refused across {len(cases)} cases")
+
+
+def test_weights_only_loader_refuses_when_the_scanner_is_defeated(corpus, monkeypatch) -> None:
+    """The second layer on its own: with the static scanner made to report nothing (as a
+    payload it cannot parse would), every torch-format payload must still be refused by torch's
+    ``weights_only`` unpickler, as an UnsafeFileError naming torch's refusal, running nothing."""
+    sentinel, paths = corpus
+    calls: list[object] = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch_file, "unsafe_globals", lambda scan: [])  # layer 1 sees nothing
+    monkeypatch.setattr(torch, "load", recording_load)
+    refused = []
+    for name, path in sorted(paths.items()):
+        if name.endswith(".pkl"):
+            continue  # a bare pickle is not a torch.save file; torch.load never sees it
+        before = len(calls)
+        with pytest.raises(torchkeep.UnsafeFileError, match=r"\(torch: ") as info:
+            torchkeep.load(path)
+        assert calls[before:] and all(c is True for c in calls[before:]), (name, calls)
+        assert not os.path.exists(sentinel), f"{name}: the payload ran"
+        assert name in str(info.value)
+        refused.append(name)
+    assert len(refused) >= 5, refused
+    print(f"weights_only refused {len(refused)} payloads alone: {refused}")
+    # Control: with layer 1 back, it refuses first (no torch refusal in the message).
+    monkeypatch.undo()
+    with pytest.raises(torchkeep.UnsafeFileError) as info:
+        torchkeep.load(paths[refused[0]])
+    assert "(torch: " not in str(info.value)

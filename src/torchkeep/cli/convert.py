@@ -6,20 +6,29 @@ import click
 import torch
 
 from .. import convert as core
+from ..model import save_model
 from .render import err, human, opt, out, progress_bar
 from .safe_text import markup_safe
 from .sources import open_view
 
 
-def _whole_model(view: object, dst: str) -> bool:
-    """Re-save a pickled ``nn.Module`` (opened with --trusted) as a safe whole-model file."""
+def _whole_model(view: object, dst: str, fmt: str | None, shard: int | None) -> bool:
+    """A pickled ``nn.Module`` (opened with --trusted): re-saved as a safe whole-model file
+    when DST is a torchkeep file; otherwise False, and DST gets its state dict (said on stderr).
+    """
     model = getattr(view, "obj", None)
     if not isinstance(model, torch.nn.Module):
         return False
-    if core.destination_format(dst, None) != core.TORCHKEEP:
-        raise click.UsageError("a whole model converts to a torchkeep file (DST.tk) only")
-    core.save_whole_model(model, dst)
-    return True
+    if shard is None and (fmt or core.destination_format(dst, None)) == core.TORCHKEEP:
+        save_model(model, dst)
+        return True
+    err().print(
+        f"note: the source holds a whole model ({markup_safe(type(model).__qualname__)}); "
+        f"{markup_safe(dst)} gets its state dict (weights only): the module structure was "
+        "dropped. Convert to a .tk file to keep it (torchkeep.load_model then rebuilds the model "
+        "without pickle)"
+    )
+    return False
 
 
 @click.command("convert")
@@ -48,6 +57,12 @@ def convert_cmd(
     (torch.save), anything else (torchkeep). With --max-shard-size DST is a folder of
     safetensors shards plus model.safetensors.index.json.
 
+    A whole model saved with torch.save(model) needs --trusted (unpickling runs code). Then,
+    as with `python -c`, its classes are also imported from the current directory (run the
+    command next to model.py). To a .tk file the model keeps its structure (load it with
+    torchkeep.load_model, no trust needed); to .safetensors or .pt only its state dict is
+    written, and the dropped structure is reported.
+
     \b
     Examples:
       torchkeep convert pytorch_model.bin model.safetensors --dtype bfloat16
@@ -56,7 +71,7 @@ def convert_cmd(
     """
     shard = core.parse_size(max_shard_size) if max_shard_size else None
     with open_view(src, trusted=trusted) as view:
-        if shard is None and fmt in (None, core.TORCHKEEP) and _whole_model(view, dst):
+        if _whole_model(view, dst, fmt, shard):
             out().print(
                 f"wrote {markup_safe(dst)}: whole model from {markup_safe(view.format)} "
                 "(torchkeep model file)"

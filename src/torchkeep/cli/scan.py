@@ -8,16 +8,21 @@ import sys
 import click
 from rich.table import Table
 
+from .. import knobs
 from ..errors import FormatError
 from ..readers import detect
+from ..readers.containers import ScanResult, Window, scan_payload, scan_pickles
 from ..readers.dcp import _ALLOWED as DCP_ALLOWED
-from ..readers.dcp import METADATA_NAME, read_blob, read_metadata, scan_blob
-from ..readers.pickle_scan import ScanResult, scan_file, scan_stream
+from ..readers.dcp import METADATA_NAME, read_metadata
+from ..readers.export_archive import is_export_archive, scan_export_archive
+from ..readers.pickle_scan import scan_file
 from ..readers.torch_file import allowed_globals
 from ..transfer.reader import FileReader
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json
-from .safe_text import sanitize
+from .safe_text import markup_safe
+
+_SKIP = (".json", ".txt", ".md", ".py", ".yaml", ".yml")
 
 
 def _dcp_allowed(ref: str) -> bool:
@@ -27,76 +32,121 @@ def _dcp_allowed(ref: str) -> bool:
     )
 
 
+def _entry(path: str, kind: str, result: ScanResult, allowed) -> dict:
+    ok = allowed if callable(allowed) else allowed.__contains__
+    rows = [{"name": g, "allowed": bool(ok(g))} for g in result.globals]
+    return {"file": path, "format": kind, "pickle": True, "globals": rows,
+            "problems": list(result.problems)}  # fmt: skip
+
+
 def scan_one(path: str) -> dict:
-    """Globals of one file and whether each is allowed for its loader."""
+    """Globals of one file, whether each is allowed for its loader, and what was unresolved."""
     if os.path.basename(path) == METADATA_NAME:
         result = ScanResult()
         with open(path, "rb") as handle:
-            scan_stream(handle.read(), result, METADATA_NAME)
-        allowed = [_dcp_allowed(g) for g in result.globals]
-        kind = "dcp-metadata"
-    else:
-        kind = detect.sniff_file(path)
-        if kind == detect.SAFETENSORS:
-            FileReader(path).close()  # a malformed header is refused, not called "safe"
-            return {"file": path, "format": kind, "pickle": False, "globals": []}
-        result = scan_file(path)
-        known = allowed_globals()
-        allowed = [g in known for g in result.globals]
-    rows = [{"name": g, "allowed": ok} for g, ok in zip(result.globals, allowed)]
-    return {"file": path, "format": kind, "pickle": True, "globals": rows}
+            scan_pickles(handle, result, METADATA_NAME)
+        return _entry(path, "dcp-metadata", result, _dcp_allowed)
+    kind = detect.sniff_file(path)
+    if kind == detect.SAFETENSORS:
+        FileReader(path).close()  # a malformed header is refused, not called "safe"
+        return {"file": path, "format": kind, "pickle": False, "globals": [], "problems": []}
+    if kind == detect.TORCH_ZIP and is_export_archive(path):
+        return _entry(path, "torch-export", scan_export_archive(path), allowed_globals())
+    return _entry(path, kind, scan_file(path), allowed_globals())
 
 
-def _files(path: str) -> list[str]:
-    if not os.path.isdir(path):
-        return [path]
-    found = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full) and not name.endswith((".json", ".txt", ".md")):
-            found.append(full)
-    return found
+def _dcp_item(folder: str, index, info, known: set[str]) -> dict:
+    """One DCP item, scanned in place inside its ``.distcp`` file (location validated first)."""
+    rel, offset, length = info.relative_path, info.offset, info.length
+    if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+        raise FormatError(f"{folder}: DCP storage path {rel!r} leaves the directory")
+    path = os.path.join(folder, rel)
+    where = f"{path}@{offset} ({index.fqn})"
+    result = ScanResult()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if not (isinstance(offset, int) and isinstance(length, int)) or not (
+            offset >= 0 and length >= 0 and offset + length <= size
+        ):
+            raise FormatError(f"{path}: DCP item at {offset}+{length} is out of range")
+        scan_payload(Window(handle, offset, length), result, where)
+    return _entry(where, "dcp-item", result, known)
 
 
-def _verdict(path: str, files: list[dict]) -> dict:
-    unsafe = sorted({g["name"] for f in files for g in f["globals"] if not g["allowed"]})
-    verdict = "unsafe" if unsafe else "safe"
-    return {"path": path, "verdict": verdict, "unsafe": unsafe, "files": files}
-
-
-def _scan_dcp(path: str) -> dict:
-    """DCP: the metadata pickle, then every item blob it locates (each a torch.save zip)."""
+def _scan_dcp(path: str) -> list[dict]:
+    """DCP: the metadata pickle, then every item it locates (each a torch.save blob)."""
     files = [scan_one(os.path.join(path, METADATA_NAME))]
-    if any(not g["allowed"] for g in files[0]["globals"]):
-        return _verdict(path, files)  # the item table itself is untrusted: stop here
+    if _bad(files[0]):
+        return files  # the item table itself is untrusted: stop here
     meta = read_metadata(path)
     known = allowed_globals()
-    for index, info in meta.storage_data.items():
-        result = scan_blob(read_blob(path, info))
-        rows = [{"name": g, "allowed": g in known} for g in result.globals]
-        where = f"{os.path.join(path, info.relative_path)}@{info.offset} ({index.fqn})"
-        files.append({"file": where, "format": "dcp-item", "pickle": True, "globals": rows})
-    return _verdict(path, files)
+    items = list(meta.storage_data.items())
+    if len(items) > knobs.SCAN_MAX_MEMBERS:
+        raise FormatError(f"{path}: DCP metadata lists {len(items)} items, over the scan cap")
+    files.extend(_dcp_item(path, index, info, known) for index, info in items)
+    return files
+
+
+def _bad(entry: dict) -> list[str]:
+    refused = [g["name"] for g in entry["globals"] if not g["allowed"]]
+    return refused + [f"unresolved: {p}" for p in entry.get("problems", [])]
+
+
+def _walk(path: str) -> list[dict]:
+    """Every checkpoint file under ``path`` (symlinks not followed); DCP folders as a whole."""
+    if not os.path.isdir(path):
+        return [scan_one(path)]
+    names = os.listdir(path)
+    if METADATA_NAME in names and any(n.endswith(".distcp") for n in names):
+        return _scan_dcp(path)
+    found: list[dict] = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.islink(full) or name.endswith(_SKIP):
+            continue
+        if os.path.isdir(full):
+            found.extend(_walk(full))
+        elif os.path.isfile(full):
+            try:
+                found.append(scan_one(full))
+            except FormatError:
+                continue  # not a checkpoint file (a README, a tokenizer, ...)
+    return found
 
 
 def scan_path(path: str) -> dict:
     """The ``--json`` object of ``scan``; ``verdict`` is ``safe`` or ``unsafe``."""
-    files = []
-    if detect.sniff(path) == detect.DCP:
-        return _scan_dcp(path)
-    for file in _files(path):
-        try:
-            files.append(scan_one(file))
-        except FormatError:
-            if file == path:
-                raise
-    unsafe = sorted({g["name"] for f in files for g in f["globals"] if not g["allowed"]})
-    return {
-        "path": path,
-        "verdict": "unsafe" if unsafe else "safe",
-        "unsafe": unsafe,
-        "files": files,
-    }
+    files = _walk(path)
+    unsafe = list(dict.fromkeys(item for f in files for item in _bad(f)))
+    return {"path": path, "verdict": "unsafe" if unsafe else "safe", "unsafe": unsafe,
+            "files": files}  # fmt: skip
+
+
+def _clean(text: str) -> str:
+    """File-derived text made inert for the terminal: no control characters, no markup."""
+    return markup_safe(str(text))
+
+
+def _print(result: dict) -> None:
+    console = out()
+    for entry in result["files"]:
+        if not entry["pickle"]:
+            console.print(f"{_clean(entry['file'])}: {entry['format']}, no pickle")
+            continue
+        table = Table("global", "status", title=f"{_clean(entry['file'])} ({entry['format']})",
+                      title_justify="left")  # fmt: skip
+        for row in entry["globals"]:
+            table.add_row(_clean(row["name"]), "allowed" if row["allowed"] else "[red]UNSAFE[/red]")
+        console.print(table)
+        for problem in entry["problems"]:
+            console.print(f"  [red]unresolved[/red]: {_clean(problem)}")
+    if result["verdict"] == "safe":
+        console.print("verdict: [green]safe[/green] for weights-only loading")
+    else:
+        listing = ", ".join(_clean(u) for u in result["unsafe"][:12])
+        more = f" and {len(result['unsafe']) - 12} more" if len(result["unsafe"]) > 12 else ""
+        console.print(f"verdict: [red]unsafe[/red]: {listing}{more}; load it only with "
+                      "--trusted if you trust its source")  # fmt: skip
 
 
 @click.command("scan")
@@ -105,8 +155,11 @@ def scan_path(path: str) -> dict:
 def scan_cmd(path: str, as_json: bool) -> None:
     """List the globals the pickles in PATH would import; exit 1 when any is unsafe.
 
-    Nothing from the file is executed: the pickle opcodes are only parsed. "safe" means
-    torch's weights-only loader accepts every global (torchkeep loads it without --trusted).
+    Nothing from the file is executed: each pickle is replayed on a model of the unpickler
+    (stack, memo, every opcode of protocols 0-5), inside every container (zips, nested zips,
+    tar, torch.export archives, DCP items). "safe" means every global is on torch's
+    weights-only allow-list and nothing was left unresolved; anything the scan cannot resolve
+    counts as unsafe.
 
     \b
     Example:
@@ -116,27 +169,6 @@ def scan_cmd(path: str, as_json: bool) -> None:
     if as_json:
         print_json(result)
     else:
-        shown = sanitize(result)
-        console = out()
-        for entry in shown["files"]:
-            if not entry["pickle"]:
-                console.print(f"{entry['file']}: {entry['format']}, no pickle")
-                continue
-            table = Table(
-                "global",
-                "status",
-                title=f"{entry['file']} ({entry['format']})",
-                title_justify="left",
-            )
-            for row in entry["globals"]:
-                table.add_row(row["name"], "allowed" if row["allowed"] else "[red]UNSAFE[/red]")
-            console.print(table)
-        if result["verdict"] == "safe":
-            console.print("verdict: [green]safe[/green] for weights-only loading")
-        else:
-            console.print(
-                f"verdict: [red]unsafe[/red]: {', '.join(shown['unsafe'])}; load it "
-                "only with --trusted if you trust its source"
-            )
+        _print(result)
     if result["verdict"] != "safe":
         sys.exit(EXIT_FAILED)

@@ -27,6 +27,9 @@ PathLike = str | os.PathLike
 MODEL_ENTRY = "__torchkeep_model__"
 KIND_KEY, KIND_VALUE = "torchkeep_kind", "model"
 LAYOUT_VERSION = 1
+#: Layout 2 adds per-module ``values`` (classes, configuration objects) and the ``objects`` table;
+#: a file without them is written as layout 1, so older torchkeep versions still read it.
+LAYOUTS = (1, 2)
 
 
 def save_model(
@@ -38,10 +41,12 @@ def save_model(
 ) -> None:
     """Save the whole ``model`` (structure and weights) to ``path`` atomically, without pickle.
 
-    Classes are recorded by import path; attributes must be plain data (or functions of
-    ``torch.nn.functional``/``torch``/``operator``). Anything else, and registered hooks unless
-    ``drop_hooks=True``, raises :class:`UnsupportedValueError` naming the attribute path before
-    any byte is written. torch.compile / DataParallel / DDP wrappers are removed.
+    Classes are recorded by import path; attributes must be plain data, classes, configuration
+    objects whose state is plain data (``PretrainedConfig``, dataclasses), ``functools.partial``
+    of those, or functions of ``torch.nn.functional``/``torch``/``operator``. Anything else, and
+    registered hooks unless ``drop_hooks=True``, raises :class:`UnsupportedValueError` naming the
+    attribute path before any byte is written. torch.compile / DataParallel / DDP wrappers are
+    removed.
     """
     described = capture(model, drop_hooks=drop_hooks)
     if described.hooks_dropped:
@@ -50,9 +55,18 @@ def save_model(
             + ", ".join(described.hooks_dropped[:8]),
             stacklevel=2,
         )
+    if described.needs_trust:
+        listing = "; ".join(f"{c} ({', '.join(h)})" for c, h in described.needs_trust.items())
+        warnings.warn(
+            f"save_model({os.fspath(path)!r}): classes with their own special methods will need "
+            f"load_model(..., trusted=True), which runs them: {listing[:400]}",
+            stacklevel=2,
+        )
     if MODEL_ENTRY in described.tensors:
         raise TorchkeepError(f"the model has a tensor named {MODEL_ENTRY!r}; rename it")
     entry = {"version": LAYOUT_VERSION, "root": described.root, "extra": described.extra}
+    if described.objects or _has_values(described.root):
+        entry.update(version=2, objects=described.objects)
     meta = {**(metadata or {}), KIND_KEY: KIND_VALUE}
     save({**described.tensors, MODEL_ENTRY: entry}, path, metadata=meta)
 
@@ -68,11 +82,15 @@ def load_model(
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (or, with ``trusted=True``, ``torch.save``).
 
-    Classes resolve only when allowed: ``torch.nn``, ``classes=[...]`` (or a dict mapping saved
-    ``module:qualname`` to a class that moved), classes whose module is already imported, and
-    with ``trusted=True`` any importable class. No ``__init__`` runs while rebuilding. The model
-    comes back in ``eval()`` mode. ``check_fit`` compares it with the current code of its
-    classes and raises :class:`StateDictMismatchError` with a table when the architecture changed.
+    Classes (of modules, class-valued attributes and configuration objects) resolve only when
+    allowed: ``torch.nn``, ``classes=[...]`` (or a dict mapping saved ``module:qualname`` to a
+    class that moved), classes whose module is already imported, and with ``trusted=True`` any
+    importable class. No code of a class named by the file runs unless ``trusted=True``: no
+    ``__init__``, and a class with its own ``__new__``/``__setstate__``/``__del__``/
+    ``__getattribute__`` is refused. The model comes back in ``eval()`` mode. ``check_fit``
+    compares it with the current source of its classes (parsed, not run; with ``trusted=True``
+    also their constructors on the meta device) and raises :class:`StateDictMismatchError` with
+    a table when the architecture changed.
     """
     path = os.fspath(path)
     if detect.sniff(path) != detect.SAFETENSORS:
@@ -86,7 +104,7 @@ def load_model(
             )
         content = reader.load(map_location=map_location, verify=verify)
     entry = content.pop(MODEL_ENTRY, None) if isinstance(content, dict) else None
-    if not isinstance(entry, dict) or entry.get("version") != LAYOUT_VERSION:
+    if not isinstance(entry, dict) or entry.get("version") not in LAYOUTS:
         raise FormatError(
             f"{path}: the whole-model entry is missing or of an unknown layout version; "
             "upgrade torchkeep or re-save the model"
@@ -95,11 +113,22 @@ def load_model(
     if not isinstance(extra, dict):
         raise FormatError(f"{path}: the whole-model entry's 'extra' is malformed")
     tensors = {k: v for k, v in {**content, **extra}.items() if isinstance(v, torch.Tensor)}
-    rebuilder = Rebuilder(ClassResolver(classes, trusted, path), tensors, path)
+    objects = entry.get("objects") if entry["version"] == 2 else None
+    rebuilder = Rebuilder(ClassResolver(classes, trusted, path), tensors, path, objects)
     model = rebuilder.module(entry.get("root"), "")
     if check_fit:
-        fit.check_fit(entry["root"], model, path)
+        fit.check_fit(entry["root"], model, path, trusted=trusted)
     return model.eval()
+
+
+def _has_values(node: dict) -> bool:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current.get("values"):
+            return True
+        stack += [c for c in current.get("modules", {}).values() if isinstance(c, dict)]
+    return False
 
 
 def _load_pickled(path: str, map_location: MapLocation, trusted: bool) -> nn.Module:

@@ -10,28 +10,32 @@ written, naming the attribute path.
 
 from __future__ import annotations
 
-import operator
-import sys
-import types
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedValueError
+from .classes import MODULE_HOOKS, user_hooks
 from .fit import init_args
+from .refs import FUNCTION_NAMESPACES, check_plain, class_path, function_ref, safe_function
+from .values import ValueEncoder, is_plain, stateless
+
+__all__ = [
+    "FUNCTION_NAMESPACES",
+    "INTERNALS",
+    "capture",
+    "check_plain",
+    "class_path",
+    "safe_function",
+]
 
 #: ``Module.__init__``'s own bookkeeping; these are rebuilt fresh, never stored as attributes.
 INTERNALS = frozenset(nn.Module().__dict__) | {"_compiled_call_impl"}
 #: Caches torch adds to a module's ``__dict__`` at run time (TorchScript overloads); not saved.
 RUNTIME_ONLY = frozenset({"__overloads__"})
 STRUCTURE = ("training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
-#: Namespaces whose functions may be referenced by name (resolved without importing anything).
-FUNCTION_NAMESPACES = (("torch.nn.functional", F), ("torch", torch), ("operator", operator))
-_SCALARS = (type(None), bool, int, float, str, bytes, complex, torch.dtype, torch.device)
 
 
 @dataclass
@@ -42,53 +46,8 @@ class Capture:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # persistent (state_dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # non-persistent buffers
     hooks_dropped: list[str] = field(default_factory=list)
-
-
-def class_path(cls: type, where: str = "<root>") -> str:
-    """``module:qualname`` of a class; refuses classes that cannot be found again by name."""
-    qual = cls.__qualname__
-    if "<locals>" in qual or "<" in cls.__module__:
-        raise UnsupportedValueError(
-            f"{where}: class {cls.__module__}.{qual} is defined inside a function and cannot "
-            "be found again when loading; define it at module level"
-        )
-    module = sys.modules.get(cls.__module__)
-    found: Any = module
-    for part in qual.split("."):
-        found = vars(found).get(part) if hasattr(found, "__dict__") else None
-    if found is not cls:
-        raise UnsupportedValueError(
-            f"{where}: class {cls.__module__}.{qual} cannot be found again by its name (created "
-            "dynamically, e.g. by torch.nn.utils.parametrize); remove the parametrizations "
-            "(parametrize.remove_parametrizations) before saving, or save the state_dict"
-        )
-    return f"{cls.__module__}:{qual}"
-
-
-def safe_function(namespace: str, fn: Any) -> bool:
-    """Builtin ops of ``torch``/``operator``; Python functions only from torch.nn.functional."""
-    if isinstance(fn, type) or not callable(fn):
-        return False
-    if isinstance(fn, types.BuiltinFunctionType):
-        return True
-    return namespace == "torch.nn.functional" and getattr(fn, "__module__", None) == namespace
-
-
-def function_ref(fn: Any, path: str) -> str:
-    """``namespace:name`` of an allow-listed function, or :class:`UnsupportedValueError`."""
-    for name, namespace in FUNCTION_NAMESPACES:
-        attr = getattr(fn, "__name__", None)
-        if isinstance(attr, str) and vars(namespace).get(attr) is fn and safe_function(name, fn):
-            return f"{name}:{attr}"
-    for name, namespace in FUNCTION_NAMESPACES:
-        for key, value in vars(namespace).items():
-            if value is fn and not key.startswith("_") and safe_function(name, fn):
-                return f"{name}:{key}"
-    raise UnsupportedValueError(
-        f"{path}: the callable {fn!r} cannot be saved safely; only functions of "
-        "torch.nn.functional, torch and operator are stored (by name). Replace it with one of "
-        "those or with an nn.Module (e.g. nn.GELU()), or save the state_dict instead"
-    )
+    needs_trust: dict[str, list[str]] = field(default_factory=dict)  # class path -> its hooks
+    objects: list[dict] = field(default_factory=list)  # configuration objects, by index
 
 
 class _Capturer:
@@ -97,6 +56,8 @@ class _Capturer:
         self.out = Capture(root={})
         self.module_paths: dict[int, str] = {}
         self.tensor_keys: dict[int, str] = {}
+        self.values = ValueEncoder(self.module)
+        self.out.objects = self.values.objects
 
     def module(self, mod: nn.Module, prefix: str) -> dict:
         self.module_paths[id(mod)] = prefix
@@ -111,7 +72,14 @@ class _Capturer:
         node["non_persistent"] = sorted(mod._non_persistent_buffers_set & set(mod._buffers))
         node["modules"] = {name: self._child(child, _join(prefix, name))
                            for name, child in mod._modules.items()}  # fmt: skip
-        node["attrs"], node["functions"], node["tensor_attrs"] = self._attrs(mod, prefix)
+        node["attrs"], node["functions"], node["tensor_attrs"], values = self._attrs(mod, prefix)
+        if values:
+            node["values"] = values
+        hooks = user_hooks(type(mod), MODULE_HOOKS)
+        if stateless(node):
+            hooks = [h for h in hooks if not h.endswith(".__setstate__")]
+        if hooks:
+            self.out.needs_trust[node["class"]] = hooks
         args = init_args(mod, node["attrs"])
         if args is not None:
             node["init_args"] = args
@@ -152,11 +120,13 @@ class _Capturer:
             refs[name] = first
         return refs
 
-    def _attrs(self, mod: nn.Module, prefix: str) -> tuple[dict, dict, dict]:
-        """(plain attributes, function references, references to the module tree's tensors)."""
+    def _attrs(self, mod: nn.Module, prefix: str) -> tuple[dict, dict, dict, dict]:
+        """(plain attributes, function references, references to the module tree's tensors,
+        encoded classes / configuration objects / containers of them)."""
         attrs: dict[str, Any] = {}
         functions: dict[str, str] = {}
         refs: dict[str, Any] = {}
+        values: dict[str, Any] = {}
         for name, value in _state(mod, prefix).items():
             if name in INTERNALS or name in RUNTIME_ONLY:
                 continue
@@ -169,17 +139,21 @@ class _Capturer:
             ref = self._tensor_ref(value)
             if ref is not None:
                 refs[name] = ref
+            elif isinstance(value, nn.Module):
+                raise UnsupportedValueError(
+                    f"{path}: a module stored outside _modules (object.__setattr__) cannot "
+                    "be saved; assign it as a submodule"
+                )
             elif callable(value) and not isinstance(value, (type, torch.dtype)):
-                if isinstance(value, nn.Module):
-                    raise UnsupportedValueError(
-                        f"{path}: a module stored outside _modules (object.__setattr__) cannot "
-                        "be saved; assign it as a submodule"
-                    )
-                functions[name] = function_ref(value, path)
-            else:
-                check_plain(value, path)
+                try:
+                    functions[name] = function_ref(value, path)
+                except UnsupportedValueError:
+                    values[name] = self.values.encode(value, path)
+            elif is_plain(value, path):
                 attrs[name] = value
-        return attrs, functions, refs
+            else:
+                values[name] = self.values.encode(value, path)
+        return attrs, functions, refs, values
 
     def _tensor_ref(self, value: Any) -> dict | None:
         """An attribute that is (a list of) parameters/buffers already saved: keep the identity.
@@ -206,33 +180,6 @@ def _state(mod: nn.Module, prefix: str) -> dict[str, Any]:
             "models; save the state_dict instead"
         )
     return state
-
-
-def check_plain(value: Any, path: str, depth: int = 0) -> None:
-    """Refuse anything but plain data (scalars, dtypes, tensors, containers of them)."""
-    if depth > 32:
-        raise UnsupportedValueError(f"{path}: nested too deeply")
-    kind = type(value)
-    if kind in _SCALARS or kind is torch.Size or isinstance(value, torch.dtype):
-        return
-    if kind in (torch.Tensor, nn.Parameter):
-        return
-    if kind in (list, tuple, set, frozenset):
-        for i, item in enumerate(value):
-            check_plain(item, f"{path}[{i}]", depth + 1)
-        return
-    if kind in (dict, OrderedDict):
-        for key, item in value.items():
-            check_plain(key, f"{path}[{key!r}]", depth + 1)
-            check_plain(item, f"{path}[{key!r}]", depth + 1)
-        return
-    what = "a function" if callable(value) else f"a {kind.__module__}.{kind.__qualname__}"
-    raise UnsupportedValueError(
-        f"{path}: {what} cannot be saved safely (whole-model files store numbers, strings, "
-        "bools, None, dtypes, devices, tensors and tuples/lists/dicts of them, and functions of "
-        "torch.nn.functional/torch/operator as direct attributes); remove the attribute, make it "
-        "plain data, or save the state_dict instead"
-    )
 
 
 def _join(prefix: str, name: str) -> str:

@@ -4,8 +4,10 @@
 JSON (the graph), raw weight bytes, and a few ``torch.save`` pickles (sample inputs; weights
 that are not plain dense tensors). ``torch.export.load`` unpickles those with the weights-only
 unpickler but *falls back to the full unpickler* when that fails, so it can run code from a
-hostile file. ``load_exported`` scans every pickle in the archive first (nothing is run) and
-refuses one that references globals outside the weights-only allow-list unless ``trusted=True``.
+hostile file; it also loads compiled libraries, ``sympify``s (evaluates) expression strings and
+``exec``s guards code from the archive. ``load_exported`` checks all of that statically first
+(:mod:`torchkeep.readers.export_archive`; nothing is run) and refuses what it cannot prove
+harmless unless ``trusted=True``.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
-from ..readers.pickle_scan import ScanResult, scan_stream
+from ..readers.containers import ScanResult
+from ..readers.export_archive import is_export_archive, scan_export_archive
 from ..readers.torch_file import refusal, unsafe_globals
 from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
 from .capture import unwrap
+from .export_load import load_untrusted
 
 PathLike = str | os.PathLike
-_PICKLE_HEAD = b"\x80"
-_ZIP_HEAD = b"PK\x03\x04"
 
 
 def export_model(
@@ -73,44 +75,34 @@ def export_model(
 
 
 def scan_archive(path: str) -> ScanResult:
-    """Globals referenced by every pickle inside an export archive (nested zips included)."""
-    result = ScanResult()
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                with archive.open(info) as member:
-                    head = member.read(4)
-                if head.startswith(_PICKLE_HEAD):
-                    scan_stream(archive.read(info), result, info.filename)
-                elif head == _ZIP_HEAD:
-                    _scan_nested(archive.read(info), result, info.filename)
-    except (zipfile.BadZipFile, OSError, ValueError, RuntimeError) as exc:
-        raise FormatError(f"{path}: not a readable torch.export archive ({exc})") from exc
-    return result
-
-
-def _scan_nested(data: bytes, result: ScanResult, name: str) -> None:
-    with zipfile.ZipFile(io.BytesIO(data)) as inner:
-        for info in inner.infolist():
-            if info.filename.endswith(".pkl"):
-                scan_stream(inner.read(info), result, f"{name}/{info.filename}")
+    """Every pickle, compiled library and code string in an export archive, found statically."""
+    return scan_export_archive(path)
 
 
 def load_exported(path: PathLike, *, trusted: bool = False) -> torch.export.ExportedProgram:
-    """``torch.export.load`` after a static scan of the archive's pickles.
+    """An exported program, read without running code from the archive unless trusted.
 
-    Refuses (:class:`UnsafeFileError`) an archive whose pickles need globals outside the
-    weights-only allow-list unless ``trusted=True``. Run it with ``program.module()(*inputs)``.
+    Untrusted (the default): a static check first refuses (:class:`UnsafeFileError`) an archive
+    whose pickles need globals outside the weights-only allow-list, or that holds anything it
+    cannot prove harmless (compiled AOTInductor code, TorchScript objects, symbolic expressions
+    that are not arithmetic, graph nodes that call something other than an operator, guards
+    code); then the parts are read by torchkeep with every pickle weights-only
+    (:mod:`.export_load`), never through ``torch.export.load``'s full-unpickler paths.
+    ``trusted=True`` is ``torch.export.load`` unchanged. Run it with ``program.module()(*x)``.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise FormatError(f"{path}: not a torch.export archive (written by export_model)")
+    if not zipfile.is_zipfile(path) or not (trusted or is_export_archive(path)):
+        raise FormatError(
+            f"{path}: not a torch.export archive (written by export_model or torch.export.save "
+            "with torch 2.8 or later; an older archive loads only with trusted=True)"
+        )
     if not trusted:
         scan = scan_archive(path)
         if unsafe_globals(scan):
             raise refusal(path, scan, " (inside the torch.export archive)")
+        return load_untrusted(path)
     try:
         return torch.export.load(path)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad archive

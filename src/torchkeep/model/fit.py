@@ -1,16 +1,19 @@
 """Does a saved model still fit the current code of its classes? (architecture-change check)
 
-Two checks, both only for user classes (``torch.nn`` classes are rebuilt exactly as saved):
+Checks for user classes only (``torch.nn`` classes are rebuilt exactly as saved). None of them
+runs code of the class unless the caller trusts the file:
 
-* **Constructor check.** At save time, when every required ``__init__`` argument of a user
-  class is stored as a same-named plain attribute (``self.n_input_features = ...``) and
-  ``cls(**those)`` built on the meta device reproduces the module's parameter and buffer shapes,
-  the arguments are recorded. At load time the *current* class is built the same way (meta
-  device: no memory, no data) and compared: a layer renamed, added, removed or resized shows up
-  as missing / unexpected / shape-mismatch rows. This calls the class's own constructor with
-  plain data; ``check_fit=False`` skips it.
-* **Source check.** Names the current ``forward`` reads as ``self.NAME`` must exist on the
-  rebuilt module (as a saved submodule, tensor, attribute, or something of the class itself).
+* **Source check** (always). The class's current source is parsed, never executed: names its
+  ``forward`` reads as ``self.NAME``, and names its own ``__init__`` assigns unconditionally
+  (``self.NAME = ...`` at the top level of its body), must exist on the rebuilt module (as a
+  saved submodule, tensor, attribute, or something of the class itself). A renamed, added or
+  removed layer shows up as missing / unexpected rows.
+* **Constructor check** (``trusted=True`` only). At save time, when every required ``__init__``
+  argument of a user class is stored as a same-named plain attribute and ``cls(**those)`` built
+  on the meta device reproduces the module's shapes, the arguments are recorded. Calling a
+  constructor with arguments read from a file runs code the file chose, so at load time the
+  current class is rebuilt that way (meta device) and its shapes compared only when the caller
+  trusts the file; it then also catches resized layers.
 """
 
 from __future__ import annotations
@@ -117,15 +120,85 @@ def _forward_names(cls: type) -> frozenset[str] | None:
     reads, lazy = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-            if node.value.id == "self":
-                (reads if isinstance(node.ctx, ast.Load) else lazy).add(node.attr)
+            if node.value.id == "self" and not isinstance(node.ctx, ast.Load):
+                lazy.add(node.attr)
         elif _is_probe(node):
             lazy.add(node.args[1].value)
+    func = tree.body[0] if tree.body else None
+    reads = {n.attr for n in _always_run(getattr(func, "body", [])) if _self_attr(n, ast.Load)}
     return frozenset(reads - lazy)
 
 
+def _self_attr(node: ast.AST, ctx: type) -> bool:
+    """``self.NAME`` in the given context (load or store)."""
+    return (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+        and isinstance(node.ctx, ctx)
+    )
+
+
+def _always_run(body: list[ast.AST]) -> list[ast.AST]:
+    """Nodes of ``body`` evaluated on every call: branches, loop bodies, handlers, the right
+    side of ``and``/``or`` and nested functions are left out (a layer used only when an
+    optional argument is given, as in Hugging Face blocks, may be absent)."""
+    out: list[ast.AST] = []
+    stack = list(body)
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        if isinstance(node, (ast.If, ast.While, ast.IfExp)):
+            stack.append(node.test)
+        elif isinstance(node, (ast.For, ast.AsyncFor)):
+            stack.append(node.iter)
+        elif isinstance(node, ast.BoolOp):
+            stack.append(node.values[0])
+        elif isinstance(node, ast.Try):
+            stack += node.body + node.finalbody
+        elif isinstance(node, ast.Match):
+            stack.append(node.subject)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda,
+                                   ast.ClassDef, ast.comprehension)):  # fmt: skip
+            stack += list(ast.iter_child_nodes(node))
+    return out
+
+
+def _unconditional_self_assigns(body: list[ast.stmt]) -> set[str]:
+    names = set()
+    for stmt in body:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else []
+        if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) and stmt.value is not None:
+            targets = [stmt.target]
+        for target in targets:
+            names.update(n.attr for n in ast.walk(target) if _self_attr(n, ast.Store))
+    return names
+
+
+@functools.lru_cache(maxsize=256)
+def _init_names(cls: type) -> frozenset[str]:
+    """Names the class's own ``__init__`` always assigns as ``self.NAME`` (parsed, not run).
+
+    Left out when the class customizes pickling (``__getstate__`` may drop attributes) or
+    deletes attributes anywhere in ``__init__``.
+    """
+    init = vars(cls).get("__init__")
+    if init is None or "__getstate__" in vars(cls):
+        return frozenset()
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
+    except (OSError, TypeError, SyntaxError):
+        return frozenset()
+    func = tree.body[0] if tree.body else None
+    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return frozenset()
+    if any(isinstance(node, ast.Delete) for node in ast.walk(func)):
+        return frozenset()
+    return frozenset(_unconditional_self_assigns(func.body))
+
+
 def _source_rows(cls: type, built: nn.Module, node: dict, prefix: str, report: LoadReport):
-    names = _forward_names(cls)
+    names = (_forward_names(cls) or frozenset()) | _init_names(cls)
     if not names:
         return
     saved = set(built.__dict__) | set(built._modules) | set(built._parameters) | set(built._buffers)
@@ -143,15 +216,18 @@ def _source_rows(cls: type, built: nn.Module, node: dict, prefix: str, report: L
     )
 
 
-def check_fit(root_node: dict, model: nn.Module, source: str) -> None:
-    """Raise :class:`StateDictMismatchError` when the current classes do not fit the saved model."""
+def check_fit(root_node: dict, model: nn.Module, source: str, trusted: bool = False) -> None:
+    """Raise :class:`StateDictMismatchError` when the current classes do not fit the saved model.
+
+    Constructors run (on the meta device, with the saved arguments) only when ``trusted``.
+    """
     report = LoadReport(source=source)
     stack: list[tuple[dict, nn.Module, str, bool]] = [(root_node, model, "", False)]
     while stack:
         node, built, prefix, covered = stack.pop()
         cls = type(built)
         if _is_user_class(cls):
-            if "init_args" in node and not covered:
+            if trusted and "init_args" in node and not covered:
                 _constructor_rows(cls, node["init_args"], built, prefix, report)
                 covered = True
             _source_rows(cls, built, node, prefix, report)

@@ -1,15 +1,17 @@
 """Rebuild a module tree from its description without running code the caller did not allow.
 
-Classes are resolved by the allow rules (see :class:`ClassResolver`); an instance is made with
-``cls.__new__(cls)`` and filled through the class's ``__setstate__`` (``nn.Module.__setstate__``
-unless the allowed class overrides it), exactly as unpickling a module would, but with state
-that is plain data from the typed tree. No ``__init__`` and no callable named by the file runs.
+Every class the file names (module classes, class-valued attributes, configuration objects) is
+resolved by the allow rules (see :class:`ClassResolver`) before anything of it is touched, and
+only through ``__dict__`` lookups. A module instance is made with ``object.__new__(cls)`` and
+filled through ``__setstate__`` (torch's own), as unpickling a module would, but with state that
+is plain data from the typed tree. No ``__init__``, and no ``__new__``/``__setstate__``/``__del__``
+of a class outside torch, runs unless the caller passed ``trusted=True``; such a class is refused
+otherwise (see :mod:`.classes`).
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -20,6 +22,9 @@ from torch import nn
 
 from ..errors import ClassNotAllowedError, FormatError
 from .capture import FUNCTION_NAMESPACES, INTERNALS, safe_function
+from .classes import MODULE_HOOKS, is_torch_class, mro, static_lookup, user_hooks
+from .refs import TYPE_OF
+from .values import ValueDecoder, class_kind_problem, stateless
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -30,13 +35,22 @@ def _split(ref: Any, what: str, file: str, path: str) -> tuple[str, str]:
     if not isinstance(ref, str) or ref.count(":") != 1:
         raise FormatError(f"{file}: {what} at {path or '<root>'} is not 'module:name' ({ref!r})")
     module, qual = ref.split(":")
+    if what == "class" and qual.endswith(TYPE_OF) and _DOTTED.match(module):
+        return module, qual  # the class of a module-level object (checked by _static_get)
     if not (_DOTTED.match(module) and _DOTTED.match(qual)) or "__" in qual:
         raise FormatError(f"{file}: {what} at {path or '<root>'} is malformed ({ref!r})")
     return module, qual
 
 
 def _static_get(obj: Any, qual: str) -> Any:
-    """Follow ``a.b.c`` through ``__dict__`` entries only (no descriptors, no ``__getattr__``)."""
+    """Follow ``a.b.c`` through ``__dict__`` entries only (no descriptors, no ``__getattr__``).
+
+    ``name@type`` is the class of the public module-level object ``name``.
+    """
+    if qual.endswith(TYPE_OF):
+        name = qual[: -len(TYPE_OF)]
+        found = vars(obj).get(name) if _NAME.match(name) and not name.startswith("_") else None
+        return None if found is None or isinstance(found, type) else type(found)
     for part in qual.split("."):
         namespace = vars(obj) if hasattr(obj, "__dict__") else {}
         if part not in namespace:
@@ -69,27 +83,46 @@ class ClassResolver:
                 self.by_name[f"{cls.__module__}:{cls.__qualname__}"] = cls
                 self.by_name.setdefault(cls.__qualname__, cls)
 
-    def resolve(self, ref: Any, path: str) -> type:
+    def resolve(self, ref: Any, path: str, kind: str = "module", empty: bool = False) -> type:
+        """The allowed class ``ref`` names, usable as ``kind`` (module, class, object, mapping)."""
         module, qual = _split(ref, "class", self.file, path)
         cls = self.by_name.get(f"{module}:{qual}")
         if cls is None:
             try:
-                cls = self._lookup(module, qual, path)
+                cls = self._lookup(module, qual, path, kind)
             except ClassNotAllowedError:
                 if qual not in self.by_name:  # a passed class of that name (it moved)
                     raise
                 cls = self.by_name[qual]
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        problem = class_kind_problem(cls, kind)
+        if problem is not None and not (self.trusted and isinstance(cls, type)):
             raise ClassNotAllowedError(
-                f"{self.file}: module {path or '<root>'} names {module}.{qual}, which is not an "
-                "nn.Module subclass; refused (nothing was called). The file is not a valid "
-                "whole-model file or was crafted to run code"
+                f"{self.file}: {path or '<root>'} names {module}.{qual}, which {problem}; "
+                "refused (nothing was called). The file is not a valid whole-model file, was "
+                "crafted to run code, or needs trusted=True"
             )
+        if kind == "module":
+            self._check_hooks(cls, f"{module}.{qual}", path, empty)
         return cls
 
-    def _lookup(self, module: str, qual: str, path: str) -> Any:
+    def _check_hooks(self, cls: type, name: str, path: str, empty: bool) -> None:
+        """A module without state of its own is filled by torch's ``__setstate__`` instead of
+        the class's own (there is nothing for it to restore); other hooks are refused."""
+        names = MODULE_HOOKS if not empty else tuple(h for h in MODULE_HOOKS if h != "__setstate__")
+        hooks = user_hooks(cls, names)
+        if hooks and not self.trusted:
+            raise ClassNotAllowedError(
+                f"{self.file}: module {path or '<root>'} is a {name}, which defines "
+                f"{', '.join(hooks)}: rebuilding it would run that code with data from the file. "
+                "Refused (nothing was called); pass trusted=True only if you trust the file, or "
+                "build the model yourself and use torchkeep.load_state_dict(model, path)"
+            )
+
+    def _lookup(self, module: str, qual: str, path: str, kind: str) -> Any:
         loaded = sys.modules.get(module)
-        if loaded is None and (self.trusted or _is_torch_nn(module)):
+        if loaded is None and (
+            self.trusted or (_is_torch_nn(module) and kind in ("module", "class"))
+        ):
             try:
                 loaded = importlib.import_module(module)
             except ImportError as exc:
@@ -133,17 +166,24 @@ def resolve_function(ref: Any, file: str, path: str) -> Any:
 class Rebuilder:
     """Turns decoded module nodes into modules; tensors come from ``tensors`` by key."""
 
-    def __init__(self, resolver: ClassResolver, tensors: dict[str, torch.Tensor], file: str):
+    def __init__(
+        self,
+        resolver: ClassResolver,
+        tensors: dict[str, torch.Tensor],
+        file: str,
+        objects: Any = None,
+    ):
         self.resolver = resolver
         self.tensors = tensors
         self.file = file
         self.built: dict[str, nn.Module] = {}
         self.params: dict[str, nn.Parameter] = {}
+        self.values = ValueDecoder(resolver.resolve, objects, resolve_function, file, self.module)
 
     def module(self, node: Any, path: str) -> nn.Module:
         if not isinstance(node, dict) or not isinstance(node.get("class"), str):
             raise FormatError(f"{self.file}: module {path or '<root>'} is malformed")
-        cls = self.resolver.resolve(node["class"], path)
+        cls = self.resolver.resolve(node["class"], path, "module", stateless(node))
         state = {name: _fresh(value) for name, value in _TEMPLATE.items()}
         state["training"] = node.get("training") is True
         state["_parameters"] = self._table(node.get("params"), path, parameter=True)
@@ -156,15 +196,14 @@ class Rebuilder:
         for name, value in _mapping(node.get("attrs"), self.file, path).items():
             state[_attr_name(name, self.file, path)] = value
         for name, ref in _mapping(node.get("functions"), self.file, path).items():
-            attr_path = f"{path}.{name}" if path else name
-            if callable(inspect.getattr_static(cls, _attr_name(name, self.file, path), None)):
-                raise FormatError(f"{self.file}: {attr_path} would replace a method of {cls}")
+            attr_path = self._no_method(cls, name, path)
             state[name] = resolve_function(ref, self.file, attr_path)
+        for name, value in _mapping(node.get("values"), self.file, path).items():
+            state[name] = self.values.decode(value, self._no_method(cls, name, path))
         for name, ref in _mapping(node.get("tensor_attrs"), self.file, path).items():
             state[_attr_name(name, self.file, path)] = self._tensor_attr(ref, f"{path}.{name}")
-        obj = cls.__new__(cls)
         try:
-            obj.__setstate__(state)
+            obj = _new_module(cls, state, self.resolver.trusted)
         except Exception as exc:  # noqa: BLE001 - the class rejected the saved state
             raise FormatError(
                 f"{self.file}: module {path or '<root>'} ({cls.__qualname__}) rejects its saved "
@@ -173,6 +212,14 @@ class Rebuilder:
             ) from exc
         self.built[path] = obj
         return obj
+
+    def _no_method(self, cls: type, name: str, path: str) -> str:
+        """The attribute's path; refuses a non-plain value that would shadow a method."""
+        attr_path = f"{path}.{name}" if path else name
+        owner, raw = static_lookup(cls, _attr_name(name, self.file, path))
+        if owner is not None and hasattr(type(raw), "__get__"):
+            raise FormatError(f"{self.file}: {attr_path} would replace a method of {cls}")
+        return attr_path
 
     def _children(self, table: Any, path: str) -> dict[str, Any]:
         children: dict[str, Any] = {}
@@ -224,6 +271,24 @@ class Rebuilder:
                 tensor = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
             self.params[key] = tensor
         return self.params[key]
+
+
+def _new_module(cls: type, state: dict, trusted: bool) -> nn.Module:
+    """An instance made as unpickling makes it; user hooks ran only if the resolver allowed."""
+    if trusted:
+        obj = cls.__new__(cls)
+        obj.__setstate__(state)
+        return obj
+    obj = object.__new__(cls)
+    torch_setstate = next(vars(k)["__setstate__"] for k in mro(cls)
+                          if "__setstate__" in vars(k) and is_torch_class(k))  # fmt: skip
+    if torch_setstate is vars(nn.Module)["__setstate__"]:
+        # What nn.Module.__setstate__ does with a complete state (every internal is in
+        # ``state``), without attribute access through the class (no __getattribute__ runs).
+        object.__getattribute__(obj, "__dict__").update(state)
+    else:
+        torch_setstate(obj, state)  # e.g. nn.LSTM's; the class's own ran only if stateless
+    return obj
 
 
 _TEMPLATE = {k: v for k, v in nn.Module().__dict__.items() if k in INTERNALS}

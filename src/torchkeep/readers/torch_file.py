@@ -34,19 +34,28 @@ def allowed_globals() -> set[str]:
 
 
 def unsafe_globals(scan: ScanResult) -> list[str]:
+    """Globals outside the weights-only allow-list, then what the scan could not resolve."""
     return scan.unsafe(allowed_globals())
 
 
+def _listing(items: list[str]) -> str:
+    return "; ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+
 def refusal(path: str, scan: ScanResult, detail: str = "") -> UnsafeFileError:
-    """The unsafe-file error: what the pickle needs and how to opt in."""
-    bad = unsafe_globals(scan) or scan.globals
-    listing = ", ".join(bad[:12]) + (f" and {len(bad) - 12} more" if len(bad) > 12 else "")
+    """The unsafe-file error: the globals refused (or what was unresolved) and how to opt in."""
+    refused = scan.refused(allowed_globals())
+    if refused:
+        what = f"the file needs globals outside the weights-only allow-list ({_listing(refused)})"
+    elif scan.problems:
+        what = f"the scan cannot prove the file harmless ({_listing(scan.problems)})"
+    else:
+        what = "torch's weights-only unpickler refused it"
     return UnsafeFileError(
-        f"{path}: refused to unpickle: the file needs globals outside the weights-only "
-        f"allow-list ({listing or 'unknown'}){detail}. Nothing was executed. Load it with "
+        f"{path}: refused to unpickle: {what}{detail}. Nothing was executed. Load it with "
         "trusted=True (CLI: --trusted) only if you trust its source, or convert it once with "
         "'torchkeep convert SRC DST.tk --trusted'",
-        globals=bad,
+        globals=refused,
     )
 
 
@@ -55,7 +64,11 @@ def load_torch_file(
 ) -> Any:
     """``torch.load`` with ``weights_only=True`` unless the caller trusts the file."""
     if not trusted:
+        # Nothing reaches torch's unpickler (or its whole-record reads: a deflated 1 GiB
+        # data.pkl) unless the scan proved it harmless; refused globals are named.
         scan = scan_file(path)
+        if scan.unreadable and not scan.refused(allowed_globals()):
+            raise FormatError(f"{path}: not a readable torch.save file ({scan.unreadable[0]})")
         if unsafe_globals(scan):
             raise refusal(path, scan)
     kwargs: dict[str, Any] = {"map_location": map_location, "weights_only": not trusted}
