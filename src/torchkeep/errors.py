@@ -87,3 +87,15 @@ class StorageAuthError(RemoteStorageError):
 
 class BucketNotFoundError(RemoteStorageError):
     """The bucket (or container) named in a URL does not exist."""
+
+
+class DistributedCheckpointError(TorchkeepError):
+    """A multi-process save or load failed on one or more ranks; every rank raises this.
+
+    ``failures`` maps each failed rank to a one-line description of its error (empty when the
+    failure was a broken collective, e.g. a rank that died, and no rank could report).
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = dict(failures or {})

@@ -116,3 +116,6 @@ REMOTE_READ_BYTES = _env_int("REMOTE_READ_BYTES", 32 * 1024 * 1024)
 #: with exponential backoff starting at ``REMOTE_BACKOFF_MS`` (doubling, capped at 8 s).
 REMOTE_RETRIES = _env_int("REMOTE_RETRIES", 4)
 REMOTE_BACKOFF_MS = _env_int("REMOTE_BACKOFF_MS", 200)
+#: Seconds a collective of torchkeep.distributed's save/load may wait for the other ranks
+#: before failing (a dead or hung rank then makes every other rank raise instead of hanging).
+DIST_TIMEOUT_S = _env_int("DIST_TIMEOUT_S", 600)
