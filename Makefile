@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long lint typecheck docs dist format bench fuzz clean
+.PHONY: demo test test-long lint typecheck docs dist format bench bench-remote fuzz clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt src/torchkeep/_streamcopy.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir build/site-check
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site-check  # no --quiet: it hides the warnings --strict fails on
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -52,6 +52,10 @@ test-long: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py --plot docs/perf.png
+	$(PY) benchmarks/remote.py --size-mb 256 --reps 2
+
+bench-remote: $(STAMP)
+	$(PY) benchmarks/remote.py --size-mb 256 --reps 2
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}

@@ -26,3 +26,23 @@ def write_mode(request, monkeypatch) -> str:
         monkeypatch.setattr(knobs, "DIRECT_CHUNK_BYTES", 4096)
         monkeypatch.setattr(knobs, "SMALL_TENSOR_BYTES", 64)  # so these tensors count
     return request.param
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (session-wide), with dummy credentials in the environment
+    so that URLs without storage_options (CLI, subprocesses) reach it too."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from s3server import S3Server, apply_env
+
+    server = S3Server()
+    apply_env(server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_run(s3_server) -> str:
+    """A fresh bucket's URL prefix: ``s3://<bucket>``."""
+    return f"s3://{s3_server.new_bucket()}"

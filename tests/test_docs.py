@@ -4,6 +4,10 @@ runs through `mkdocs build --strict`: it must flag an undocumented public object
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +39,7 @@ def test_undocumented_public_objects_are_flagged(tmp_path: Path) -> None:
         [
             "public API object fakepkg.bad has no docstring",
             "public API object fakepkg.Klass.method has no docstring",
-            "fakepkg.__all__ names missing, which fakepkg does not define",
+            "fakepkg has no missing, which its API lists",
         ]
     )
 
@@ -50,3 +54,28 @@ def test_guides_missing_from_nav_are_listed(tmp_path: Path) -> None:
     nav = [{"Home": "index.md"}, {"Guides": [{"Old": "old.md"}]}]
     config = _hook().on_config({"nav": nav, "docs_dir": str(tmp_path)})
     assert config["nav"][1]["Guides"] == [{"Old": "old.md"}, {"Remote storage": "remote.md"}]
+
+
+def _lint_mkdocs_command() -> list[str]:
+    """The ``mkdocs build`` line of ``make lint``, as an argv for this interpreter."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    (line,) = [ln for ln in recipe.splitlines() if "mkdocs build" in ln]
+    words = line.split("#", 1)[0].split()
+    start = words.index("$(PY)")
+    return [sys.executable, *words[start + 1 :]]
+
+
+def test_lint_docs_build_fails_on_a_broken_link(tmp_path: Path) -> None:
+    """`make lint`'s docs build really is strict: a page linking to a missing page fails it."""
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path)
+    shutil.copy(ROOT / "CHANGELOG.md", tmp_path)
+    (tmp_path / "src").symlink_to(ROOT / "src")
+    (tmp_path / "docs" / "getting-started.md").open("a").write("\n[gone](no-such-page.md)\n")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        _lint_mkdocs_command(), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no-such-page.md" in done.stdout + done.stderr

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from torchkeep.errors import StorageError, UnsafePathError
-from torchkeep.storage.backend import LocalBackend, RenameCommit
+from torchkeep.storage.backend import BytesPayload, LocalBackend, RenameCommit
 from torchkeep.storage.io import write_all
 from torchkeep.storage.run_dir import list_leftovers, list_steps, step_exists, write_step
 
@@ -63,18 +63,19 @@ def test_write_step_uses_the_commit_strategy(tmp_path):
     strategy = _CountingCommit()
     backend = LocalBackend(commit=strategy)
     run = str(tmp_path)
-    write_step(run, 7, 4, _fill(b"abcd"), {"loss": 1.5}, 123.0, backend=backend)
+    write_step(run, 7, BytesPayload(b"abcd"), {"loss": 1.5}, 123.0, backend=backend)
     assert strategy.commits == ["step-0000000007"]
     [info] = list_steps(run, backend)
     assert (info.step, info.time, info.metrics) == (7, 123.0, {"loss": 1.5})
     assert info.size == 4 + os.path.getsize(os.path.join(info.path, "meta.json"))
     assert step_exists(run, 7, backend) and not step_exists(run, 8, backend)
 
-    def broken(fd, file_ops):
-        raise OSError(5, "injected")
+    class Broken(BytesPayload):
+        def fill(self, fd, file_ops):
+            raise OSError(5, "injected")
 
     with pytest.raises(StorageError):
-        write_step(run, 8, 4, broken, {}, 124.0, backend=backend)
+        write_step(run, 8, Broken(b"abcd"), {}, 124.0, backend=backend)
     assert len(strategy.abandoned) == 1 and not os.path.exists(strategy.abandoned[0])
     assert [s.step for s in list_steps(run, backend)] == [7]
     assert list_leftovers(run, backend) == []

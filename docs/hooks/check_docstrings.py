@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -27,15 +28,33 @@ _EXAMPLES = re.compile(r"<p>(Examples?:)\n((?:  [^\n<]*(?:\n|(?=</p>)))+)</p>")
 
 
 def _missing(obj: Any, path: str) -> list[str]:
-    """Public objects under ``obj`` (itself included) that have no docstring."""
+    """Public objects under ``obj`` (itself included) that have no docstring. A method that
+    overrides a documented method of a base class (a ``torch.distributed.checkpoint`` or
+    Lightning hook) inherits that docstring, as ``inspect.getdoc`` does."""
     missing = [] if obj.docstring and obj.docstring.value.strip() else [path]
     if obj.is_class:
         for name, member in obj.members.items():
             if name.startswith("_") or member.is_alias or member.is_attribute:
                 continue  # attributes are documented in the class docstring
+            if member.is_function and _base_documents(obj.path, name):
+                continue
             if member.is_function or member.is_class:
                 missing += _missing(member, f"{path}.{name}")
     return missing
+
+
+def _base_documents(class_path: str, name: str) -> bool:
+    """Whether a base class of ``class_path`` (imported to see its real bases) documents
+    ``name``. Only asked about methods without a docstring of their own."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return False  # an optional framework that is not installed: no inherited docstrings
+    return any(
+        name in vars(base) and (getattr(vars(base)[name], "__doc__", None) or "").strip()
+        for base in cls.__mro__[1:]
+    )
 
 
 #: Documented objects outside ``__all__`` (returned by the public API) held to the same rule.
@@ -53,18 +72,32 @@ EXTRA = {
 }
 
 
+#: Sub-packages whose ``__all__`` is public API too (documented on their own pages).
+SUBPACKAGES = {"torchkeep": ["distributed"]}
+
+
+def _exported(module: Any) -> list[str]:
+    exported = module.members.get("__all__")
+    return [str(n).strip("'\"") for n in getattr(exported and exported.value, "elements", [])]
+
+
 def problems(src: str, package: str = "torchkeep") -> list[str]:
     """One line per public object of ``package`` (under ``src``) that lacks a docstring."""
     loaded = griffe.load(package, search_paths=[src], resolve_aliases=True)
-    exported = loaded.members.get("__all__")
-    names = [str(n).strip("'\"") for n in getattr(exported and exported.value, "elements", [])]
+    names = _exported(loaded)
     if not names:
         return [f"{package}.__all__ could not be read: the docstring check did not run"]
+    names += EXTRA.get(package, [])
+    for sub in SUBPACKAGES.get(package, []):
+        module = _get(loaded, sub)
+        if module is None or not _exported(module):
+            return [f"{package}.{sub}.__all__ could not be read: the docstring check did not run"]
+        names += [f"{sub}.{name}" for name in _exported(module)]
     out = []
-    for name in names + EXTRA.get(package, []):
+    for name in names:
         member = loaded.members.get(name) if "." not in name else _get(loaded, name)
         if member is None:
-            out.append(f"{package}.__all__ names {name}, which {package} does not define")
+            out.append(f"{package} has no {name}, which its API lists")
             continue
         target = member.final_target if member.is_alias else member
         out += [

@@ -50,6 +50,7 @@ def load_checkpoint(
     rng: bool = True,
     verify: bool = True,
     follow_symlinks: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> MutableMapping[str, Any]:
     """Restore ``path`` into ``state`` in place and return ``state``.
 
@@ -66,7 +67,7 @@ def load_checkpoint(
         with readable_copy(path) as tmp:
             return load_checkpoint(tmp, state, rng=rng, verify=verify)
     path = os.fspath(path)
-    with FileReader(path, follow_symlinks=follow_symlinks) as reader:
+    with FileReader(path, storage_options, follow_symlinks=follow_symlinks) as reader:
         # Module weights are mapped placeholders here: verified and shape-checked before
         # anything changes (a corrupt file leaves every object untouched), then read straight
         # into the parameters, so no second copy of the weights is ever held.

@@ -71,3 +71,31 @@ class StorageError(TorchkeepError, OSError):
 
 class ClassNotAllowedError(TorchkeepError):
     """A saved model names a class that the caller has not allowed to be resolved."""
+
+
+class RemoteStorageError(StorageError):
+    """An object store (an fsspec URL such as ``s3://``) failed; nothing was committed."""
+
+
+class StorageUnavailableError(RemoteStorageError):
+    """The store did not answer or kept refusing (network down, throttled) after retries."""
+
+
+class StorageAuthError(RemoteStorageError):
+    """The store refused the credentials (missing, wrong or expired)."""
+
+
+class BucketNotFoundError(RemoteStorageError):
+    """The bucket (or container) named in a URL does not exist."""
+
+
+class DistributedCheckpointError(TorchkeepError):
+    """A multi-process save or load failed on one or more ranks; every rank raises this.
+
+    ``failures`` maps each failed rank to a one-line description of its error (empty when the
+    failure was a broken collective, e.g. a rank that died, and no rank could report).
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = dict(failures or {})

@@ -8,6 +8,7 @@ background) and applies retention. Temporaries of dead writers are swept when a 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
@@ -17,21 +18,25 @@ from . import retention
 from .checkpoint import load_checkpoint
 from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
 from .state.capture import capture
+from .storage.backend import LOCAL
 from .storage.io import FileOps
 from .storage.local import sweep_temps
 from .storage.lock import LOCK_NAME, DirLock
+from .storage.replicate import Replicator
 from .storage.run_dir import (
     STATE_FILE,
     StepInfo,
     delete_step,
+    join,
     list_leftovers,
     list_steps,
     step_dirname,
     step_exists,
     write_step,
 )
+from .storage.urls import backend_for, is_url, normalize, remote_backend_for
 from .transfer.asyncsave import AsyncSaver, SaveHandle
-from .transfer.writer import PreparedFile, prepare, write_prepared
+from .transfer.writer import PreparedFile, PreparedPayload, prepare, write_prepared
 
 
 def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -69,6 +74,13 @@ class CheckpointManager:
     :meth:`save` once tensors are snapshotted; at most one save is in flight (the next save
     waits for it) and a background error is raised by the next call. ``rng=False`` skips RNG
     state. The first save takes the directory's writer lock until :meth:`close`.
+
+    ``directory`` may be an fsspec URL (``s3://bucket/run``; ``storage_options`` configure
+    it): steps are committed by a marker written last (docs/remote.md); object stores have no
+    writer lock, so one manager per remote run directory. ``replicate_to`` (a URL) makes two
+    tiers: each step commits to the local ``directory`` and is then uploaded in the background
+    and committed remotely; ``replica_policy`` (``keep_last=`` etc.; default keep all) is the
+    remote retention. ``restore`` uses the newest step committed in either tier.
     """
 
     def __init__(
@@ -82,9 +94,14 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = False,
         rng: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        replicate_to: str | None = None,
+        replica_policy: dict[str, Any] | None = None,
     ) -> None:
         retention.validate_policy(keep_last, keep_best, monitor, mode, keep_every)
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = normalize(directory)
+        self.storage_options = storage_options
+        self.backend = backend_for(self.directory, storage_options)
         self.policy = retention.Policy(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -95,13 +112,63 @@ class CheckpointManager:
         self.async_save = async_save
         self.rng = rng
         self.last_restore_note: str | None = None
-        os.makedirs(self.directory, exist_ok=True)
-        self._lock = DirLock(self.directory)
+        self._lock = DirLock(self.directory) if self.backend is LOCAL else None
+        if self.backend is LOCAL:
+            os.makedirs(self.directory, exist_ok=True)
+            sweep_temps(self.directory)
+        else:
+            self._sweep_remote()
         self._saver = AsyncSaver()
         self._handle: SaveHandle | None = None
         self._reported = True
         self._closed = False
-        sweep_temps(self.directory)
+        self.replica: Replicator | None = None
+        self._prune_lock = threading.Lock()
+        if replicate_to is not None:
+            self._start_replica(replicate_to, replica_policy or {})
+
+    def _prune_tiers(self, url: str) -> None:
+        """After a step reached the remote tier: each tier's retention (local steps still
+        waiting for their upload are kept)."""
+        assert self.replica is not None
+        retention.prune(url, **self.replica_policy, lock=False, backend=self.replica.remote)
+        self._prune_local()
+
+    def _prune_local(self) -> None:
+        """This tier's retention; serialized, since the save job and the replicator both call
+        it. Steps still queued for the remote tier are kept."""
+        with self._prune_lock:
+            protect = self.replica.pending() if self.replica is not None else ()
+            retention.prune(
+                self.directory, **self.policy, lock=False, backend=self.backend, protect=protect
+            )
+
+    def _sweep_remote(self) -> None:
+        """Remove unmarked step prefixes and temporary keys (incomplete saves)."""
+        remote = remote_backend_for(self.directory, self.storage_options)  # the same, cached
+        for path in list_leftovers(self.directory, remote):
+            remote.remove(path)
+
+    def _start_replica(self, url: str, policy: dict[str, Any]) -> None:
+        if self.backend is not LOCAL or not is_url(url):
+            raise TorchkeepError(
+                f"replicate_to={url!r}: two tiers need a local directory and a URL to replicate "
+                f"to (directory is {self.directory})"
+            )
+        retention.validate_policy(
+            policy.get("keep_last"),
+            policy.get("keep_best"),
+            policy.get("monitor"),
+            policy.get("mode", "min"),
+            policy.get("keep_every"),
+        )
+        remote = remote_backend_for(url, self.storage_options)
+        url = normalize(url)
+        self.replica_policy = dict(policy)
+        self.replica = Replicator(self.directory, url, remote, lambda: self._prune_tiers(url))
+        for path in list_leftovers(url, remote):
+            remote.remove(path)
+        self.replica.resume()
 
     # -- saving ------------------------------------------------------------------------------
     def save(
@@ -113,8 +180,9 @@ class CheckpointManager:
             raise TorchkeepError(f"step={step!r}: steps are non-negative ints")
         self._saver.wait_previous()
         self._raise_background()
-        self._lock.acquire()
-        if step_exists(self.directory, step):
+        if self._lock is not None:
+            self._lock.acquire()
+        if step_exists(self.directory, step, self.backend):
             raise TorchkeepError(
                 f"{self.directory}: step {step} already exists and steps are immutable; "
                 "save under a new step number or delete that step first"
@@ -127,13 +195,15 @@ class CheckpointManager:
             path = write_step(
                 self.directory,
                 step,
-                prepared.total_bytes,
-                _writer(prepared),
+                PreparedPayload(prepared),
                 clean,
                 stamp,
                 self.policy,
+                backend=self.backend,
             )
-            retention.prune(self.directory, **self.policy, lock=False)
+            if self.replica is not None:
+                self.replica.submit(step)
+            self._prune_local()
             return path
 
         handle = self._saver.start(
@@ -161,7 +231,18 @@ class CheckpointManager:
     # -- reading -----------------------------------------------------------------------------
     def steps(self) -> list[StepInfo]:
         """Committed steps, oldest first."""
-        return list_steps(self.directory)
+        return list_steps(self.directory, self.backend)
+
+    def replica_steps(self) -> list[StepInfo]:
+        """Steps committed in the remote tier (empty without ``replicate_to``)."""
+        if self.replica is None:
+            return []
+        return list_steps(self.replica.remote_dir, self.replica.remote)
+
+    def wait_replication(self, timeout: float | None = None) -> None:
+        """Block until every step is committed remotely; raise the upload's error."""
+        if self.replica is not None:
+            self.replica.wait(timeout)
 
     def latest_step(self) -> int | None:
         """The newest committed step (None when the directory has none)."""
@@ -192,11 +273,11 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         self.last_restore_note = None
-        steps = self.steps()
+        steps = self._restorable()
         if step is not None:
-            chosen = [s for s in steps if s.step == step]
+            chosen = [s for s in steps if s[0] == step]
             if not chosen:
-                have = ", ".join(str(s.step) for s in steps[-10:]) or "none"
+                have = ", ".join(str(s[0]) for s in steps[-10:]) or "none"
                 raise CheckpointNotFoundError(
                     f"{self.directory}: no committed step {step} (latest steps: {have})"
                 )
@@ -204,22 +285,46 @@ class CheckpointManager:
         if not steps:
             return None
         skipped: list[str] = []
-        for info in reversed(steps):
-            path = os.path.join(info.path, STATE_FILE)
-            try:
-                load_checkpoint(path, state, rng=self.rng, follow_symlinks=False)
-            except (CorruptionError, FormatError, OSError) as exc:
+        for number, paths in reversed(steps):
+            error = self._restore_one(paths, state)
+            if error is not None:
                 if not fallback or step is not None:
-                    raise
-                skipped.append(f"step {info.step}: {exc}")
+                    raise error
+                skipped.append(f"step {number}: {error}")
                 continue
             if skipped:
                 self.last_restore_note = (
-                    f"restored step {info.step} because newer steps failed: " + "; ".join(skipped)
+                    f"restored step {number} because newer steps failed: " + "; ".join(skipped)
                 )
                 warnings.warn(self.last_restore_note, stacklevel=2)
-            return info.step
+            return number
         raise CorruptionError(f"{self.directory}: no step could be restored: " + "; ".join(skipped))
+
+    def _restorable(self) -> list[tuple[int, list[str]]]:
+        """(step, state-file paths to try in order: local tier first), oldest step first."""
+        found: dict[int, list[str]] = {}
+        for info in self.steps():
+            found.setdefault(info.step, []).append(join(info.path, STATE_FILE))
+        for info in self.replica_steps():
+            found.setdefault(info.step, []).append(join(info.path, STATE_FILE))
+        return sorted(found.items())
+
+    def _restore_one(self, paths: list[str], state: MutableMapping[str, Any]) -> Exception | None:
+        """Load the first of ``paths`` that verifies; the last error when none does."""
+        error: Exception | None = None
+        for path in paths:
+            try:
+                load_checkpoint(
+                    path,
+                    state,
+                    rng=self.rng,
+                    storage_options=self.storage_options,
+                    follow_symlinks=False,  # a run directory may be someone else's
+                )
+                return None
+            except (CorruptionError, FormatError, OSError) as exc:
+                error = exc
+        return error
 
     # -- lifetime ------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -232,10 +337,12 @@ class CheckpointManager:
             return
         try:
             self.wait()
+            self.wait_replication()
         finally:
             self._closed = True
             self._saver.stager.release()
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TypedDict
 
 from .errors import TorchkeepError
+from .storage.backend import LOCAL, Backend
 from .storage.lock import DirLock
 from .storage.run_dir import StepInfo, delete_step, list_steps
 
@@ -128,19 +129,24 @@ def prune(
     keep_every: int | None = None,
     dry_run: bool = False,
     lock: bool = True,
+    backend: Backend | None = None,
+    protect: Collection[int] = (),
 ) -> list[int]:
     """Delete the committed steps no policy keeps; returns their numbers (sorted).
 
     ``dry_run`` only reports. ``lock`` takes the directory's writer lock (raising
     :class:`torchkeep.LockError` while a training run writes there); the manager, which
-    already holds it, passes ``lock=False``.
+    already holds it, passes ``lock=False``. ``backend`` is the store of ``directory`` (the
+    local disk by default; object stores have no lock). ``protect`` lists steps kept whatever
+    the policy (a two-tier manager's local steps not yet replicated).
     """
     directory = os.fspath(directory)
+    store = LOCAL if backend is None else backend
     holder = DirLock(directory)
-    if lock and not dry_run:
+    if lock and not dry_run and store is LOCAL:
         holder.acquire()
     try:
-        steps = list_steps(directory)
+        steps = list_steps(directory, store)
         reasons = kept_reasons(
             steps,
             keep_last=keep_last,
@@ -149,10 +155,10 @@ def prune(
             mode=mode,
             keep_every=keep_every,
         )
-        doomed = [s.step for s in steps if s.step not in reasons]
+        doomed = [s.step for s in steps if s.step not in reasons and s.step not in protect]
         if not dry_run:
             for step in doomed:
-                delete_step(directory, step)
+                delete_step(directory, step, store)
     finally:
         holder.release()
     return doomed

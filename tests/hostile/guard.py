@@ -9,6 +9,16 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+#: (suite, payload cases, guarded calls) of every guarded run in this session; the hostile
+#: conftest prints the total (the count docs/guarantees.md reports).
+TALLY: list[tuple[str, int, int]] = []
+
+
+def record(suite: str, results: list) -> None:
+    """Count a guarded run's payload cases and calls (trusted positive controls excluded)."""
+    calls = [r for r in results if "trusted" not in r["entry"]]
+    TALLY.append((suite, len({r["case"] for r in calls}), len(calls)))
+
 
 def run_guarded(cases: dict, tmp_path, sentinel: str | None = None, timeout: int = 1200) -> list:
     """One guarded subprocess over ``cases``; returns the list of per-call outcomes."""
@@ -25,4 +35,6 @@ def run_guarded(cases: dict, tmp_path, sentinel: str | None = None, timeout: int
         cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    record(os.path.basename(str(tmp_path)), results)
+    return results

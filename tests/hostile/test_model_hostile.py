@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 
+from guard import record
 from torch import nn
 
 import torchkeep
@@ -357,6 +358,7 @@ def test_whole_model_files_run_nothing_of_the_classes_they_name(tmp_path) -> Non
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    record("whole-model files", results)
     controls = [r for r in results if r["entry"] == "control trusted"]
     assert controls and all(r["fired"] for r in controls), [
         (r["case"], r["message"]) for r in controls

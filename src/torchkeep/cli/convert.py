@@ -7,9 +7,9 @@ import torch
 
 from .. import convert as core
 from ..model import save_model
-from ..readers.open import open_view
 from .render import err, human, opt, out, progress_bar
 from .safe_text import markup_safe
+from .sources import open_view
 
 
 def _whole_model(view: object, dst: str, fmt: str | None, shard: int | None) -> bool:

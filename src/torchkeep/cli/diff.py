@@ -11,11 +11,11 @@ import click
 import torch
 
 from ..format.dtypes import dtype_name
-from ..readers.open import open_view
 from ..readers.view import CheckpointView
 from .errors import EXIT_FAILED
 from .render import key_table, opt, out, print_json, progress_bar
 from .safe_text import sanitize
+from .sources import open_view
 from .structure import compare_structure, is_description_value, kind_of, structure_of
 
 _CHUNK = 1 << 20  # elements compared at a time: bounds the float64 temporaries (8 MB each)

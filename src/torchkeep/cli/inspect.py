@@ -8,10 +8,10 @@ import click
 from rich.table import Table
 
 from ..format.dtypes import dtype_name
-from ..readers.open import open_view
 from ..readers.view import CheckpointView, jsonable
 from .render import err, human, key_table, opt, out, print_json, progress_bar, tensor_row
 from .safe_text import sanitize
+from .sources import open_view
 
 _OPTIMIZER_SIGNS = [
     ({"betas", "amsgrad", "decoupled_weight_decay"}, "AdamW"),

@@ -12,6 +12,7 @@ from rich.table import Table
 from .. import retention
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
 from ..storage.run_dir import list_leftovers, list_steps
+from ..storage.urls import backend_for, is_url, remote_backend_for
 from .render import human, opt, out, print_json
 from .safe_text import markup_safe, sanitize
 
@@ -32,11 +33,13 @@ def policy_options(fn: Any) -> Any:
 
 def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
     """The ``--json`` object of ``ls``."""
-    if not os.path.exists(run_dir):
+    backend = backend_for(run_dir)  # a URL: the object store (credentials from the env)
+    kind = remote_backend_for(run_dir).kind(run_dir) if is_url(run_dir) else _local_kind(run_dir)
+    if kind is None:
         raise CheckpointNotFoundError(f"{run_dir}: no such run directory")
-    if not os.path.isdir(run_dir):
+    if kind != "dir":
         raise FormatError(f"{run_dir}: is a file; ls and prune take a run directory")
-    steps = list_steps(run_dir)
+    steps = list_steps(run_dir, backend)
     if not any(v is not None for k, v in policy.items() if k != "mode"):
         policy = recorded_policy(steps) or policy
     reasons = retention.kept_reasons(steps, **policy)
@@ -56,8 +59,14 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
         "path": run_dir,
         "policy": policy,
         "steps": rows,
-        "leftovers": list(list_leftovers(run_dir)),
+        "leftovers": list(list_leftovers(run_dir, backend)),
     }
+
+
+def _local_kind(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    return "dir" if os.path.isdir(path) else "file"
 
 
 def recorded_policy(steps: list[Any]) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ import click
 
 from .. import retention
 from ..errors import TorchkeepError
+from ..storage.urls import backend_for
 from .ls import listing, policy_options
 from .render import opt, out, print_json
 
@@ -32,7 +33,7 @@ def prune_cmd(run_dir: str, dry_run: bool, as_json: bool, **policy: Any) -> None
         raise click.UsageError("give a policy: --keep-last, --keep-best/--monitor or --keep-every")
     before = listing(run_dir, **policy)
     try:
-        doomed = retention.prune(run_dir, dry_run=dry_run, **policy)
+        doomed = retention.prune(run_dir, dry_run=dry_run, backend=backend_for(run_dir), **policy)
     except ValueError as exc:
         raise TorchkeepError(f"{run_dir}: {exc}") from exc
     kept = [row["step"] for row in before["steps"] if row["step"] not in doomed]

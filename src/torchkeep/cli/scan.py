@@ -18,6 +18,7 @@ from ..readers.dcp import METADATA_NAME, read_metadata
 from ..readers.export_archive import is_export_archive, scan_export_archive
 from ..readers.pickle_scan import scan_file
 from ..readers.torch_file import allowed_globals
+from ..storage.urls import is_url
 from ..transfer.reader import FileReader
 from .errors import EXIT_FAILED
 from .render import opt, out, print_json
@@ -118,7 +119,13 @@ def _walk(path: str) -> list[dict]:
 
 def scan_path(path: str) -> dict:
     """The ``--json`` object of ``scan``; ``verdict`` is ``safe`` or ``unsafe``."""
-    files = _walk(path)
+    if is_url(path):  # object stores hold torchkeep/safetensors files only: no pickle
+        kind = detect.sniff(path)
+        if kind == detect.SAFETENSORS:
+            FileReader(path).close()  # a malformed header is refused, not called "safe"
+        files = [{"file": path, "format": kind, "pickle": False, "globals": [], "problems": []}]
+    else:
+        files = _walk(path)
     unsafe = list(dict.fromkeys(item for f in files for item in _bad(f)))
     return {"path": path, "verdict": "unsafe" if unsafe else "safe", "unsafe": unsafe,
             "files": files}  # fmt: skip

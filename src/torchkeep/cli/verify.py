@@ -8,10 +8,10 @@ import click
 
 from ..errors import TorchkeepError, UnsafeFileError
 from ..readers import detect
-from ..readers.open import open_view
 from .errors import EXIT_FAILED, one_line
 from .render import opt, out, print_json, progress_bar
 from .safe_text import markup_safe, sanitize
+from .sources import is_sharded, open_view
 
 
 def verify_path(path: str, trusted: bool) -> dict:
@@ -21,7 +21,8 @@ def verify_path(path: str, trusted: bool) -> dict:
     and so does a pickle refused without ``--trusted`` (exit 4); a file that is recognized but
     damaged is a verdict: ``ok`` false with its problems.
     """
-    detect.sniff(path)  # CheckpointNotFoundError / FormatError: unreadable, not corrupt
+    if not is_sharded(path):
+        detect.sniff(path)  # CheckpointNotFoundError / FormatError: unreadable, not corrupt
     try:
         view = open_view(path, trusted=trusted)
     except UnsafeFileError:

@@ -6,7 +6,8 @@ import os
 import re
 
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
-from ..storage.run_dir import list_steps
+from ..storage.run_dir import META_FILE, STATE_FILE, list_steps
+from ..storage.urls import backend_for, is_url, remote_backend_for
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
@@ -46,7 +47,7 @@ def is_trainer_folder(names: list[str]) -> bool:
 def is_run_dir(path: str) -> bool:
     """A torchkeep run directory: at least one committed step (storage/run_dir.py)."""
     try:
-        return bool(list_steps(path))
+        return bool(list_steps(path, backend_for(path)))
     except (TorchkeepError, OSError):
         return False
 
@@ -72,9 +73,36 @@ def sniff_file(path: str) -> str:
     )
 
 
+def sniff_url(path: str) -> str:
+    """Format of an object-store checkpoint: a torchkeep run directory, step or file."""
+    backend = remote_backend_for(path)
+    kind = backend.kind(path)
+    if kind is None:
+        raise CheckpointNotFoundError(f"{path}: no such object or prefix")
+    if kind == "dir":
+        if is_run_dir(path):
+            return RUN_DIR
+        names = [e.name for e in backend.list(path)]
+        if STATE_FILE in names and META_FILE in names:
+            return RUN_STEP
+        raise FormatError(
+            f"{path}: prefix is not a torchkeep run directory or step (on object stores only "
+            "torchkeep run directories and single files are read)"
+        )
+    head = backend.read_range(path, 0, min(4096, backend.size(path)))
+    if len(head) >= 9 and head[8:9] == b"{":
+        return SAFETENSORS
+    raise FormatError(
+        f"{path}: not a torchkeep or safetensors file (other formats are read from local "
+        "paths only; download it first)"
+    )
+
+
 def sniff(path: str | os.PathLike) -> str:
     """Format of a file or directory checkpoint."""
     path = os.fspath(path)
+    if is_url(path):
+        return sniff_url(path)
     if not os.path.lexists(path):
         raise CheckpointNotFoundError(f"{path}: no such file or directory")
     if os.path.isdir(path):

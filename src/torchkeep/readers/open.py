@@ -13,7 +13,7 @@ from . import detect
 from .dcp import DcpView
 from .file_view import open_file_view
 from .folders import AccelerateView, TrainerView
-from .run_dir import RunView, StepFolderView
+from .run_dir import RunView, open_step
 from .safetensors_view import ShardedView
 from .view import CheckpointView
 
@@ -35,7 +35,7 @@ def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
     if kind == detect.RUN_DIR:
         return RunView(path, trusted)
     if kind == detect.RUN_STEP:
-        return StepFolderView(path, trusted)
+        return open_step(path, trusted)
     raise FormatError(f"{path}: format {kind!r} has no reader")
 
 

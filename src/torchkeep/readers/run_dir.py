@@ -11,7 +11,8 @@ import stat
 from typing import Any
 
 from ..errors import FormatError, TorchkeepError, UnsafePathError
-from ..storage.run_dir import list_leftovers, list_steps
+from ..storage.run_dir import STATE_FILE, join, list_leftovers, list_steps
+from ..storage.urls import backend_for, is_url
 from .file_view import open_file_view
 from .view import CheckpointView
 
@@ -21,6 +22,8 @@ def open_step(path: str, trusted: bool = False) -> CheckpointView:
 
     Nothing in a step is followed out of it: links and special files are refused.
     """
+    if is_url(path):  # an object-store step: its state file is the checkpoint
+        return open_file_view(join(path, STATE_FILE), trusted)
     if not stat.S_ISDIR(os.lstat(path).st_mode):
         return open_file_view(path, trusted, follow_symlinks=False)
     return StepFolderView(path, trusted)
@@ -69,14 +72,15 @@ class RunView(CheckpointView):
     """A run directory, shown as its newest committed step."""
 
     def __init__(self, path: str, trusted: bool = False) -> None:
-        self.steps = list_steps(path)
+        backend = backend_for(path)
+        self.steps = list_steps(path, backend)
         if not self.steps:
             raise FormatError(f"{path}: run directory holds no committed step")
         self.trusted = trusted
         self.latest = open_step(self.steps[-1].path, trusted)
         notes = list(self.latest.notes)
         notes += [f"{p}: incomplete save (ignored; swept on the next run)"
-                  for p in list_leftovers(path)]  # fmt: skip
+                  for p in list_leftovers(path, backend)]  # fmt: skip
         super().__init__(path, "torchkeep-run", self.latest.skeleton, notes)
         self.refs = self.latest.refs
         self.checksum_algorithm = self.latest.checksum_algorithm

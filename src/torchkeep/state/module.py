@@ -21,6 +21,7 @@ from ..format.dtypes import SAFETENSORS_TO_TORCH, dtype_from_name
 from ..format.tree import TAG
 from ..readers import detect
 from ..storage.fileobj import is_file_object, readable_copy
+from ..storage.urls import is_url
 from ..transfer.gcpause import paused_gc
 from ..transfer.reader import FileReader, int_list, materialize
 from .keys import match_keys
@@ -49,6 +50,7 @@ def load_state_dict(
     prefix: str | None = None,
     map_location: MapLocation = None,
     assign: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> LoadReport:
     """Load ``source`` (a path, a mapping or a binary file object) into ``model``; report it.
 
@@ -86,6 +88,11 @@ def load_state_dict(
             f"{type(source).__name__}"
         )
     path = os.fspath(source)
+    if is_url(path):  # torchkeep/safetensors objects: ranged reads straight into the model
+        with FileReader(path, storage_options) as reader:
+            return _load_file(
+                model, reader, verify=verify, strict=strict, key=key, prefix=prefix, place=place
+            )
     if detect.sniff(path) != detect.SAFETENSORS:  # torch.save file, or a folder checkpoint
         state = load(path, map_location=place.read_location(model), verify=verify)
         return _load_mapping(

@@ -26,18 +26,79 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .. import knobs
 from ..errors import StorageError
-from .io import FileOps, ops
+from .io import FileOps, ops, write_all
 from .local import atomic_file, commit_dir, discard_dir, make_temp_dir
 from .paths import open_regular
 
 #: Writes one file's bytes through ``ops`` into the open descriptor (``pwrite``/``pwritev``
 #: at offsets; the descriptor may be switched to direct I/O). Called once per file.
 Fill = Callable[[int, FileOps], None]
+
+
+class Payload(Protocol):
+    """One file's bytes, written either way a store needs them.
+
+    ``fill`` writes at offsets into an open descriptor (local disks: ``pwritev``, direct I/O);
+    ``chunks`` yields the bytes in file order (object stores: a streamed multipart upload);
+    it may be iterated again to retry an upload.
+    """
+
+    size: int
+
+    def fill(self, fd: int, file_ops: FileOps) -> None:
+        """Write all ``size`` bytes into ``fd`` through ``file_ops``."""
+
+    def chunks(self) -> Iterator[memoryview]:
+        """The ``size`` bytes in order, as buffers (no copy where the bytes already exist)."""
+
+
+class BytesPayload:
+    """A small file held in memory (``meta.json``, a commit marker)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def fill(self, fd: int, file_ops: FileOps) -> None:
+        write_all(file_ops, fd, memoryview(self.data), 0)
+
+    def chunks(self) -> Iterator[memoryview]:
+        yield memoryview(self.data)
+
+
+class LocalFilePayload:
+    """A committed local file streamed in order, one reused buffer of ``REMOTE_PART_BYTES``.
+
+    Each yielded view is valid until the next one is requested (uploads copy or send it first).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.size = os.path.getsize(path)
+
+    def fill(self, fd: int, file_ops: FileOps) -> None:
+        raise NotImplementedError("LocalFilePayload only streams (chunks)")
+
+    def chunks(self) -> Iterator[memoryview]:
+        piece = max(1, knobs.REMOTE_PART_BYTES)
+        buf = bytearray(min(piece, max(1, self.size)))
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.path, flags)
+        try:
+            at = 0
+            while at < self.size:
+                view = memoryview(buf)[: min(len(buf), self.size - at)]
+                _pread_exact(fd, self.path, view, at)
+                yield view
+                at += view.nbytes
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -69,8 +130,14 @@ class Backend(Protocol):
     def write_file(self, path: str, size: int, fill: Fill) -> None:
         """Create ``path`` (``size`` bytes, written by ``fill``) atomically and durably."""
 
+    def write_payload(self, path: str, payload: Payload) -> None:
+        """Create ``path`` from ``payload`` atomically and durably (the store picks the way)."""
+
     def read_into(self, path: str, ranges: Sequence[tuple[int, memoryview]]) -> None:
         """Fill each writable buffer with the bytes of ``path`` at its offset (exactly)."""
+
+    def committed(self, path: str, entries: list[Listed]) -> bool:
+        """Whether the unit at ``path`` (listed as ``entries``) is committed and complete."""
 
     def list(self, directory: str) -> list[Listed]:
         """Entries of ``directory`` sorted by name; FileNotFoundError when it does not exist."""
@@ -111,6 +178,12 @@ class LocalBackend:
     def write_file(self, path: str, size: int, fill: Fill) -> None:
         with atomic_file(path, size) as fd:
             fill(fd, ops())
+
+    def write_payload(self, path: str, payload: Payload) -> None:
+        self.write_file(path, payload.size, payload.fill)
+
+    def committed(self, path: str, entries: list[Listed]) -> bool:
+        return True  # a unit appears only by the rename that commits it
 
     def read_into(self, path: str, ranges: Sequence[tuple[int, memoryview]]) -> None:
         fd = open_regular(path)

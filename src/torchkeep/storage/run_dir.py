@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import UnsafePathError
-from .backend import LOCAL, Backend, Fill, Listed
-from .io import FileOps, write_all
+from .backend import LOCAL, Backend, BytesPayload, Listed, Payload
 from .local import is_temp
+from .upload import TEMP_PREFIX
 
 STATE_FILE = "state.tk"
 META_FILE = "meta.json"
@@ -48,6 +49,13 @@ class StepInfo:
     problems: list[str] = field(default_factory=list)  # meta.json values that were ignored
 
 
+def join(directory: str, name: str) -> str:
+    """``directory/name`` for local paths and URLs alike (URLs always use ``/``)."""
+    if "://" in directory:
+        return posixpath.join(directory, name)
+    return os.path.join(directory, name)
+
+
 def step_dirname(step: int) -> str:
     """``step-0000001234``: zero-padded so names sort like numbers."""
     return f"step-{step:010d}"
@@ -60,15 +68,17 @@ def read_meta(path: str, entries: list[Listed], backend: Backend = LOCAL) -> dic
         return {}
     data = bytearray(meta.size)
     try:
-        backend.read_into(os.path.join(path, META_FILE), [(0, memoryview(data))])
+        backend.read_into(join(path, META_FILE), [(0, memoryview(data))])
         obj = json.loads(data.decode("utf-8"))
     except (OSError, ValueError, UnsafePathError):  # StorageError (truncated) is an OSError
         return {}
     return obj if isinstance(obj, dict) else {}
 
 
-def _step_info(number: int, path: str, mtime: float, backend: Backend) -> StepInfo:
+def _step_info(number: int, path: str, mtime: float, backend: Backend) -> StepInfo | None:
     entries = backend.list(path)
+    if not backend.committed(path, entries):
+        return None  # an object-store prefix without a valid commit marker: incomplete
     meta = read_meta(path, entries, backend)
     problems: list[str] = []
     stamp = _checked_time(meta.get("time"), problems)
@@ -164,28 +174,44 @@ def list_steps(directory: str | os.PathLike, backend: Backend = LOCAL) -> list[S
         entries = backend.list(directory)
     except FileNotFoundError:
         return []
-    steps = []
+    steps: list[StepInfo] = []
     for entry in entries:
         match = _STEP_RE.match(entry.name)
         if match is None or entry.kind != "dir":
             continue
         try:
-            path = os.path.join(directory, entry.name)
+            path = join(directory, entry.name)
             info = _step_info(int(match[1]), path, entry.mtime, backend)
         except FileNotFoundError:  # retention deleted it while we listed: not a step anymore
             continue
-        steps.append(info)
+        if info is not None:
+            steps.append(info)
     return sorted(steps, key=lambda s: s.step)
 
 
 def list_leftovers(directory: str | os.PathLike, backend: Backend = LOCAL) -> list[str]:
-    """Paths of incomplete saves and half-deleted steps (temporaries) in a run directory."""
+    """Paths of incomplete saves and half-deleted steps (temporaries) in a run directory.
+
+    On an object store these are step prefixes without a valid commit marker and temporary
+    upload keys.
+    """
     directory = os.fspath(directory)
     try:
         entries = backend.list(directory)
     except FileNotFoundError:
         return []
-    return [os.path.join(directory, e.name) for e in entries if is_temp(e.name)]
+    out = []
+    for e in entries:
+        path = join(directory, e.name)
+        if is_temp(e.name) or e.name.startswith(TEMP_PREFIX):
+            out.append(path)
+        elif _STEP_RE.match(e.name) and e.kind == "dir" and backend is not LOCAL:
+            try:
+                if not backend.committed(path, backend.list(path)):
+                    out.append(path)
+            except FileNotFoundError:
+                continue
+    return out
 
 
 def step_exists(directory: str, step: int, backend: Backend = LOCAL) -> bool:
@@ -199,36 +225,30 @@ def step_exists(directory: str, step: int, backend: Backend = LOCAL) -> bool:
 
 def delete_step(directory: str, step: int, backend: Backend = LOCAL) -> None:
     """Remove a committed step: hidden first (renamed to a trash name), then deleted."""
-    backend.delete(os.path.join(directory, step_dirname(step)))
+    backend.delete(join(directory, step_dirname(step)))
 
 
 def _write_json(backend: Backend, path: str, obj: dict) -> None:
-    data = json.dumps(obj, indent=1, allow_nan=True).encode()
-
-    def fill(fd: int, file_ops: FileOps) -> None:
-        write_all(file_ops, fd, memoryview(data), 0)
-
-    backend.write_file(path, len(data), fill)
+    backend.write_payload(path, BytesPayload(json.dumps(obj, indent=1, allow_nan=True).encode()))
 
 
 def write_step(
     directory: str,
     step: int,
-    state_size: int,
-    write_state: Fill,
+    state: Payload,
     metrics: dict,
     stamp: float,
     policy: Mapping[str, Any] | None = None,
     backend: Backend = LOCAL,
 ) -> str:
-    """Write one step (``state.tk`` by ``write_state``, then ``meta.json``) and commit it.
+    """Write one step (``state.tk`` from ``state``, then ``meta.json``) and commit it.
 
     Returns the step's path. On any error the staged step is dropped and nothing is visible.
     """
-    target = os.path.join(directory, step_dirname(step))
+    target = join(directory, step_dirname(step))
     staged = backend.stage(target)
     try:
-        backend.write_file(os.path.join(staged, STATE_FILE), state_size, write_state)
+        backend.write_payload(join(staged, STATE_FILE), state)
         listed = backend.list(staged)
         files = [{"name": e.name, "size": e.size} for e in listed if e.name == STATE_FILE]
         meta = {
@@ -240,7 +260,7 @@ def write_step(
         }
         if policy is not None:
             meta["policy"] = policy
-        _write_json(backend, os.path.join(staged, META_FILE), meta)
+        _write_json(backend, join(staged, META_FILE), meta)
         backend.commit(staged, target)
     except BaseException:
         backend.abandon(staged)

@@ -30,9 +30,10 @@ from .. import knobs
 from ..storage.aligned import align_up
 from ..storage.io import ops
 from ..storage.local import atomic_file
+from ..storage.urls import backend_for, is_url, normalize
 from .direct_writer import direct_alignment
 from .pool import exiting, parallel_copy
-from .writer import PreparedFile, prepare, write_prepared
+from .writer import PreparedFile, PreparedPayload, prepare, write_prepared
 
 
 class SaveHandle:
@@ -225,29 +226,53 @@ else:  # pragma: no cover - other Python implementations
     atexit.register(_wait_all)
 
 
-def write_file(prepared: PreparedFile, path: str) -> str:
-    """Write ``prepared`` to a temporary next to ``path``, fsync, and rename it into place."""
+def write_file(
+    prepared: PreparedFile, path: str, storage_options: dict[str, Any] | None = None
+) -> str:
+    """Write ``prepared`` to a temporary next to ``path``, fsync, and rename it into place.
+
+    A URL streams to the object store instead (``storage/upload.py``): the object appears
+    whole when the upload completes, or not at all.
+    """
+    if is_url(path):
+        backend_for(path, storage_options).write_payload(path, PreparedPayload(prepared))
+        return path
     with atomic_file(path, prepared.total_bytes) as fd:
         write_prepared(prepared, fd, ops())
     return path
 
 
 def save_async(
-    obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
+    obj: Any,
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> SaveHandle:
     """Start saving ``obj`` to ``path``; returns once the tensors are snapshotted.
 
     The object is validated first (errors raise here, before anything is written). If a
     previous ``save_async`` is still running this call waits for it first (one in flight).
     Errors of the background write are raised by the handle's ``wait()``/``result()``.
+    ``path`` may be an fsspec URL (``storage_options`` configure its filesystem).
     """
-    path = os.path.abspath(os.fspath(path))
+    path = normalize(path)
     prepared = prepare(obj, metadata)
-    return _DEFAULT.start(lambda: write_file(prepared, path), prepared, path, background=True)
+    return _DEFAULT.start(
+        lambda: write_file(prepared, path, storage_options), prepared, path, background=True
+    )
 
 
-def save_blocking(obj: Any, path: str, *, metadata: dict[str, str] | None = None) -> None:
+def save_blocking(
+    obj: Any,
+    path: str,
+    *,
+    metadata: dict[str, str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
     """The synchronous save: the same pipeline run inline, without a snapshot copy."""
-    path = os.path.abspath(os.fspath(path))
+    path = normalize(path)
     prepared = prepare(obj, metadata)
-    _DEFAULT.start(lambda: write_file(prepared, path), prepared, path, background=False).wait()
+    _DEFAULT.start(
+        lambda: write_file(prepared, path, storage_options), prepared, path, background=False
+    ).wait()

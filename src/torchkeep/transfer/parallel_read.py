@@ -40,13 +40,16 @@ MAX_IOV = min(512, IOV_MAX)
 SPLIT_MIN_BYTES = 4 << 20
 
 
-def chunk_plan(size: int, lone: bool) -> int:
+def chunk_plan(size: int, lone: bool, remote: bool = False) -> int:
     """Piece size in which an entry of ``size`` bytes is read, or 0 to read it in one job.
 
     Entries up to ``CHUNK_BYTES`` are read whole, so that a worker can hash them in parallel
     with the others; a lone tensor (lazy access) is split from ``SPLIT_MIN_BYTES`` on, into
     as many pieces as there are threads if that makes them smaller than ``READ_CHUNK_BYTES``.
     """
+    if remote:  # few large ranged GETs: each request has a fixed cost
+        piece = max(1, knobs.REMOTE_READ_BYTES)
+        return piece if size > piece else 0
     piece = max(1, knobs.READ_CHUNK_BYTES)
     if lone:
         if size <= SPLIT_MIN_BYTES:
@@ -89,14 +92,16 @@ def plan_reads(reader: FileReader, items: list[tuple[str, torch.Tensor]]) -> lis
     placed.sort(key=lambda p: p[0])
     jobs: list[ReadJob] = []
     batch: ReadJob | None = None
+    remote = reader.remote is not None
+    limit = knobs.REMOTE_READ_BYTES if remote else knobs.BATCH_BYTES
     for offset, key, view in placed:
         size = view.nbytes
-        piece = chunk_plan(size, lone=len(placed) == 1)
+        piece = chunk_plan(size, lone=len(placed) == 1, remote=remote)
         if piece:
             batch = None
             jobs.extend(_chunk_jobs(offset, key, view, piece))
             continue
-        if batch is None or not _fits(batch, offset, size):
+        if batch is None or not _fits(batch, offset, size, limit):
             batch = ReadJob(offset=offset, end=offset)
             jobs.append(batch)
         if offset > batch.end:
@@ -108,10 +113,10 @@ def plan_reads(reader: FileReader, items: list[tuple[str, torch.Tensor]]) -> lis
     return jobs
 
 
-def _fits(batch: ReadJob, offset: int, size: int) -> bool:
+def _fits(batch: ReadJob, offset: int, size: int, limit: int) -> bool:
     return (
         offset >= batch.end
-        and offset + size - batch.offset <= knobs.BATCH_BYTES
+        and offset + size - batch.offset <= limit
         and len(batch.buffers) + 2 <= MAX_IOV
     )
 
@@ -130,6 +135,9 @@ def _chunk_jobs(offset: int, key: str, view: memoryview, chunk: int) -> list[Rea
 
 def _preadv_all(reader: FileReader, buffers: list[memoryview], offset: int) -> None:
     """Fill every buffer from ``offset`` on, resuming after short reads."""
+    if reader.remote is not None:  # one ranged GET for the whole run of buffers
+        reader.remote.read_into(reader.path, _scatter(buffers, offset))
+        return
     bufs = [b for b in buffers if b.nbytes]
     while bufs:
         try:
@@ -142,11 +150,36 @@ def _preadv_all(reader: FileReader, buffers: list[memoryview], offset: int) -> N
         bufs = skip_bytes(bufs, n)
 
 
+def _scatter(buffers: list[memoryview], offset: int) -> list[tuple[int, memoryview]]:
+    """(offset, buffer) pairs of buffers that lie back to back from ``offset``."""
+    out = []
+    for buffer in buffers:
+        if buffer.nbytes:
+            out.append((offset, buffer))
+        offset += buffer.nbytes
+    return out
+
+
+def _read_remote(reader: FileReader, job: ReadJob) -> list[tuple[str, str]]:
+    """A remote batch: one ranged read of its span into a bounded buffer, scattered into the
+    destinations, then each whole entry hashed."""
+    data = reader.remote.read_range(reader.path, job.offset, job.end - job.offset)
+    view = memoryview(data)
+    at = 0
+    for buffer in job.buffers:
+        buffer[:] = view[at : at + buffer.nbytes]
+        at += buffer.nbytes
+    del view, data
+    return [(key, checksum.digest(v)) for key, v in job.members]
+
+
 def _do_job(reader: FileReader, job: ReadJob, verify: bool) -> list[tuple[str, str]]:
     """Worker side: read the job; checksum whole entries here, in parallel."""
     if not verify or job.chunk_of is not None:
         _preadv_all(reader, job.buffers, job.offset)
         return []
+    if reader.remote is not None:
+        return _read_remote(reader, job)
     return _read_hashing(reader, job)
 
 
@@ -205,11 +238,14 @@ def run_reads(reader: FileReader, jobs: list[ReadJob], verify: bool) -> None:
     pending: deque[tuple[ReadJob, Future]] = deque()
     todo = iter(jobs)
     threads = max(1, knobs.IO_THREADS)
+    ahead = 2 * threads
+    if reader.remote is not None:  # jobs in flight bounded by the remote buffer pool
+        ahead = max(1, min(ahead, knobs.REMOTE_BUFFER_BYTES // max(1, knobs.REMOTE_READ_BYTES)))
     pool = io_pool()
     try:
         for job in todo:
             pending.append((job, pool.submit(_do_job, reader, job, verify)))
-            if len(pending) >= 2 * threads:
+            if len(pending) >= ahead:
                 break
         while pending:
             job, future = pending.popleft()

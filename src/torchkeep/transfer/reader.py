@@ -25,6 +25,7 @@ from ..format.memory import byte_view
 from ..format.tree import TAG
 from ..format.tree_decode import decode, iter_tensor_nodes
 from ..storage.paths import open_regular
+from ..storage.urls import backend_for, is_url
 from .gcpause import paused_gc
 from .parallel_read import plan_reads, run_reads
 from .pool import drain, io_pool
@@ -35,25 +36,40 @@ MapLocation = Any  # None | str | torch.device | dict[str, str]
 class FileReader:
     """An open torchkeep/safetensors file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike, *, follow_symlinks: bool = True) -> None:
-        """Open ``path``; ``follow_symlinks=False`` for files found in a directory (a link there
-        could lead outside it). Anything but a regular file is refused."""
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        follow_symlinks: bool = True,
+    ) -> None:
+        """Open ``path`` (a local file or an fsspec URL); ``follow_symlinks=False`` for files
+        found in a directory (a link there could lead outside it). Anything but a regular file
+        is refused."""
         self.path = os.fspath(path)
-        self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
+        #: The object store of a URL (ranged reads through fsspec), None for a local file.
+        self.remote: Any = None
+        if is_url(self.path):
+            self.remote = backend_for(self.path, storage_options)
+            self._fd = -1
+        else:
+            self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
         try:
-            self.size = os.fstat(self._fd).st_size  # a regular file: open_regular checked
+            self.size = self.remote.size(self.path) if self.remote else os.fstat(self._fd).st_size
             with paused_gc():  # a header can hold tens of thousands of small dicts
                 self.header = self._read_header()
                 self.checksums = self._read_checksums()
                 self.tree = self._read_tree()
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
         self._mapped: torch.Tensor | None = None
         self._scratch: bytearray | None = None  # verify_entry's reusable read buffer
 
     # -- opening ---------------------------------------------------------------------------
     def _pread(self, size: int, offset: int) -> bytes:
+        if self.remote is not None:
+            return self.remote.read_range(self.path, offset, size)
         chunks, done = [], 0
         while done < size:
             piece = os.pread(self._fd, min(size - done, 1 << 30), offset + done)
@@ -179,6 +195,9 @@ class FileReader:
         run_reads(self, jobs, bool(verify and self.checksums))
 
     def _preadinto(self, buf: memoryview, offset: int) -> None:
+        if self.remote is not None:
+            self.remote.read_into(self.path, [(offset, buf)])
+            return
         done = 0
         while done < buf.nbytes:
             try:
@@ -205,7 +224,12 @@ class FileReader:
         return out
 
     def map_entry(self, key: str, verify: bool = False) -> torch.Tensor:
-        """Entry ``key`` as a tensor backed by a private memory map of the file (no copy)."""
+        """Entry ``key`` as a tensor backed by a private memory map of the file (no copy).
+
+        An object has no memory map: a URL's entry is read (verified when asked) instead.
+        """
+        if self.remote is not None:
+            return self.read_entry(key, verify)
         info = self.entry(key)
         if self._mapped is None:
             # torch's stub types from_file loosely; on UntypedStorage it returns one.
@@ -234,11 +258,12 @@ class FileReader:
         info = self.entry(key)
         hasher = checksum.new_hasher()
         start = self.header.data_start + info.begin
-        step = max(1, knobs.READ_PIECE_BYTES)
+        step = max(1, knobs.REMOTE_PART_BYTES if self.remote else knobs.READ_PIECE_BYTES)
         if scratch is None:
             if self._scratch is None or len(self._scratch) < min(info.nbytes, step):
                 self._scratch = bytearray(step)
             scratch = self._scratch
+        step = min(step, len(scratch))
         for lo in range(0, info.nbytes, step):
             view = memoryview(scratch)[: min(step, info.nbytes - lo)]
             self._preadinto(view, start + lo)
@@ -259,7 +284,7 @@ class FileReader:
             return
         lanes = max(1, min(knobs.IO_THREADS, len(todo)))
         groups = [todo[i::lanes] for i in range(lanes)]
-        piece = max(1, knobs.READ_PIECE_BYTES)
+        piece = max(1, knobs.REMOTE_PART_BYTES if self.remote else knobs.READ_PIECE_BYTES)
 
         def lane(group: list[str]) -> None:
             scratch = bytearray(piece)
@@ -307,6 +332,12 @@ class FileReader:
                 if cpu_key not in cache:
                     if lazy and verify:  # from disk through a small buffer, not the mapping
                         self.verify_entry(key)  # (hashing mapped pages makes them resident)
+                    if lazy and self.remote is not None:  # shape only: read into place later
+                        info = self.entry(key)
+                        cache[cpu_key] = torch.empty(
+                            info.shape, dtype=SAFETENSORS_TO_TORCH[info.dtype]
+                        )
+                        return cache[cpu_key]
                     cache[cpu_key] = (
                         self.map_entry(key, verify and not lazy)
                         if mmap or lazy

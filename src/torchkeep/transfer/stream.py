@@ -9,9 +9,11 @@ Peak memory is about the largest tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +24,32 @@ from ..format import checksum, header
 from ..format.dtypes import TORCH_TO_SAFETENSORS, dtype_name, storage_dtype
 from ..format.memory import byte_view
 from ..format.tree import encode
+from ..storage.backend import LocalFilePayload
 from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
+from ..storage.urls import backend_for, is_url
+
+
+@contextlib.contextmanager
+def destination(path: str, size: int) -> Iterator[int]:
+    """An atomic local file, or for a URL a local temporary file uploaded whole at the end.
+
+    A conversion fetches tensors one by one and patches its header last, so for an object
+    store it is assembled locally first (a local temporary of the output's size) and then
+    uploaded with the store's atomic upload; the temporary is removed either way.
+    """
+    if not is_url(path):
+        with atomic_file(path, size) as fd:
+            yield fd
+        return
+    handle, temp = tempfile.mkstemp(prefix="torchkeep-convert-", suffix=".tmp")
+    try:
+        yield handle
+        os.fsync(handle)
+        backend_for(path).write_payload(path, LocalFilePayload(temp))
+    finally:
+        os.close(handle)
+        os.unlink(temp)
 
 
 @dataclass
@@ -115,7 +141,7 @@ def write_safetensors(
     layout(entries, plain=True)
     head = header.encode_header(_header_entries(entries), {"format": "pt", **(metadata or {})})
     size = len(head) + (entries[-1].end if entries else 0)
-    with atomic_file(os.fspath(path), size) as fd:
+    with destination(os.fspath(path), size) as fd:
         write_all(ops(), fd, memoryview(head), 0)
         _write_data(fd, entries, len(head), progress)
 
@@ -152,7 +178,7 @@ def write_torchkeep(
     user = dict(metadata or {})
     placeholder = _torchkeep_header(ordered, tree, user, None)
     size = len(placeholder) + (ordered[-1].end if ordered else 0)
-    with atomic_file(os.fspath(path), size) as fd:
+    with destination(os.fspath(path), size) as fd:
         write_all(ops(), fd, memoryview(placeholder), 0)
         sums = _write_data(fd, ordered, len(placeholder), progress)
         final = _torchkeep_header(ordered, tree, user, sums)

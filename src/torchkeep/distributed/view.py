@@ -1,0 +1,112 @@
+"""A sharded checkpoint seen as one checkpoint of full tensors (for inspect, verify, diff,
+convert).
+
+Each tensor is a :class:`Ref` whose ``fetch`` assembles the full tensor from its chunks, every
+chunk read with its checksum verified and checked against the metadata: one tensor in memory
+at a time, so ``convert`` consolidates a model of any size into one file (or HF shards) with
+memory for about its largest tensor. The nested structure comes from DCP's flattening map
+(``mappings``), so names read as in the saved state (``modules.model.0.weight``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+from ..format import checksum
+from ..readers.view import CheckpointView, Ref
+from . import metadata as meta
+from .check import verify
+from .reader import ShardFile
+
+FORMAT = "torchkeep-sharded"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a directory holding torchkeep's sharded-checkpoint metadata."""
+    return os.path.isfile(os.path.join(os.fspath(path), meta.METADATA_FILE))
+
+
+class ShardedView(CheckpointView):
+    """The view of a committed :class:`~torchkeep.distributed.TorchkeepWriter` checkpoint."""
+
+    checksum_algorithm = checksum.ALGORITHM
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = os.path.abspath(os.fspath(path))
+        self.path = path
+        self.parsed = meta.read(path)
+        self._shards: dict[int, ShardFile] = {}
+        try:
+            skeleton = self._skeleton(path)
+        except BaseException:
+            self.close()
+            raise
+        notes = [f"sharded by {self.parsed.world_size} rank(s); tensors shown whole"]
+        super().__init__(path, FORMAT, skeleton, notes)
+
+    def _shard(self, file: int) -> ShardFile:
+        if file not in self._shards:
+            self._shards[file] = ShardFile(os.path.join(self.path, meta.rank_file(file)))
+        return self._shards[file]
+
+    def _skeleton(self, path: str) -> dict:
+        metadata = self.parsed.metadata
+        mappings = metadata.planner_data or {}
+        skeleton: dict = {}
+        for fqn, spec in metadata.state_dict_metadata.items():
+            if isinstance(spec, TensorStorageMetadata):
+                leaf: Any = Ref(fqn, spec.properties.dtype, tuple(spec.size), self._fetcher(fqn))
+            else:
+                stored = metadata.storage_data[_index(fqn)]
+                leaf = self._shard(stored.file).value(stored.name)
+            _place(skeleton, [str(p) for p in mappings.get(fqn, (fqn,))], leaf)
+        return skeleton
+
+    def _fetcher(self, fqn: str) -> Callable[[], torch.Tensor]:
+        def fetch() -> torch.Tensor:
+            metadata = self.parsed.metadata
+            spec = metadata.state_dict_metadata[fqn]
+            assert isinstance(spec, TensorStorageMetadata)
+            full = torch.empty(tuple(spec.size), dtype=spec.properties.dtype)
+            for chunk in spec.chunks:
+                stored = metadata.storage_data[_index(fqn, chunk.offsets)]
+                shard = self._shard(stored.file)
+                data = shard.chunk(stored.name, spec, chunk.sizes)
+                shard.cache.clear()
+                region = full
+                for dim, (lo, n) in enumerate(zip(chunk.offsets, chunk.sizes)):
+                    region = region.narrow(dim, lo, n)
+                region.copy_(data)
+            return full
+
+        return fetch
+
+    def check(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        problems = verify(self.path)
+        if progress is not None:
+            progress(self.total_bytes)
+        return problems
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()
+
+
+def _index(fqn: str, offsets: Any = None) -> MetadataIndex:
+    return MetadataIndex(fqn, offsets)
+
+
+def _place(tree: dict, path: list[str], leaf: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):  # a value and a container under one name: keep both
+            child = node[part] = {"": child}
+        node = child
+    node[path[-1]] = leaf
