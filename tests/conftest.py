@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -46,3 +47,17 @@ def s3_server():
 def s3_run(s3_server) -> str:
     """A fresh bucket's URL prefix: ``s3://<bucket>``."""
     return f"s3://{s3_server.new_bucket()}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest hook
+    """How many hostile payloads went through how many guarded entry points (tests/hostile)."""
+    guard = sys.modules.get("guard")
+    tally = getattr(guard, "TALLY", None)
+    if not tally:
+        return
+    cases = sum(c for _, c, _ in tally)
+    calls = sum(n for _, _, n in tally)
+    terminalreporter.write_line(
+        f"hostile harness: {cases} payload cases x their entry points = {calls} guarded calls "
+        f"(audit hook, memory cap, time bound, sentinel) in {len(tally)} runs"
+    )

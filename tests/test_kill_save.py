@@ -161,6 +161,13 @@ def sweep_and_check(directory, target: str) -> int:
     return len(leftovers)
 
 
+def _wait_for_first_save(flag, limit: float = 60.0) -> None:
+    """Until the child is inside its first save (byte 0 of the flag), at most ``limit`` s."""
+    deadline = time.monotonic() + limit
+    while flag.read_bytes()[:1] != b"\1" and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
 def test_random_sigkill_during_repeated_saves(tmp_path, zygote, long_run):
     path = tmp_path / "ckpt.tk"
     torchkeep.save(generation(0), path)
@@ -170,7 +177,8 @@ def test_random_sigkill_during_repeated_saves(tmp_path, zygote, long_run):
     for _ in range(trials):
         flag.write_bytes(b"\0\0")
         pid = zygote.spawn("loop", path, gen, flag)
-        time.sleep(rng.uniform(0.0, 0.5))  # a random moment, not an assertion on time
+        _wait_for_first_save(flag)  # a loaded machine may take long to start the child
+        time.sleep(rng.uniform(0.0, 0.3))  # a random moment, not an assertion on time
         os.kill(pid, signal.SIGKILL)
         zygote.reap(pid)
         landed += flag.read_bytes() == b"\1\1"  # inside a save, after its temp file opened
