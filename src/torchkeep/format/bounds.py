@@ -10,6 +10,7 @@ knob that raises the limit (``knobs.MAX_EXPANSION``, ``EXPANSION_FLOOR_BYTES``,
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -99,3 +100,34 @@ def check_hash_spread(keys: list, where: str) -> None:
             f"{where}: {longest} of its {len(keys)} keys have the same hash (duplicates or hash "
             f"flooding), over the limit of {limit} (TORCHKEEP_MAX_HASH_COLLISIONS)"
         )
+
+
+class HashTally:
+    """A running count of one container's key hashes, for keys inserted one batch at a time.
+
+    The streaming counterpart of :func:`check_hash_spread` (the pickle scan sees keys as
+    opcodes add them): counting is O(1) a key, because the counter's own keys are hash values,
+    which never collide with each other (``hash(h) == h`` for every hash value ``h``).
+    """
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] | None = None  # created on the first key: most have none
+
+    def add(self, hashes: Iterable[int]) -> int:
+        """Count ``hashes``; the most keys any one of them is now shared by (0 for none)."""
+        counts = self.counts
+        if counts is None:
+            counts = self.counts = Counter()
+        worst = 0
+        for h in hashes:
+            n = counts[h] + 1
+            counts[h] = n
+            worst = max(worst, n)
+        return worst
+
+
+def flooded(shared: int) -> bool:
+    """Whether ``shared`` keys with one hash value are over ``MAX_HASH_COLLISIONS``."""
+    return shared > knobs.MAX_HASH_COLLISIONS

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .. import knobs
+from ..format.bounds import flooded
+from .pickle_keys import Box, HashTally, Tup, constructor_keys, known_hashes
 
 
 class ScanLimitError(Exception):
@@ -41,6 +43,7 @@ class Instance:
     """The result of calling or instantiating the global ``ref``."""
 
     ref: str
+    tally: HashTally = field(default_factory=HashTally, compare=False, repr=False)
 
 
 class _Opaque:
@@ -53,16 +56,16 @@ class _Opaque:
         return f"<{self.kind}>"
 
 
-LIST, DICT, TUPLE, SET, FROZENSET = map(_Opaque, ("list", "dict", "tuple", "set", "frozenset"))
-SCALAR, BYTES, BUFFER, PERSISTENT = map(_Opaque, ("scalar", "bytes", "buffer", "persistent"))
-_MUTABLE = (LIST, DICT, SET)
+BYTES, BUFFER, PERSISTENT = map(_Opaque, ("bytes", "buffer", "persistent"))
+_MUTABLE = ("list", "dict", "set")
 _STR_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE",
             "BINUNICODE", "BINUNICODE8"}  # fmt: skip
 _INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
-_SCALAR_OPS = {"FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE"}
-_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
-_EMPTY = {"EMPTY_LIST": LIST, "EMPTY_DICT": DICT, "EMPTY_TUPLE": TUPLE, "EMPTY_SET": SET}
-_FROM_MARK = {"LIST": LIST, "DICT": DICT, "TUPLE": TUPLE, "FROZENSET": FROZENSET}
+_CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
+_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}  # pushed as is: they can be keys
+_EMPTY = {"EMPTY_LIST": "list", "EMPTY_DICT": "dict", "EMPTY_SET": "set"}
+_FROM_MARK = {"LIST": "list", "DICT": "dict", "FROZENSET": "frozenset"}
+_MEMO_INDEX_LIMIT = 2**32  # what LONG_BINPUT can spell; text PUT indices beyond it are refused
 _TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 
 
@@ -168,7 +171,8 @@ def _describe(value: Any) -> str:
         return "an int"
     if isinstance(value, Global):
         return f"the global {value.ref} itself"
-    return f"a {value.kind}" if isinstance(value, _Opaque) else repr(type(value).__name__)
+    kind = getattr(value, "kind", None)
+    return f"a {kind}" if type(kind) is str else repr(type(value).__name__)
 
 
 def _ext(m: Machine, code: Any) -> None:
@@ -188,14 +192,35 @@ def _build(m: Machine) -> None:
 def _fill(m: Machine, op: str) -> None:
     """APPEND(S)/SETITEM(S)/ADDITEMS: the target must be a container, never a global."""
     if op in ("APPENDS", "SETITEMS", "ADDITEMS"):
-        m.pop_mark()
+        items = m.pop_mark()
     else:
-        m.pop()
+        items = [m.pop()]
         if op == "SETITEM":
-            m.pop()
+            items.insert(0, m.pop())
     target = m.top()
-    if not (target in _MUTABLE or isinstance(target, Instance)):
+    mutable = type(target) is Box and target.kind in _MUTABLE
+    if not (mutable or isinstance(target, Instance)):
         raise PickleError(f"{op} on {_describe(target)}")
+    if op.startswith("APPEND"):
+        if mutable and target.elems is not None:
+            target.elems.extend(items)
+        return
+    _tally(target, items[0::2] if op.startswith("SETITEM") else items)
+
+
+def _tally(target: Box | Instance, keys: list[Any]) -> None:
+    """Count the hashes of ``keys`` inserted into ``target``; refuse a flood (quadratic load)."""
+    shared = target.tally.add(known_hashes(keys))
+    if flooded(shared):
+        raise PickleError(
+            f"hash flooding: {shared} keys of one {_container(target)} share one hash (over "
+            f"the limit of {knobs.MAX_HASH_COLLISIONS}; building it would take quadratic time); "
+            "raise TORCHKEEP_MAX_HASH_COLLISIONS if this file is legitimate"
+        )
+
+
+def _container(target: Box | Instance) -> str:
+    return target.kind if type(target) is Box else target.ref
 
 
 def _push_arg(m: Machine, arg: Any) -> None:
@@ -216,8 +241,8 @@ def _pop(m: Machine, arg: Any) -> None:
 
 
 def _put(m: Machine, index: Any) -> None:
-    if index < 0:
-        raise PickleError("negative memo index")
+    if not 0 <= index < _MEMO_INDEX_LIMIT:  # a huge text PUT index could flood the memo dict
+        raise PickleError(f"memo index {index} out of range")
     m.grow(index not in m.memo)
     m.memo[index] = m.top()
 
@@ -254,6 +279,18 @@ def _call_popping(n_args: int, how: str):
     return handler
 
 
+def _reduce(m: Machine, arg: Any) -> None:
+    """REDUCE: ``set(list)``, ``OrderedDict(pairs)`` and the like insert keys; count them."""
+    args = m.pop()
+    func = m.pop()
+    result = m.call(func, "REDUCE")
+    keys = constructor_keys(func.ref, args)
+    if keys:
+        m.grow(len(keys))  # a memoized list fed to set() again and again is memory too
+        _tally(result, keys)
+    m.push(result)
+
+
 def _obj(m: Machine, arg: Any) -> None:
     items = m.pop_mark()
     if not items:
@@ -280,19 +317,30 @@ def _const(value: Any):
     return lambda m, arg: m.push(value)
 
 
-def _from_mark(value: Any):
+def _empty(kind: str):
+    return lambda m, arg: m.push(Box(kind, []))
+
+
+def _from_mark(kind: str):
     def handler(m: Machine, arg: Any) -> None:
-        m.pop_mark()
-        m.push(value)
+        items = m.pop_mark()
+        box = Box(kind, items)
+        if kind != "list":
+            _tally(box, items[0::2] if kind == "dict" else items)
+        m.push(box)
 
     return handler
 
 
+def _tuple(m: Machine, arg: Any) -> None:
+    m.push(Tup(m.pop_mark()))
+
+
 def _tuple_n(n: int):
     def handler(m: Machine, arg: Any) -> None:
-        for _ in range(n):
-            m.pop()
-        m.push(TUPLE)
+        items = [m.pop() for _ in range(n)]
+        items.reverse()
+        m.push(Tup(items))
 
     return handler
 
@@ -302,11 +350,10 @@ def _nothing(m: Machine, arg: Any) -> None:
 
 
 HANDLERS: dict[str, Any] = {
-    **{op: _push_arg for op in _STR_OPS | _INT_OPS},
-    **{op: _const(SCALAR) for op in _SCALAR_OPS},
-    **{op: _const(BYTES) for op in _BYTES_OPS},
-    **{op: _const(value) for op, value in _EMPTY.items()},
-    **{op: _from_mark(value) for op, value in _FROM_MARK.items()},
+    **{op: _push_arg for op in _STR_OPS | _INT_OPS | _BYTES_OPS | {"FLOAT", "BINFLOAT"}},
+    **{op: _const(value) for op, value in _CONSTANTS.items()},
+    **{op: _empty(kind) for op, kind in _EMPTY.items()},
+    **{op: _from_mark(kind) for op, kind in _FROM_MARK.items()},
     **{op: _tuple_n(n) for op, n in _TUPLE_N.items()},
     **{op: _put for op in ("PUT", "BINPUT", "LONG_BINPUT")},
     **{op: _get for op in ("GET", "BINGET", "LONG_BINGET")},
@@ -315,6 +362,9 @@ HANDLERS: dict[str, Any] = {
         for op in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS")
     },
     **{op: _ext for op in ("EXT1", "EXT2", "EXT4")},
+    "BYTEARRAY8": _const(BYTES),
+    "EMPTY_TUPLE": lambda m, arg: m.push(Tup([])),
+    "TUPLE": _tuple,
     "MARK": _mark,
     "POP": _pop,
     "POP_MARK": lambda m, arg: m.pop_mark(),
@@ -323,7 +373,7 @@ HANDLERS: dict[str, Any] = {
     "GLOBAL": _global,
     "INST": _inst,
     "STACK_GLOBAL": _stack_global,
-    "REDUCE": _call_popping(1, "REDUCE"),  # pops the arguments, then the callable
+    "REDUCE": _reduce,  # pops the arguments, then the callable
     "NEWOBJ": _call_popping(1, "NEWOBJ"),
     "NEWOBJ_EX": _call_popping(2, "NEWOBJ_EX"),  # keyword and positional arguments
     "OBJ": _obj,

@@ -1,0 +1,107 @@
+"""Containers of the symbolic pickle machine, and the hashes of the keys put into them.
+
+An unpickler builds dicts and sets itself (``SETITEM(S)``, ``ADDITEMS``, ``DICT``,
+``FROZENSET``, ``set(list)`` and ``OrderedDict(pairs)`` through ``REDUCE``), and inserting n keys
+that share one hash costs O(n^2): ints hash predictably (``hash(n) == n mod (2**61 - 1)``), and
+so do floats, tuples of them and - in this process - strings and bytes. So the machine gives
+every dict, set, list and tuple its own symbol (:class:`Box`, :class:`Tup`), computes the hash a
+key will have when it can (:func:`key_hash`) and counts, per container, how many keys share a
+hash (:class:`~torchkeep.format.bounds.HashTally`, linear time). Opaque keys (objects a global
+made) have no predictable hash and are not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..format.bounds import HashTally
+
+_HASHED_AS_IS = (int, float, str, bytes, bool, type(None))
+#: Globals that build a dict or set from their first (``defaultdict``: second) argument.
+SET_FROM = {"builtins.set": 0, "builtins.frozenset": 0, "collections.Counter": 0}
+DICT_FROM = {"builtins.dict": 0, "collections.OrderedDict": 0, "collections.defaultdict": 1}
+
+
+class Box:
+    """One list, dict, set or frozenset the pickle builds (each its own symbol)."""
+
+    __slots__ = ("elems", "kind", "tally")
+
+    def __init__(self, kind: str, elems: list[Any] | None = None) -> None:
+        self.kind = kind
+        self.tally = HashTally()
+        self.elems = elems if kind == "list" else None  # a list's items, by reference
+
+    def __repr__(self) -> str:
+        return f"<{self.kind}>"
+
+
+class _Hash:
+    """Stands in for a tuple item whose hash is known, so ``hash(tuple)`` comes out exact."""
+
+    __slots__ = ("h",)
+
+    def __init__(self, h: int) -> None:
+        self.h = h
+
+    def __hash__(self) -> int:
+        return self.h
+
+
+class Tup:
+    """One tuple the pickle builds: its items (by reference) and its hash when predictable."""
+
+    __slots__ = ("h", "items", "kind")
+
+    def __init__(self, items: list[Any]) -> None:
+        self.kind = "tuple"
+        self.items = items
+        hashes = [key_hash(item) for item in items]
+        self.h = None if None in hashes else hash(tuple(map(_Hash, hashes)))
+
+    def __repr__(self) -> str:
+        return "<tuple>"
+
+
+def key_hash(value: Any) -> int | None:
+    """The hash ``value`` will have in the unpickler, or None when it cannot be known here."""
+    if type(value) in _HASHED_AS_IS:
+        return hash(value)
+    if type(value) is Tup:
+        return value.h
+    return None
+
+
+def known_hashes(keys: Iterable[Any]) -> Iterable[int]:
+    """The predictable hashes among ``keys``."""
+    return (h for h in map(key_hash, keys) if h is not None)
+
+
+def items_of(value: Any) -> list[Any] | None:
+    """What iterating a list or tuple symbol yields, or None for anything else."""
+    if type(value) is Tup:
+        return value.items
+    if type(value) is Box and value.elems is not None:
+        return value.elems
+    return None
+
+
+def pair_keys(pairs: list[Any]) -> Iterable[Any]:
+    """The first items of the 2-item tuples/lists among ``pairs`` (``dict(pairs)``'s keys)."""
+    for pair in pairs:
+        items = items_of(pair)
+        if items is not None and len(items) == 2:
+            yield items[0]
+
+
+def constructor_keys(ref: str, args: Any) -> list[Any] | None:
+    """The keys ``ref(*args)`` inserts when ``ref`` builds a dict or set from an iterable."""
+    index = SET_FROM.get(ref, DICT_FROM.get(ref))
+    arg_items = items_of(args)
+    if index is None or arg_items is None or len(arg_items) <= index:
+        return None
+    source = items_of(arg_items[index])
+    if source is None:
+        return None
+    return source if ref in SET_FROM else list(pair_keys(source))
