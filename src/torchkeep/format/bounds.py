@@ -10,7 +10,6 @@ knob that raises the limit (``knobs.MAX_EXPANSION``, ``EXPANSION_FLOOR_BYTES``,
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -113,18 +112,19 @@ class HashTally:
     __slots__ = ("counts",)
 
     def __init__(self) -> None:
-        self.counts: Counter[int] | None = None  # created on the first key: most have none
+        self.counts: dict[int, int] | None = None  # created on the first key: most have none
 
     def add(self, hashes: Iterable[int]) -> int:
         """Count ``hashes``; the most keys any one of them is now shared by (0 for none)."""
         counts = self.counts
         if counts is None:
-            counts = self.counts = Counter()
-        worst = 0
+            counts = self.counts = {}
+        worst, get = 0, counts.get
         for h in hashes:
-            n = counts[h] + 1
+            n = get(h, 0) + 1
             counts[h] = n
-            worst = max(worst, n)
+            if n > worst:
+                worst = n
         return worst
 
 

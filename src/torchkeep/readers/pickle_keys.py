@@ -57,11 +57,45 @@ class Tup:
     def __init__(self, items: list[Any]) -> None:
         self.kind = "tuple"
         self.items = items
-        hashes = [key_hash(item) for item in items]
-        self.h = None if None in hashes else hash(tuple(map(_Hash, hashes)))
+        self.h: int | None | object = _UNSET  # computed when first used as a key
+
+
+_UNSET = object()
+
+
+def _resolve(tup: Tup) -> int | None:
+    """The hash of ``tup``, computed once; nested tuples first, with a stack (no recursion)."""
+    stack = [tup]
+    while stack:
+        top = stack[-1]
+        pending = [i for i in top.items if type(i) is Tup and i.h is _UNSET]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        top.h = _tuple_hash(top.items)
+    return tup.h  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return "<tuple>"
+
+
+def _tuple_hash(items: list[Any]) -> int | None:
+    """``hash(tuple(items))`` from the items' hashes; None at the first unpredictable item.
+
+    Nested tuples' hashes are already resolved (:func:`_resolve`) and reused, so a key
+    nested many levels deep costs no recursion and each tuple is hashed once.
+    """
+    hashes = []
+    for item in items:
+        kind = type(item)
+        if kind in _HASHED_AS_IS:
+            hashes.append(_Hash(hash(item)))
+        elif kind is Tup and item.h is not None:
+            hashes.append(_Hash(item.h))
+        else:
+            return None
+    return hash(tuple(hashes))
 
 
 def key_hash(value: Any) -> int | None:
@@ -69,7 +103,7 @@ def key_hash(value: Any) -> int | None:
     if type(value) in _HASHED_AS_IS:
         return hash(value)
     if type(value) is Tup:
-        return value.h
+        return _resolve(value) if value.h is _UNSET else value.h  # type: ignore[return-value]
     return None
 
 

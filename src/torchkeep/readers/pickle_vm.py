@@ -43,7 +43,6 @@ class Instance:
     """The result of calling or instantiating the global ``ref``."""
 
     ref: str
-    tally: HashTally = field(default_factory=HashTally, compare=False, repr=False)
 
 
 class _Opaque:
@@ -106,6 +105,7 @@ class Machine:
         self.stack: list[Any] = []
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
+        self.tallies: dict[int, tuple[Instance, HashTally]] = {}  # keys put into objects
         self.proto = 0
         self.size = 0
         self.max_size = knobs.SCAN_MAX_PICKLE_OBJECTS
@@ -205,12 +205,16 @@ def _fill(m: Machine, op: str) -> None:
         if mutable and target.elems is not None:
             target.elems.extend(items)
         return
-    _tally(target, items[0::2] if op.startswith("SETITEM") else items)
+    _tally(m, target, items[0::2] if op.startswith("SETITEM") else items)
 
 
-def _tally(target: Box | Instance, keys: list[Any]) -> None:
+def _tally(m: Machine, target: Box | Instance, keys: list[Any]) -> None:
     """Count the hashes of ``keys`` inserted into ``target``; refuse a flood (quadratic load)."""
-    shared = target.tally.add(known_hashes(keys))
+    if type(target) is Box:
+        tally = target.tally
+    else:  # an object a global made (OrderedDict, Counter): its tally lives with the machine
+        tally = m.tallies.setdefault(id(target), (target, HashTally()))[1]
+    shared = tally.add(known_hashes(keys))
     if flooded(shared):
         raise PickleError(
             f"hash flooding: {shared} keys of one {_container(target)} share one hash (over "
@@ -287,7 +291,7 @@ def _reduce(m: Machine, arg: Any) -> None:
     keys = constructor_keys(func.ref, args)
     if keys:
         m.grow(len(keys))  # a memoized list fed to set() again and again is memory too
-        _tally(result, keys)
+        _tally(m, result, keys)
     m.push(result)
 
 
@@ -326,7 +330,7 @@ def _from_mark(kind: str):
         items = m.pop_mark()
         box = Box(kind, items)
         if kind != "list":
-            _tally(box, items[0::2] if kind == "dict" else items)
+            _tally(m, box, items[0::2] if kind == "dict" else items)
         m.push(box)
 
     return handler
