@@ -222,3 +222,33 @@ def test_legitimate_int_keys_load(tmp_path) -> None:
     assert len(torchkeep.load(str(plain))["d"]) == 100_000
     result = CliRunner().invoke(cli, ["scan", str(plain)])
     assert result.exit_code == 0, result.output
+
+
+def _metadata_index(offset: bytes) -> bytes:
+    """A DCP ``MetadataIndex('w', torch.Size([offset]))`` the way pickle writes one."""
+    size = b"ctorch\nSize\n" + offset + pickle.TUPLE1 + pickle.TUPLE1 + pickle.REDUCE
+    return (
+        b"ctorch.distributed.checkpoint.metadata\nMetadataIndex\n" + pickle.EMPTY_TUPLE
+        + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK + b"X\x03\x00\x00\x00fqnX\x01\x00\x00\x00w"
+        + b"X\x06\x00\x00\x00offset" + size + pickle.SETITEMS + pickle.BUILD
+    )  # fmt: skip
+
+
+def test_dcp_storage_data_keys_are_counted(tmp_path) -> None:
+    """DCP's storage_data is keyed by MetadataIndex, hashed as (fqn, offset): one fqn with
+    colliding offsets floods it; distinct offsets (a real sharded tensor) do not."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    assert hash(MetadataIndex("w", torch.Size([P61]))) == hash(MetadataIndex("w", torch.Size([0])))
+    flood = [_metadata_index(k) for k in _colliding(200)]
+    raw = _head(4) + pickle.EMPTY_DICT + pickle.MARK + b"".join(k + b"N" for k in flood)
+    assert FLOOD in scan_bytes(raw + pickle.SETITEMS + pickle.STOP).problems[0]
+    fine = [_metadata_index(_int(k)) for k in range(200)]
+    raw = _head(4) + pickle.EMPTY_DICT + pickle.MARK + b"".join(k + b"N" for k in fine)
+    assert scan_bytes(raw + pickle.SETITEMS + pickle.STOP).problems == []
+    folder = dcp_folder(str(tmp_path / "index"))
+    with open(os.path.join(folder, ".metadata"), "wb") as handle:
+        handle.write(_head(4) + pickle.EMPTY_DICT + pickle.MARK + b"".join(k + b"N" for k in flood)
+                     + pickle.SETITEMS + pickle.STOP)  # fmt: skip
+    with pytest.raises(UnsafeFileError, match=FLOOD):
+        torchkeep.load(folder)

@@ -18,6 +18,7 @@ from typing import Any
 from ..format.bounds import HashTally
 
 _HASHED_AS_IS = (int, float, str, bytes, bool, type(None))
+_MAX_FIELDS = 8
 #: Globals that build a dict or set from their first (``defaultdict``: second) argument.
 SET_FROM = {"builtins.set": 0, "builtins.frozenset": 0, "collections.Counter": 0}
 DICT_FROM = {"builtins.dict": 0, "collections.OrderedDict": 0, "collections.defaultdict": 1}
@@ -26,12 +27,25 @@ DICT_FROM = {"builtins.dict": 0, "collections.OrderedDict": 0, "collections.defa
 class Box:
     """One list, dict, set or frozenset the pickle builds (each its own symbol)."""
 
-    __slots__ = ("elems", "kind", "tally")
+    __slots__ = ("elems", "fields", "kind", "tally")
 
     def __init__(self, kind: str, elems: list[Any] | None = None) -> None:
         self.kind = kind
         self.tally = HashTally()
         self.elems = elems if kind == "list" else None  # a list's items, by reference
+        # A small dict's string keys and values: the state BUILD gives an object (see below).
+        self.fields: dict[str, Any] | None = {} if kind == "dict" else None
+
+    def record(self, pairs: list[Any]) -> None:
+        """Remember ``pairs`` (key, value, key, value...) while the dict has few string keys."""
+        fields = self.fields
+        if fields is None:
+            return
+        for key, value in zip(pairs[0::2], pairs[1::2]):
+            if type(key) is str:
+                fields[key] = value
+        if len(fields) > _MAX_FIELDS:
+            self.fields = None
 
     def __repr__(self) -> str:
         return f"<{self.kind}>"
@@ -98,18 +112,46 @@ def _tuple_hash(items: list[Any]) -> int | None:
     return hash(tuple(hashes))
 
 
-def key_hash(value: Any) -> int | None:
-    """The hash ``value`` will have in the unpickler, or None when it cannot be known here."""
+def key_hash(value: Any, objects: dict[int, tuple[Any, int]] | None = None) -> int | None:
+    """The hash ``value`` will have in the unpickler, or None when it cannot be known here.
+
+    ``objects`` holds the hashes of objects globals made (by ``id``), where they are known.
+    """
     if type(value) in _HASHED_AS_IS:
         return hash(value)
     if type(value) is Tup:
         return _resolve(value) if value.h is _UNSET else value.h  # type: ignore[return-value]
+    if objects:
+        known = objects.get(id(value))
+        return known[1] if known is not None and known[0] is value else None
     return None
 
 
-def known_hashes(keys: Iterable[Any]) -> Iterable[int]:
+def known_hashes(keys: Iterable[Any], objects: dict[int, tuple[Any, int]]) -> Iterable[int]:
     """The predictable hashes among ``keys``."""
-    return (h for h in map(key_hash, keys) if h is not None)
+    return (h for h in (key_hash(k, objects) for k in keys) if h is not None)
+
+
+def size_hash(args: Any) -> int | None:
+    """``hash(torch.Size(t))`` is ``hash(t)``: from ``REDUCE(torch.Size, (t,))``'s arguments."""
+    items = items_of(args)
+    return key_hash(items[0]) if items is not None and len(items) == 1 else None
+
+
+def index_hash(state: Any, objects: dict[int, tuple[Any, int]]) -> int | None:
+    """``hash(MetadataIndex)`` is ``hash((fqn, offset))``: from the state BUILD gives it.
+
+    DCP metadata keys ``storage_data`` by these; one fqn with colliding offsets floods it.
+    """
+    if type(state) is not Box or not state.fields:
+        return None
+    parts = [key_hash(state.fields.get(name), objects) for name in ("fqn", "offset")]
+    return None if None in parts else hash(tuple(map(_Hash, parts)))  # type: ignore[arg-type]
+
+
+#: Globals whose instances hash predictably, and how (see :func:`size_hash`, :func:`index_hash`).
+SIZE = "torch.Size"
+METADATA_INDEX = "torch.distributed.checkpoint.metadata.MetadataIndex"
 
 
 def items_of(value: Any) -> list[Any] | None:

@@ -24,7 +24,17 @@ from typing import IO, Any
 
 from .. import knobs
 from ..format.bounds import flooded
-from .pickle_keys import Box, HashTally, Tup, constructor_keys, known_hashes
+from .pickle_keys import (
+    METADATA_INDEX,
+    SIZE,
+    Box,
+    HashTally,
+    Tup,
+    constructor_keys,
+    index_hash,
+    known_hashes,
+    size_hash,
+)
 
 
 class ScanLimitError(Exception):
@@ -106,6 +116,7 @@ class Machine:
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.tallies: dict[int, tuple[Instance, HashTally]] = {}  # keys put into objects
+        self.hashes: dict[int, tuple[Instance, int]] = {}  # objects' own hashes, when known
         self.proto = 0
         self.size = 0
         self.max_size = knobs.SCAN_MAX_PICKLE_OBJECTS
@@ -183,10 +194,17 @@ def _ext(m: Machine, code: Any) -> None:
 
 
 def _build(m: Machine) -> None:
-    m.pop()  # the state
+    state = m.pop()
     target = m.top()
     if not isinstance(target, Instance):
         raise PickleError(f"BUILD sets state on {_describe(target)}, not an object a global made")
+    if target.ref == METADATA_INDEX:
+        _known_hash(m, target, index_hash(state, m.hashes))
+
+
+def _known_hash(m: Machine, obj: Instance, h: int | None) -> None:
+    if h is not None:
+        m.hashes[id(obj)] = (obj, h)
 
 
 def _fill(m: Machine, op: str) -> None:
@@ -205,7 +223,12 @@ def _fill(m: Machine, op: str) -> None:
         if mutable and target.elems is not None:
             target.elems.extend(items)
         return
-    _tally(m, target, items[0::2] if op.startswith("SETITEM") else items)
+    if op.startswith("SETITEM"):
+        if mutable:
+            target.record(items)
+        _tally(m, target, items[0::2])
+    else:
+        _tally(m, target, items)
 
 
 def _tally(m: Machine, target: Box | Instance, keys: list[Any]) -> None:
@@ -214,7 +237,7 @@ def _tally(m: Machine, target: Box | Instance, keys: list[Any]) -> None:
         tally = target.tally
     else:  # an object a global made (OrderedDict, Counter): its tally lives with the machine
         tally = m.tallies.setdefault(id(target), (target, HashTally()))[1]
-    shared = tally.add(known_hashes(keys))
+    shared = tally.add(known_hashes(keys, m.hashes))
     if flooded(shared):
         raise PickleError(
             f"hash flooding: {shared} keys of one {_container(target)} share one hash (over "
@@ -289,6 +312,8 @@ def _reduce(m: Machine, arg: Any) -> None:
     func = m.pop()
     result = m.call(func, "REDUCE")
     keys = constructor_keys(func.ref, args)
+    if func.ref == SIZE:
+        _known_hash(m, result, size_hash(args))
     if keys:
         m.grow(len(keys))  # a memoized list fed to set() again and again is memory too
         _tally(m, result, keys)
@@ -329,6 +354,8 @@ def _from_mark(kind: str):
     def handler(m: Machine, arg: Any) -> None:
         items = m.pop_mark()
         box = Box(kind, items)
+        if kind == "dict":
+            box.record(items)
         if kind != "list":
             _tally(m, box, items[0::2] if kind == "dict" else items)
         m.push(box)
