@@ -224,13 +224,17 @@ def test_legitimate_int_keys_load(tmp_path) -> None:
     assert result.exit_code == 0, result.output
 
 
+def _str(text: str) -> bytes:
+    return pickle.BINUNICODE + len(text).to_bytes(4, "little") + text.encode()
+
+
 def _metadata_index(offset: bytes) -> bytes:
     """A DCP ``MetadataIndex('w', torch.Size([offset]))`` the way pickle writes one."""
     size = b"ctorch\nSize\n" + offset + pickle.TUPLE1 + pickle.TUPLE1 + pickle.REDUCE
     return (
         b"ctorch.distributed.checkpoint.metadata\nMetadataIndex\n" + pickle.EMPTY_TUPLE
-        + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK + b"X\x03\x00\x00\x00fqnX\x01\x00\x00\x00w"
-        + b"X\x06\x00\x00\x00offset" + size + pickle.SETITEMS + pickle.BUILD
+        + pickle.NEWOBJ + pickle.EMPTY_DICT + pickle.MARK + _str("fqn") + _str("w")
+        + _str("offset") + size + pickle.SETITEMS + pickle.BUILD
     )  # fmt: skip
 
 
