@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..format.bounds import HashTally
+from .. import knobs
+from ..format.bounds import HashTally, flooded
 
 _HASHED_AS_IS = (int, float, str, bytes, bool, type(None))
 _MAX_FIELDS = 8
@@ -181,3 +182,50 @@ def constructor_keys(ref: str, args: Any) -> list[Any] | None:
     if source is None:
         return None
     return source if ref in SET_FROM else list(pair_keys(source))
+
+
+class FloodError(Exception):
+    """More keys of one container share a hash than ``MAX_HASH_COLLISIONS`` allows."""
+
+
+class Keys:
+    """One pickle's key bookkeeping: tallies of objects globals made (``OrderedDict``,
+    ``Counter``...) and the hashes of objects that can be keys (``torch.Size``...), by ``id``
+    (each entry keeps its object alive, so an ``id`` is never reused while it is here)."""
+
+    def __init__(self) -> None:
+        self.tallies: dict[int, tuple[Any, HashTally]] = {}
+        self.hashes: dict[int, tuple[Any, int]] = {}
+
+    def tally(self, target: Any, keys: list[Any]) -> None:
+        """Count the hashes of ``keys`` inserted into ``target``; refuse a flood."""
+        if type(target) is Box:
+            tally = target.tally
+        else:
+            tally = self.tallies.setdefault(id(target), (target, HashTally()))[1]
+        shared = tally.add(known_hashes(keys, self.hashes))
+        if flooded(shared):
+            what = target.kind if type(target) is Box else getattr(target, "ref", "object")
+            raise FloodError(
+                f"hash flooding: {shared} keys of one {what} share one hash (over the limit of "
+                f"{knobs.MAX_HASH_COLLISIONS}; building it would take quadratic time); raise "
+                "TORCHKEEP_MAX_HASH_COLLISIONS if this file is legitimate"
+            )
+
+    def _known(self, obj: Any, h: int | None) -> None:
+        if h is not None:
+            self.hashes[id(obj)] = (obj, h)
+
+    def built(self, target: Any, state: Any) -> None:
+        """BUILD gave ``target`` (an object ``target.ref`` made) ``state``."""
+        if target.ref == METADATA_INDEX:
+            self._known(target, index_hash(state, self.hashes))
+
+    def called(self, ref: str, result: Any, args: Any) -> int:
+        """``ref(*args)`` made ``result``: count the keys it inserts; how many there were."""
+        if ref == SIZE:
+            self._known(result, size_hash(args))
+        keys = constructor_keys(ref, args)
+        if keys:
+            self.tally(result, keys)
+        return len(keys or ())

@@ -10,7 +10,9 @@ resolve - a non-string ``STACK_GLOBAL`` operand, a call of a computed value, sta
 unknown opcode, a truncated stream, an unregistered extension code - is recorded as a problem,
 and a pickle with a problem is unsafe. Sizes are bounded (:mod:`torchkeep.knobs`): the caller
 hands over at most ``SCAN_MAX_PICKLE_BYTES`` (:mod:`.containers`), and the stack, marks and memo
-together hold at most ``SCAN_MAX_PICKLE_OBJECTS`` entries.
+together hold at most ``SCAN_MAX_PICKLE_OBJECTS`` entries. Every dict, set, list and tuple is its
+own symbol (:mod:`.pickle_keys`), so the keys each dict or set receives can be counted by hash:
+more than ``MAX_HASH_COLLISIONS`` alike (hash flooding, a quadratic load) is a problem too.
 """
 
 from __future__ import annotations
@@ -23,18 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .. import knobs
-from ..format.bounds import flooded
-from .pickle_keys import (
-    METADATA_INDEX,
-    SIZE,
-    Box,
-    HashTally,
-    Tup,
-    constructor_keys,
-    index_hash,
-    known_hashes,
-    size_hash,
-)
+from .pickle_keys import Box, FloodError, Keys, Tup
 
 
 class ScanLimitError(Exception):
@@ -115,8 +106,7 @@ class Machine:
         self.stack: list[Any] = []
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
-        self.tallies: dict[int, tuple[Instance, HashTally]] = {}  # keys put into objects
-        self.hashes: dict[int, tuple[Instance, int]] = {}  # objects' own hashes, when known
+        self.keys = Keys()  # what dicts and sets the pickle builds hold, as hashes
         self.proto = 0
         self.size = 0
         self.max_size = knobs.SCAN_MAX_PICKLE_OBJECTS
@@ -198,13 +188,7 @@ def _build(m: Machine) -> None:
     target = m.top()
     if not isinstance(target, Instance):
         raise PickleError(f"BUILD sets state on {_describe(target)}, not an object a global made")
-    if target.ref == METADATA_INDEX:
-        _known_hash(m, target, index_hash(state, m.hashes))
-
-
-def _known_hash(m: Machine, obj: Instance, h: int | None) -> None:
-    if h is not None:
-        m.hashes[id(obj)] = (obj, h)
+    m.keys.built(target, state)
 
 
 def _fill(m: Machine, op: str) -> None:
@@ -226,28 +210,9 @@ def _fill(m: Machine, op: str) -> None:
     if op.startswith("SETITEM"):
         if mutable:
             target.record(items)
-        _tally(m, target, items[0::2])
+        m.keys.tally(target, items[0::2])
     else:
-        _tally(m, target, items)
-
-
-def _tally(m: Machine, target: Box | Instance, keys: list[Any]) -> None:
-    """Count the hashes of ``keys`` inserted into ``target``; refuse a flood (quadratic load)."""
-    if type(target) is Box:
-        tally = target.tally
-    else:  # an object a global made (OrderedDict, Counter): its tally lives with the machine
-        tally = m.tallies.setdefault(id(target), (target, HashTally()))[1]
-    shared = tally.add(known_hashes(keys, m.hashes))
-    if flooded(shared):
-        raise PickleError(
-            f"hash flooding: {shared} keys of one {_container(target)} share one hash (over "
-            f"the limit of {knobs.MAX_HASH_COLLISIONS}; building it would take quadratic time); "
-            "raise TORCHKEEP_MAX_HASH_COLLISIONS if this file is legitimate"
-        )
-
-
-def _container(target: Box | Instance) -> str:
-    return target.kind if type(target) is Box else target.ref
+        m.keys.tally(target, items)
 
 
 def _push_arg(m: Machine, arg: Any) -> None:
@@ -311,12 +276,7 @@ def _reduce(m: Machine, arg: Any) -> None:
     args = m.pop()
     func = m.pop()
     result = m.call(func, "REDUCE")
-    keys = constructor_keys(func.ref, args)
-    if func.ref == SIZE:
-        _known_hash(m, result, size_hash(args))
-    if keys:
-        m.grow(len(keys))  # a memoized list fed to set() again and again is memory too
-        _tally(m, result, keys)
+    m.grow(m.keys.called(func.ref, result, args))  # set(memoized list) again and again: memory
     m.push(result)
 
 
@@ -357,7 +317,7 @@ def _from_mark(kind: str):
         if kind == "dict":
             box.record(items)
         if kind != "list":
-            _tally(m, box, items[0::2] if kind == "dict" else items)
+            m.keys.tally(box, items[0::2] if kind == "dict" else items)
         m.push(box)
 
     return handler
@@ -453,7 +413,7 @@ def _simulate(stream: IO[bytes], out: Outcome) -> Outcome:
         out.problems.append("the stream ends before the pickle's STOP opcode")
     except ScanLimitError as exc:
         out.problems.append(str(exc))
-    except PickleError as exc:
+    except (PickleError, FloodError) as exc:
         out.problems.append(f"{exc} (opcode at byte {at})")
         _names_after(stream, out)
     except Exception as exc:  # noqa: BLE001 - genops reports malformed streams many ways
