@@ -88,8 +88,9 @@ def read_metadata(folder: str, trusted: bool = False) -> Any:
 def _scan_metadata(data: bytes, path: str) -> None:
     """The unpickler builds the metadata's dicts itself: prove first that none is a hash flood.
 
-    Globals are checked by :class:`_MetadataUnpickler` as it goes; the scan (linear time)
-    refuses what the simulated unpickler cannot resolve, colliding keys included.
+    Globals are checked by :class:`_MetadataUnpickler` as it goes. The scan (linear time)
+    refuses colliding keys, a pickle too large for it to see whole, and anything it cannot
+    resolve: past such a point it cannot say what the unpickler would build.
     """
     result = ScanResult()
     scan_stream(data, result, METADATA_NAME)

@@ -184,6 +184,9 @@ def constructor_keys(ref: str, args: Any) -> list[Any] | None:
     return source if ref in SET_FROM else list(pair_keys(source))
 
 
+FLOOD_MARK = "hash flooding"  # how every flooding problem starts
+
+
 class FloodError(Exception):
     """More keys of one container share a hash than ``MAX_HASH_COLLISIONS`` allows."""
 
@@ -207,7 +210,7 @@ class Keys:
         if flooded(shared):
             what = target.kind if type(target) is Box else getattr(target, "ref", "object")
             raise FloodError(
-                f"hash flooding: {shared} keys of one {what} share one hash (over the limit of "
+                f"{FLOOD_MARK}: {shared} keys of one {what} share one hash (over the limit of "
                 f"{knobs.MAX_HASH_COLLISIONS}; building it would take quadratic time); raise "
                 "TORCHKEEP_MAX_HASH_COLLISIONS if this file is legitimate"
             )
