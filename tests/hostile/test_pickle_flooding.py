@@ -256,3 +256,14 @@ def test_dcp_storage_data_keys_are_counted(tmp_path) -> None:
                      + pickle.SETITEMS + pickle.STOP)  # fmt: skip
     with pytest.raises(UnsafeFileError, match=FLOOD):
         torchkeep.load(folder)
+
+
+def test_counter_and_text_memo_indices() -> None:
+    """``Counter(list)`` inserts keys too; text PUT indices past 2**32 (which could flood the
+    scan's own memo) are refused rather than stored."""
+    keys = b"".join(_colliding(100))
+    counter = b"ccollections\nCounter\n]" + pickle.MARK + keys + pickle.APPENDS
+    assert FLOOD in scan_bytes(_head(2) + counter + pickle.TUPLE1 + b"R.").problems[0]
+    memo = b"N" + b"".join(b"p%d\n" % (k * P61) for k in range(1, 4)) + b"."
+    assert "memo index" in scan_bytes(memo).problems[0]
+    assert scan_bytes(b"Np0\np1\n.").problems == []
