@@ -17,6 +17,8 @@ from . import retention
 from .checkpoint import load_checkpoint
 from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
 from .state.capture import capture
+from .state.deferrable import deferrable, skippable
+from .state.versions import Baseline, Plan
 from .storage.io import FileOps
 from .storage.local import sweep_temps
 from .storage.lock import LOCK_NAME, DirLock
@@ -31,7 +33,12 @@ from .storage.run_dir import (
     write_step,
 )
 from .transfer.asyncsave import AsyncSaver, SaveHandle
+from .transfer.overlap import wait_copies
 from .transfer.writer import PreparedFile, prepare, write_prepared
+
+#: ``snapshot=`` modes: write inline / copy then write in the background / copy parameters
+#: and optimizer state in the background too (until the next optimizer step).
+SNAPSHOT_MODES = ("sync", "copy", "overlap")
 
 
 def clean_metrics(metrics: dict | None) -> dict[str, Any]:
@@ -52,13 +59,23 @@ def clean_metrics(metrics: dict | None) -> dict[str, Any]:
     return out
 
 
-def _writer(prepared: PreparedFile) -> Callable[[int, FileOps], None]:
-    """The fill of a step's state file: the prepared file written into the descriptor."""
+def _writer(prepared: PreparedFile, sums: dict[str, str]) -> Callable[[int, FileOps], None]:
+    """The fill of a step's state file: the prepared file written into the descriptor (the
+    entries' checksums are put into ``sums``)."""
 
     def fill(fd: int, file_ops: FileOps) -> None:
-        write_prepared(prepared, fd, file_ops)
+        sums.clear()
+        sums.update(write_prepared(prepared, fd, file_ops))
 
     return fill
+
+
+def _snapshot_mode(snapshot: str | None, async_save: bool) -> str:
+    if snapshot is None:
+        return "copy" if async_save else "sync"
+    if snapshot not in SNAPSHOT_MODES:
+        raise TorchkeepError(f"snapshot={snapshot!r}: must be one of {', '.join(SNAPSHOT_MODES)}")
+    return snapshot
 
 
 class CheckpointManager:
@@ -69,6 +86,16 @@ class CheckpointManager:
     :meth:`save` once tensors are snapshotted; at most one save is in flight (the next save
     waits for it) and a background error is raised by the next call. ``rng=False`` skips RNG
     state. The first save takes the directory's writer lock until :meth:`close`.
+
+    ``snapshot`` chooses how :meth:`save` snapshots: ``"sync"`` (the default without
+    ``async_save``) writes before returning; ``"copy"`` (``async_save=True``) copies every tensor,
+    then writes in the background; ``"overlap"`` copies only buffers, RNG, loader state and plain
+    values before returning and parameters/optimizer state in the background, while forward and
+    backward run; the next ``optimizer.step()`` waits for that copy, and a tensor changed in place
+    meanwhile fails the save (docs/performance.md says what that guard cannot see).
+    ``incremental=True`` writes only tensors whose version counter or memory changed since this
+    manager's previous step; the others refer to the earlier step's bytes (retention keeps
+    referenced steps). ``verify_unchanged=True`` hashes those tensors to be sure.
     """
 
     def __init__(
@@ -82,8 +109,15 @@ class CheckpointManager:
         keep_every: int | None = None,
         async_save: bool = False,
         rng: bool = True,
+        snapshot: str | None = None,
+        incremental: bool = False,
+        verify_unchanged: bool = False,
     ) -> None:
         retention.validate_policy(keep_last, keep_best, monitor, mode, keep_every)
+        self.snapshot = _snapshot_mode(snapshot, async_save)
+        self.incremental = incremental
+        self.verify_unchanged = verify_unchanged
+        self._baseline = Baseline()
         self.directory = os.path.abspath(os.fspath(directory))
         self.policy = dict(
             keep_last=keep_last,
@@ -92,7 +126,7 @@ class CheckpointManager:
             mode=mode,
             keep_every=keep_every,
         )
-        self.async_save = async_save
+        self.async_save = self.snapshot != "sync"
         self.rng = rng
         self.last_restore_note: str | None = None
         os.makedirs(self.directory, exist_ok=True)
@@ -120,30 +154,49 @@ class CheckpointManager:
                 "save under a new step number or delete that step first"
             )
         clean = clean_metrics(metrics)
-        prepared = prepare(capture(state, rng=self.rng))
+        plan = self._plan(step, prepare(capture(state, rng=self.rng)), state)
+        prepared = plan.prepared
         stamp = time.time()
+        sums: dict[str, str] = {}
 
         def job() -> str:
             path = write_step(
                 self.directory,
                 step,
                 prepared.total_bytes,
-                _writer(prepared),
+                _writer(prepared, sums),
                 clean,
                 stamp,
                 self.policy,
             )
+            if self.incremental:
+                self._baseline.commit(plan, step, sums)
             retention.prune(self.directory, **self.policy, lock=False)
             return path
 
+        defer = deferrable(state) if self.snapshot == "overlap" else None
         handle = self._saver.start(
-            job, prepared, f"{self.directory} step {step}", background=self.async_save
+            job,
+            prepared,
+            f"{self.directory} step {step}",
+            background=self.async_save,
+            defer=defer,
         )
         self._handle, self._reported = handle, False
         if not self.async_save:
             self._reported = True
             handle.wait()
         return handle
+
+    def _plan(self, step: int, prepared: PreparedFile, state: MutableMapping[str, Any]) -> Plan:
+        """Which entries this step writes (all, unless incremental finds unchanged ones)."""
+        if not self.incremental:
+            return Plan(prepared, {}, {})
+        existing = {s.step for s in list_steps(self.directory)}
+        where = f"{self.directory} step {step}"
+        return self._baseline.plan(
+            prepared, existing, skippable(state), self.verify_unchanged, where
+        )
 
     def _raise_background(self) -> None:
         handle = self._handle
@@ -155,6 +208,7 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the in-flight save committed; raise its error if it failed."""
+        wait_copies()
         self._saver.wait_previous()
         self._raise_background()
 
@@ -177,7 +231,8 @@ class CheckpointManager:
 
     def kept_reasons(self) -> dict[int, list[str]]:
         """step -> why retention keeps it (for tables)."""
-        return retention.kept_reasons(self.steps(), **self.policy)
+        steps = self.steps()
+        return retention.with_referenced(steps, retention.kept_reasons(steps, **self.policy))
 
     def restore(
         self, state: MutableMapping[str, Any], step: int | None = None, fallback: bool = False

@@ -24,7 +24,9 @@ from ..format.header import EntryInfo, Header
 from ..format.tree import TAG
 from ..format.tree_decode import decode, iter_tensor_nodes
 from ..storage.paths import open_regular
+from ..storage.references import parse_refs
 from .gcpause import paused_gc
+from .links import Links
 from .parallel_read import plan_reads, run_reads
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
@@ -33,18 +35,28 @@ MapLocation = Any  # None | str | torch.device | dict[str, str]
 class FileReader:
     """An open torchkeep/safetensors file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike, *, follow_symlinks: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, follow_symlinks: bool = True, links: bool = True
+    ) -> None:
         """Open ``path``; ``follow_symlinks=False`` for files found in a directory (a link there
-        could lead outside it). Anything but a regular file is refused."""
+        could lead outside it). Anything but a regular file is refused. A step of an incremental
+        run takes some tensors from earlier steps (``storage/references.py``): those files are
+        opened and checked too, unless ``links=False`` (then those tensors cannot be read)."""
         self.path = os.fspath(path)
         self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
+        self.links = Links(self.path, {})
         try:
             self.size = os.fstat(self._fd).st_size
             with paused_gc():  # a header can hold tens of thousands of small dicts
                 self.header = self._read_header()
                 self.checksums = self._read_checksums()
+                refs = parse_refs(self.header.metadata, self.path) if self.is_torchkeep else {}
+                self.links = Links(self.path, refs)
                 self.tree = self._read_tree()
+            if links and refs:
+                self.links.open(FileReader, self.header.entries)
         except BaseException:
+            self.links.close()
             os.close(self._fd)
             raise
         self._mapped: torch.Tensor | None = None
@@ -127,7 +139,9 @@ class FileReader:
         tree = self._meta_json(header.META_TREE)
         for path, node in iter_tensor_nodes(tree, self.path):
             key = node.get("key")
-            if not isinstance(key, str) or key not in self.header.entries:
+            if not isinstance(key, str) or (
+                key not in self.header.entries and key not in self.links.refs
+            ):
                 raise FormatError(
                     f"{self.path}: value {path or '<root>'} refers to tensor {key!r}, "
                     "which is not in the file"
@@ -136,13 +150,17 @@ class FileReader:
 
     # -- reading tensors ----------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self.header.entries)
+        """Every tensor key: this file's entries, then those held by earlier steps."""
+        return [*self.header.entries, *self.links.refs]
 
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self.header.metadata)
 
     def entry(self, key: str) -> EntryInfo:
+        if key in self.links.refs:
+            reader, target = self.links.target(key)
+            return reader.entry(target)
         try:
             return self.header.entries[key]
         except KeyError:
@@ -160,6 +178,8 @@ class FileReader:
         Neighbouring small entries are read with one call. Raises :class:`CorruptionError`
         naming the first entry whose checksum does not match.
         """
+        if self.links.refs:
+            items = self.links.read_linked(items, verify)
         with paused_gc():
             jobs = plan_reads(self, items)
         if not jobs:
@@ -196,6 +216,9 @@ class FileReader:
 
     def map_entry(self, key: str, verify: bool = False) -> torch.Tensor:
         """Entry ``key`` as a tensor backed by a private memory map of the file (no copy)."""
+        if key in self.links.refs:
+            reader, target = self.links.target(key)
+            return reader.map_entry(target, verify)
         info = self.entry(key)
         if self._mapped is None:
             storage = torch.UntypedStorage.from_file(self.path, shared=False, nbytes=self.size)
@@ -216,6 +239,9 @@ class FileReader:
         Reads through one small buffer reused for every entry (``READ_PIECE_BYTES``, hot in
         the CPU cache), so verifying a whole file holds no copy of it.
         """
+        if key in self.links.refs:
+            reader, target = self.links.target(key)
+            return reader.verify_entry(target)
         info = self.entry(key)
         hasher = checksum.new_hasher()
         start = self.header.data_start + info.begin
@@ -231,7 +257,7 @@ class FileReader:
     def corrupt_entries(self) -> list[str]:
         """Keys of every entry whose checksum does not match (empty for plain safetensors)."""
         bad = []
-        for key in self.checksums:
+        for key in [*self.checksums, *self.links.refs]:
             try:
                 self.verify_entry(key)
             except CorruptionError:
@@ -281,6 +307,7 @@ class FileReader:
         return decode(self.tree, resolve, self.path)
 
     def close(self) -> None:
+        self.links.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
