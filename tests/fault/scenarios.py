@@ -16,7 +16,28 @@ import torchkeep
 from torchkeep.manager import CheckpointManager
 from torchkeep.storage.run_dir import STATE_FILE, list_steps
 
-KINDS = ("file", "step", "async")
+KINDS = ("file", "step", "async", "incremental")
+#: Kinds whose target is a run directory. "incremental" saves every version through one manager
+#: per target with ``incremental=True``, with a frozen module whose bytes later steps take from
+#: the first step that wrote them (references; retention must keep that step).
+STEP_KINDS = ("step", "incremental")
+_MANAGERS: dict[str, tuple[CheckpointManager, torch.nn.Module]] = {}
+
+
+def frozen_module() -> torch.nn.Module:
+    """The frozen part of an incremental state: the same bytes in every version."""
+    torch.manual_seed(5)
+    module = torch.nn.Linear(64, 40)
+    module.requires_grad_(False)
+    return module
+
+
+def _incremental_save(target: str, version: int, obj: dict) -> None:
+    if target not in _MANAGERS:
+        manager = CheckpointManager(target, rng=False, keep_last=2, incremental=True)
+        _MANAGERS[target] = (manager, frozen_module())
+    manager, frozen = _MANAGERS[target]
+    manager.save(version, {"weights": obj, "frozen": frozen})
 
 
 def make_state(version: int, scale: int = 1) -> dict[str, Any]:
@@ -54,6 +75,8 @@ def save_version(kind: str, target: str, version: int, scale: int = 1) -> None:
     elif kind == "step":
         with CheckpointManager(target, rng=False, keep_last=2) as manager:
             manager.save(version, {"weights": obj})
+    elif kind == "incremental":
+        _incremental_save(target, version, obj)
     else:
         raise ValueError(kind)
 
@@ -76,13 +99,16 @@ def step_versions(run_dir: str, scale: int = 1) -> list[int]:
         loaded = torchkeep.load(os.path.join(info.path, STATE_FILE))
         if not same(loaded["values"]["weights"], make_state(info.step, scale)):
             raise AssertionError(f"{info.path}: step content is not version {info.step}")
+        frozen = loaded["objects"].get("frozen")
+        if frozen is not None and not same(frozen, frozen_module().state_dict()):
+            raise AssertionError(f"{info.path}: the frozen module's bytes are not the saved ones")
         found.append(info.step)
     return found
 
 
 def committed(kind: str, target: str, scale: int = 1) -> list[int]:
     """Versions visible at ``target``: ``[v]`` for a file (``[]`` if absent), steps for a run."""
-    if kind == "step":
+    if kind in STEP_KINDS:
         return step_versions(target, scale)
     if not os.path.exists(target):
         return []
@@ -92,7 +118,7 @@ def committed(kind: str, target: str, scale: int = 1) -> list[int]:
 def check_after_fault(kind: str, target: str, old: int, new: int, scale: int = 1) -> list[int]:
     """Assert the state after an interrupted save of ``new`` over ``old``; returns what is seen."""
     seen = committed(kind, target, scale)
-    if kind == "step":
+    if kind in STEP_KINDS:
         # Retention interrupted by the fault may leave extra older steps; never newer ones.
         if old not in seen or max(seen) > new:
             raise AssertionError(f"{target}: steps {seen} after a fault (old {old}, new {new})")

@@ -12,7 +12,7 @@ import os
 
 import pytest
 from faultlib import FaultOps, temps_in
-from scenarios import KINDS, check_after_fault, committed, save_version
+from scenarios import KINDS, STEP_KINDS, check_after_fault, committed, save_version
 
 import torchkeep
 from torchkeep.storage.io import use_ops
@@ -21,7 +21,7 @@ CLEANUP = {"unlink", "rmtree"}
 
 
 def _prepare(kind: str, tmp_path) -> tuple[str, int]:
-    target = str(tmp_path / ("run" if kind == "step" else "ckpt.tk"))
+    target = str(tmp_path / ("run" if kind in STEP_KINDS else "ckpt.tk"))
     save_version(kind, target, 1)
     save_version(kind, target, 2)
     return target, 2
@@ -40,7 +40,7 @@ def test_error_at_every_operation(kind: str, err: int, write_mode: str, tmp_path
     target, old = _prepare(kind, tmp_path)
     probe_dir = tmp_path / "probe"
     probe_dir.mkdir()
-    probe = str(probe_dir / ("run" if kind == "step" else "ckpt.tk"))
+    probe = str(probe_dir / ("run" if kind in STEP_KINDS else "ckpt.tk"))
     save_version(kind, probe, 1)
     save_version(kind, probe, 2)
     total = _count_ops(kind, probe, 3).counted
@@ -61,9 +61,11 @@ def test_error_at_every_operation(kind: str, err: int, write_mode: str, tmp_path
         seen = check_after_fault(kind, target, old, new)
         # A failed directory fsync while retention deletes an old step (after the new step
         # committed) leaves that step's trash for the next open's sweep, on purpose.
-        trash_left = kind == "step" and new in seen and injector.fired_kind == "fsync_dir"
+        trash_left = kind in STEP_KINDS and new in seen and injector.fired_kind == "fsync_dir"
         if injector.fired_kind not in CLEANUP and not trash_left:
-            assert temps_in(os.path.dirname(target) if kind != "step" else target) == [], where
+            assert temps_in(os.path.dirname(target) if kind not in STEP_KINDS else target) == [], (
+                where
+            )
         if new in seen:  # committed anyway: reset so the next case saves over `old` again
             target, old = _reset(kind, tmp_path, k)
 

@@ -15,14 +15,14 @@ import shutil
 import pytest
 from faultlib import FaultOps
 from powerloss import SimFS, crash_states
-from scenarios import KINDS, check_after_fault, committed, save_version
+from scenarios import KINDS, STEP_KINDS, check_after_fault, committed, save_version
 
 from _direct import direct_io_supported
 from torchkeep.storage.io import use_ops
 
 
 def _name(kind: str) -> str:
-    return "run" if kind == "step" else "ckpt.tk"
+    return "run" if kind in STEP_KINDS else "ckpt.tk"
 
 
 @pytest.mark.parametrize("kind", KINDS)
