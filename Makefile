@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long lint format bench fuzz clean
+.PHONY: demo test test-long lint format bench bench-training fuzz clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt src/torchkeep/_streamcopy.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-long: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py --plot docs/perf.png
+	$(MAKE) bench-training
+
+# Training-loop overhead of checkpointing every 10 steps (docs/performance.md, issue 23).
+bench-training: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/training_overhead.py --plot docs/training_overhead.png
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}

@@ -14,11 +14,10 @@ from torch import nn
 import torchkeep
 from torchkeep import CheckpointManager
 from torchkeep.cli.main import cli
-from torchkeep.errors import FormatError, UnsafePathError
+from torchkeep.errors import FormatError, SnapshotRaceError, UnsafePathError
 from torchkeep.storage.references import REFS_KEY, TensorRef, encode_refs
 from torchkeep.transfer import overlap
 from torchkeep.transfer.asyncsave import write_file
-from torchkeep.transfer.overlap import SnapshotRaceError
 from torchkeep.transfer.reader import FileReader
 from torchkeep.transfer.writer import PreparedFile, prepare
 

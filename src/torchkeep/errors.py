@@ -71,3 +71,8 @@ class StorageError(TorchkeepError, OSError):
 
 class ClassNotAllowedError(TorchkeepError):
     """A saved model names a class that the caller has not allowed to be resolved."""
+
+
+class SnapshotRaceError(TorchkeepError):
+    """A tensor changed in place while an overlapped snapshot (``snapshot="overlap"``) was
+    copying it; the step was not written (docs/performance.md lists what the guard sees)."""

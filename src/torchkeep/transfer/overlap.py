@@ -28,13 +28,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .. import knobs
-from ..errors import TorchkeepError
+from ..errors import SnapshotRaceError
 from ..format.layout import Entry
 from .pool import parallel_copy
-
-
-class SnapshotRaceError(TorchkeepError):
-    """A tensor changed in place while its overlapped snapshot was being copied."""
 
 
 @dataclass
