@@ -163,7 +163,7 @@ def worker(name: str, setting: str, reps: int, k: int, width: int, batch: int) -
         return seconds, written
 
     try:
-        block(False), block(True), block(True)  # warm-up: first save allocates staging etc.
+        block(False), block(True)  # warm-up: the first save allocates staging etc.
         for rep in range(reps):
             order = (False, True) if rep % 2 == 0 else (True, False)
             for with_ckpt in order:
@@ -262,6 +262,7 @@ def main() -> None:
         return
     rows: list[dict] = []
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     for setting, names in (("full", FULL), ("frozen", FROZEN)):
         for name in names:
             cmd = [sys.executable, __file__, "--worker", name, setting, "--reps", str(a.reps)]
@@ -271,14 +272,12 @@ def main() -> None:
                 print(f"{name} ({setting}) failed:\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
             got = json.loads(done.stdout.strip().splitlines()[-1])
-            for row in got:
-                row.update(time=stamp, host=platform.node(), cpus=os.cpu_count(), width=width)
+            with open(a.out, "a") as f:  # row by row: a long run interrupted keeps its rows
+                for row in got:
+                    row.update(time=stamp, host=platform.node(), cpus=os.cpu_count(), width=width)
+                    f.write(json.dumps(row) + "\n")
             rows += got
             print(f"{setting:6s} {name:24s} done", file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     summary = summarize(rows, width)
     print(_table(summary))
     if a.plot:

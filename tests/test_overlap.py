@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -172,6 +173,12 @@ def test_changed_frozen_tensor_is_rewritten_and_old_step_released(tmp_path) -> N
     mgr.save(0, {"model": model, "opt": opt})
     mgr.save(1, {"model": model, "opt": opt})
     assert mgr.kept_reasons() == {0: ["referenced by 1"], 1: ["last"]}
+    listed = CliRunner().invoke(cli, ["ls", str(tmp_path), "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [r["kept"] for r in json.loads(listed.output)["steps"]] == [
+        ["referenced by 1"],
+        ["last"],
+    ]
     with torch.no_grad():
         model[0].weight.mul_(2)  # a version bump: written again
         model[0].bias.mul_(2)
