@@ -263,6 +263,33 @@ def test_loader_resume_exact_across_epochs(tmp_path, with_generator: bool, posit
     assert _batches(fresh, 3)[: len(expected)] == expected
 
 
+# --------------------------------------- overlapped and incremental saves (issue 23)
+OVERLAP_KILLS = [
+    ("in-save", 4, 5, 2),  # SIGKILL inside an overlapped, incremental save
+    ("mid-epoch", 5, 0, 2),  # killed between saves: resume from an incremental step
+    ("in-save", 8, 9, 3),  # incremental + verify_unchanged, killed at another write
+]
+
+
+def test_overlap_incremental_resume_bit_identical(tmp_path, long_run: bool) -> None:
+    """make test: the first kill point; make test-long: all of them."""
+    import torch
+
+    import torchkeep
+
+    ref_log, ref_out = _run(tmp_path, "ref", 0)
+    reference, ref_params = _losses(ref_log), torchkeep.load(ref_out)
+    for n, (kind, step, op, mode) in enumerate(OVERLAP_KILLS if long_run else OVERLAP_KILLS[:1]):
+        log, out = _run(tmp_path, f"t{n}", 0, step, op, mode)
+        seen = _losses(log)
+        assert sorted(seen) == sorted(reference), (kind, step, op, mode)
+        for s, values in seen.items():
+            assert set(values) == set(reference[s]), (kind, step, op, mode, s)
+        params = torchkeep.load(out)
+        for key, value in ref_params.items():
+            assert torch.equal(params[key], value), (kind, mode, key)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     for arg in ("run_dir", "log", "out"):
@@ -271,28 +298,3 @@ if __name__ == "__main__":
         parser.add_argument(arg, type=int)
     a = parser.parse_args()
     _train(a.run_dir, a.log, a.out, a.workers, a.kill_step, a.kill_op, a.async_save)
-
-
-# --------------------------------------- overlapped and incremental saves (issue 23), reduced
-@pytest.mark.parametrize(
-    ("kind", "step", "op", "mode"),
-    [
-        ("in-save", 4, 5, 2),  # SIGKILL inside an overlapped, incremental save
-        ("mid-epoch", 5, 0, 2),  # killed between saves: resume from an incremental step
-        ("in-save", 8, 9, 3),  # incremental + verify_unchanged, killed at another write
-    ],
-)
-def test_overlap_incremental_resume_bit_identical(tmp_path, kind, step, op, mode) -> None:
-    import torch
-
-    import torchkeep
-
-    ref_log, ref_out = _run(tmp_path, "ref", 0)
-    log, out = _run(tmp_path, "t", 0, step, op, mode)
-    reference, seen = _losses(ref_log), _losses(log)
-    assert sorted(seen) == sorted(reference)
-    for s, values in seen.items():
-        assert set(values) == set(reference[s]), (kind, step, op, mode, s)
-    params, ref_params = torchkeep.load(out), torchkeep.load(ref_out)
-    for key, value in ref_params.items():
-        assert torch.equal(params[key], value), (kind, key)
