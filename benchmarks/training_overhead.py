@@ -192,18 +192,25 @@ def trainable_bytes(width: int) -> int:
 
 def summarize(rows: list[dict], width: int) -> list[dict]:
     out = []
-    keys = sorted({(r["setting"], r["contender"]) for r in rows}, key=lambda t: t[0])
+    order = {("full", n): i for i, n in enumerate(FULL)}
+    order.update({("frozen", n): 100 + i for i, n in enumerate(FROZEN)})
+    keys = sorted({(r["setting"], r["contender"]) for r in rows}, key=lambda t: order.get(t, 999))
     for setting, name in keys:
         mine = [r for r in rows if (r["setting"], r["contender"]) == (setting, name)]
         with_ = statistics.median(r["seconds"] for r in mine if r["checkpoint"])
         without = statistics.median(r["seconds"] for r in mine if not r["checkpoint"])
         written = statistics.median(r["bytes_written"] for r in mine if r["checkpoint"])
+        best_with = min(r["seconds"] for r in mine if r["checkpoint"])
+        best_without = min(r["seconds"] for r in mine if not r["checkpoint"])
         row = {
             "setting": setting,
             "contender": name,
             "block_without_s": round(without, 4),
             "block_with_s": round(with_, 4),
             "overhead_pct": round(100 * (with_ - without) / without, 2),
+            # the fastest block of each kind: less sensitive to neighbours' bursts on a
+            # shared host (reported beside the median, not instead of it)
+            "best_overhead_pct": round(100 * (best_with - best_without) / best_without, 2),
             "mb_written_per_ckpt": round(written / 1e6, 2),
             "pairs": len(mine) // 2,
         }
@@ -214,15 +221,19 @@ def summarize(rows: list[dict], width: int) -> list[dict]:
 
 
 def _table(summary: list[dict]) -> str:
-    head = "| setting | contender | block without (s) | block with (s) | overhead | MB/ckpt |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = (
+        "| setting | contender | block without (s) | block with (s) | overhead (medians) "
+        "| overhead (best blocks) | MB/ckpt |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in summary:
         ratio = r.get("written_per_trainable")
         extra = f" ({ratio}x trainable)" if ratio is not None else ""
         mb = f"{r['mb_written_per_ckpt']}{extra}"
         lines.append(
             f"| {r['setting']} | {r['contender']} | {r['block_without_s']} | "
-            f"{r['block_with_s']} | {r['overhead_pct']:+.1f} % | {mb} |"
+            f"{r['block_with_s']} | {r['overhead_pct']:+.1f} % | "
+            f"{r['best_overhead_pct']:+.1f} % | {mb} |"
         )
     return "\n".join(lines)
 
@@ -235,9 +246,23 @@ def plot(summary: list[dict], path: str) -> None:
 
     full = [r for r in summary if r["setting"] == "full"]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh([r["contender"] for r in full], [r["overhead_pct"] for r in full], color="#4c72b0")
+    names = [r["contender"] for r in full]
+    pos = list(range(len(full)))
+    ax.barh([p - 0.2 for p in pos], [r["overhead_pct"] for r in full], 0.4, label="medians")
+    ax.barh(
+        [p + 0.2 for p in pos], [r["best_overhead_pct"] for r in full], 0.4, label="best blocks"
+    )
+    ax.set_yticks(pos, names)
+    lo, hi = -50, 100  # a shared host's bursts can reach hundreds of %: clip, print the value
+    ax.set_xlim(lo, hi)
+    for p, r in zip(pos, full):
+        for dy, key in ((-0.2, "overhead_pct"), (0.2, "best_overhead_pct")):
+            value = r[key]
+            ax.text(
+                min(max(value, lo + 2), hi - 18), p + dy, f"{value:+.0f} %", va="center", fontsize=7
+            )
     ax.axvline(2, color="#c44e52", linestyle="--", linewidth=1, label="2 % target")
-    ax.set_xlabel("training slowdown with a checkpoint every 10 steps (%)")
+    ax.set_xlabel("training slowdown, a checkpoint every 10 steps (%), shared 2-core VM")
     ax.invert_yaxis()
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -254,8 +279,17 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write the overhead plot (PNG) here")
     parser.add_argument("--out", default=os.path.join(RESULTS, "training_overhead.jsonl"))
     parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "SETTING"))
+    parser.add_argument("--summarize", metavar="JSONL", help="only tabulate/plot stored rows")
     a = parser.parse_args()
     width = 512 if a.quick else a.width
+    if a.summarize:
+        with open(a.summarize) as f:
+            stored = [json.loads(line) for line in f if line.strip()]
+        summary = summarize(stored, width)
+        print(_table(summary))
+        if a.plot:
+            plot(summary, a.plot)
+        return
     if a.worker:
         rows = worker(a.worker[0], a.worker[1], a.reps, a.every, width, a.batch)
         print(json.dumps(rows))

@@ -112,10 +112,15 @@ class Stager:
             self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return self.buffer
 
-    def stage(
-        self, prepared: PreparedFile, defer: Callable[[Entry], bool] | None = None
+    def stage(self, prepared: PreparedFile) -> PreparedFile:
+        """Copy every entry's bytes into the buffer and point the entries at the copies."""
+        self.stage_deferred(prepared, None)
+        return prepared
+
+    def stage_deferred(
+        self, prepared: PreparedFile, defer: Callable[[Entry], bool] | None
     ) -> DeferredCopy | None:
-        """Copy every entry's bytes into the buffer and point the entries at the copies.
+        """:meth:`stage`, except for the entries ``defer`` selects (returned, to copy later).
 
         Entries for which ``defer(entry)`` is true are not copied now: they are returned as a
         :class:`DeferredCopy` (the overlapped snapshot, ``overlap.py``) for a background thread.
@@ -202,7 +207,7 @@ class AsyncSaver:
             background = background and not exiting()  # a save from an atexit handler
             later = None
             if background:
-                later = self.stager.stage(prepared, defer)  # may raise: nothing in flight
+                later = self.stager.stage_deferred(prepared, defer)  # raises: none in flight
             handle = SaveHandle(description)
             self._current = handle
             if not background:
