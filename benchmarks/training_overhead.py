@@ -280,11 +280,15 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(RESULTS, "training_overhead.jsonl"))
     parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "SETTING"))
     parser.add_argument("--summarize", metavar="JSONL", help="only tabulate/plot stored rows")
+    parser.add_argument("--run", default=None, help="with --summarize: the run's time stamp")
     a = parser.parse_args()
     width = 512 if a.quick else a.width
     if a.summarize:
         with open(a.summarize) as f:
             stored = [json.loads(line) for line in f if line.strip()]
+        stamp = a.run or max(r["time"] for r in stored)  # default: the latest run
+        stored = [r for r in stored if r["time"] == stamp]
+        print(f"run {stamp}: {len(stored)} blocks")
         summary = summarize(stored, width)
         print(_table(summary))
         if a.plot:
