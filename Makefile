@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-long lint typecheck docs dist format bench bench-remote fuzz clean
+.PHONY: demo test test-long lint typecheck docs dist format bench bench-remote bench-training fuzz clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt src/torchkeep/_streamcopy.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,9 +53,15 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
 	$(PY) benchmarks/run.py --plot docs/perf.png
 	$(PY) benchmarks/remote.py --size-mb 256 --reps 2
+	$(MAKE) bench-training
 
 bench-remote: $(STAMP)
 	$(PY) benchmarks/remote.py --size-mb 256 --reps 2
+
+# Training-loop overhead of checkpointing every 10 steps (docs/performance.md, issue 23).
+bench-training: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) benchmarks/training_overhead.py --plot docs/training_overhead.png
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}

@@ -5,6 +5,7 @@ point (after a chosen step, or at a chosen file operation inside a save), then t
 with ``CheckpointManager.restore``. Every loss any process logged and the final parameters must
 equal those of an uninterrupted run. The model uses dropout, AdamW, an LR scheduler, a CPU
 ``GradScaler`` and a shuffled ``StatefulDataLoader`` with its own generator (0 and 2 workers).
+Its first layer is frozen (not in the optimizer), so incremental steps have something to skip.
 """
 
 from __future__ import annotations
@@ -27,8 +28,17 @@ SAMPLES = STEPS_PER_EPOCH * BATCH
 
 
 # ------------------------------------------------------------------------ the training script
+#: The manager's save modes by number (the ``async_save`` argument of the script).
+MODES = {
+    0: {},
+    1: {"async_save": True},
+    2: {"snapshot": "overlap", "incremental": True},
+    3: {"snapshot": "sync", "incremental": True, "verify_unchanged": True},
+}
+
+
 def _train(
-    run_dir: str, log: str, out: str, workers: int, kill_step: int, kill_op: int, async_save: bool
+    run_dir: str, log: str, out: str, workers: int, kill_step: int, kill_op: int, async_save: int
 ) -> None:
     import numpy as np
     import torch
@@ -52,8 +62,11 @@ def _train(
         generator=torch.Generator().manual_seed(99),
         num_workers=workers,
     )
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model = nn.Sequential(
+        nn.Linear(6, 6), nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1)
+    )
+    model[0].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.7)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
     state = {
@@ -86,7 +99,7 @@ def _train(
             self._tick()
             return super().replace(src, dst)
 
-    mgr = torchkeep.CheckpointManager(run_dir, keep_last=2, async_save=async_save)
+    mgr = torchkeep.CheckpointManager(run_dir, keep_last=2, **MODES[async_save])
     mgr.restore(state)
     with open(log, "a") as logf:
         while state["step"] < TOTAL_STEPS:
@@ -143,7 +156,7 @@ def _spawn(args: list[str], err: str) -> int:
 
 
 def _run(
-    tmp, name: str, workers: int, kill_step: int = 0, kill_op: int = 0, async_save: bool = False
+    tmp, name: str, workers: int, kill_step: int = 0, kill_op: int = 0, async_save: int = 0
 ) -> tuple[str, str]:
     run_dir, log, out, err = (os.path.join(tmp, f"{name}.{s}") for s in ("run", "log", "tk", "err"))
     head = [run_dir, log, out, str(workers)]
@@ -250,6 +263,33 @@ def test_loader_resume_exact_across_epochs(tmp_path, with_generator: bool, posit
     assert _batches(fresh, 3)[: len(expected)] == expected
 
 
+# --------------------------------------- overlapped and incremental saves (issue 23)
+OVERLAP_KILLS = [
+    ("in-save", 4, 5, 2),  # SIGKILL inside an overlapped, incremental save
+    ("mid-epoch", 5, 0, 2),  # killed between saves: resume from an incremental step
+    ("in-save", 8, 9, 3),  # incremental + verify_unchanged, killed at another write
+]
+
+
+def test_overlap_incremental_resume_bit_identical(tmp_path, long_run: bool) -> None:
+    """make test: the first kill point; make test-long: all of them."""
+    import torch
+
+    import torchkeep
+
+    ref_log, ref_out = _run(tmp_path, "ref", 0)
+    reference, ref_params = _losses(ref_log), torchkeep.load(ref_out)
+    for n, (kind, step, op, mode) in enumerate(OVERLAP_KILLS if long_run else OVERLAP_KILLS[:1]):
+        log, out = _run(tmp_path, f"t{n}", 0, step, op, mode)
+        seen = _losses(log)
+        assert sorted(seen) == sorted(reference), (kind, step, op, mode)
+        for s, values in seen.items():
+            assert set(values) == set(reference[s]), (kind, step, op, mode, s)
+        params = torchkeep.load(out)
+        for key, value in ref_params.items():
+            assert torch.equal(params[key], value), (kind, mode, key)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     for arg in ("run_dir", "log", "out"):
@@ -257,4 +297,4 @@ if __name__ == "__main__":
     for arg in ("workers", "kill_step", "kill_op", "async_save"):
         parser.add_argument(arg, type=int)
     a = parser.parse_args()
-    _train(a.run_dir, a.log, a.out, a.workers, a.kill_step, a.kill_op, bool(a.async_save))
+    _train(a.run_dir, a.log, a.out, a.workers, a.kill_step, a.kill_op, a.async_save)

@@ -99,3 +99,8 @@ class DistributedCheckpointError(TorchkeepError):
     def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
         super().__init__(message)
         self.failures = dict(failures or {})
+
+
+class SnapshotRaceError(TorchkeepError):
+    """A tensor changed in place while an overlapped snapshot (``snapshot="overlap"``) was
+    copying it; the step was not written (docs/performance.md lists what the guard sees)."""

@@ -11,15 +11,16 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from . import retention
 from .checkpoint import load_checkpoint
 from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
 from .state.capture import capture
+from .state.deferrable import deferrable, skippable
+from .state.versions import Baseline, Plan
 from .storage.backend import LOCAL
-from .storage.io import FileOps
 from .storage.local import sweep_temps
 from .storage.lock import LOCK_NAME, DirLock
 from .storage.replicate import Replicator
@@ -36,7 +37,12 @@ from .storage.run_dir import (
 )
 from .storage.urls import backend_for, is_url, normalize, remote_backend_for
 from .transfer.asyncsave import AsyncSaver, SaveHandle
-from .transfer.writer import PreparedFile, PreparedPayload, prepare, write_prepared
+from .transfer.overlap import wait_copies
+from .transfer.writer import PreparedFile, PreparedPayload, prepare
+
+#: ``snapshot=`` modes: write inline / copy then write in the background / copy parameters
+#: and optimizer state in the background too (until the next optimizer step).
+SNAPSHOT_MODES = ("sync", "copy", "overlap")
 
 
 def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -57,13 +63,12 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _writer(prepared: PreparedFile) -> Callable[[int, FileOps], None]:
-    """The fill of a step's state file: the prepared file written into the descriptor."""
-
-    def fill(fd: int, file_ops: FileOps) -> None:
-        write_prepared(prepared, fd, file_ops)
-
-    return fill
+def _snapshot_mode(snapshot: str | None, async_save: bool) -> str:
+    if snapshot is None:
+        return "copy" if async_save else "sync"
+    if snapshot not in SNAPSHOT_MODES:
+        raise TorchkeepError(f"snapshot={snapshot!r}: must be one of {', '.join(SNAPSHOT_MODES)}")
+    return snapshot
 
 
 class CheckpointManager:
@@ -81,6 +86,16 @@ class CheckpointManager:
     tiers: each step commits to the local ``directory`` and is then uploaded in the background
     and committed remotely; ``replica_policy`` (``keep_last=`` etc.; default keep all) is the
     remote retention. ``restore`` uses the newest step committed in either tier.
+
+    ``snapshot`` chooses how :meth:`save` snapshots: ``"sync"`` (the default without
+    ``async_save``) writes before returning; ``"copy"`` (``async_save=True``) copies every tensor,
+    then writes in the background; ``"overlap"`` copies only buffers, RNG, loader state and plain
+    values before returning and parameters/optimizer state in the background, while forward and
+    backward run; the next ``optimizer.step()`` waits for that copy, and a tensor changed in place
+    meanwhile fails the save (docs/performance.md says what that guard cannot see).
+    ``incremental=True`` writes only tensors whose version counter or memory changed since this
+    manager's previous step; the others refer to the earlier step's bytes (retention keeps
+    referenced steps). ``verify_unchanged=True`` hashes those tensors to be sure.
     """
 
     def __init__(
@@ -97,11 +112,24 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         replicate_to: str | None = None,
         replica_policy: dict[str, Any] | None = None,
+        snapshot: str | None = None,
+        incremental: bool = False,
+        verify_unchanged: bool = False,
     ) -> None:
         retention.validate_policy(keep_last, keep_best, monitor, mode, keep_every)
+        self.snapshot = _snapshot_mode(snapshot, async_save)
+        self.incremental = incremental
+        self.verify_unchanged = verify_unchanged
+        self._baseline = Baseline()
         self.directory = normalize(directory)
         self.storage_options = storage_options
         self.backend = backend_for(self.directory, storage_options)
+        if incremental and (self.backend is not LOCAL or replicate_to is not None):
+            raise TorchkeepError(
+                f"{self.directory}: incremental=True needs a local run directory without "
+                "replicate_to (steps refer to earlier steps' files on the same disk); save "
+                "full steps to object storage"
+            )
         self.policy = retention.Policy(
             keep_last=keep_last,
             keep_best=keep_best,
@@ -109,7 +137,7 @@ class CheckpointManager:
             mode=mode,
             keep_every=keep_every,
         )
-        self.async_save = async_save
+        self.async_save = self.snapshot != "sync"
         self.rng = rng
         self.last_restore_note: str | None = None
         self._lock = DirLock(self.directory) if self.backend is LOCAL else None
@@ -188,32 +216,51 @@ class CheckpointManager:
                 "save under a new step number or delete that step first"
             )
         clean = clean_metrics(metrics)
-        prepared = prepare(capture(state, rng=self.rng))
+        plan = self._plan(step, prepare(capture(state, rng=self.rng)), state)
+        prepared = plan.prepared
         stamp = time.time()
+        sums: dict[str, str] = {}
 
         def job() -> str:
             path = write_step(
                 self.directory,
                 step,
-                PreparedPayload(prepared),
+                PreparedPayload(prepared, sums),
                 clean,
                 stamp,
                 self.policy,
                 backend=self.backend,
             )
+            if self.incremental:
+                self._baseline.commit(plan, step, sums)
             if self.replica is not None:
                 self.replica.submit(step)
             self._prune_local()
             return path
 
+        defer = deferrable(state) if self.snapshot == "overlap" else None
         handle = self._saver.start(
-            job, prepared, f"{self.directory} step {step}", background=self.async_save
+            job,
+            prepared,
+            f"{self.directory} step {step}",
+            background=self.async_save,
+            defer=defer,
         )
         self._handle, self._reported = handle, False
         if not self.async_save:
             self._reported = True
             handle.wait()
         return handle
+
+    def _plan(self, step: int, prepared: PreparedFile, state: MutableMapping[str, Any]) -> Plan:
+        """Which entries this step writes (all, unless incremental finds unchanged ones)."""
+        if not self.incremental:
+            return Plan(prepared, {}, {})
+        existing = {s.step for s in list_steps(self.directory, self.backend)}
+        where = f"{self.directory} step {step}"
+        return self._baseline.plan(
+            prepared, existing, skippable(state), self.verify_unchanged, where
+        )
 
     def _raise_background(self) -> None:
         handle = self._handle
@@ -225,6 +272,7 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the in-flight save committed; raise its error if it failed."""
+        wait_copies()
         self._saver.wait_previous()
         self._raise_background()
 
@@ -259,7 +307,8 @@ class CheckpointManager:
 
     def kept_reasons(self) -> dict[int, list[str]]:
         """step -> why retention keeps it (for tables)."""
-        return retention.kept_reasons(self.steps(), **self.policy)
+        steps = self.steps()
+        return retention.with_referenced(steps, retention.kept_reasons(steps, **self.policy))
 
     def restore(
         self, state: MutableMapping[str, Any], step: int | None = None, fallback: bool = False

@@ -16,6 +16,7 @@ from typing import TypedDict
 from .errors import TorchkeepError
 from .storage.backend import LOCAL, Backend
 from .storage.lock import DirLock
+from .storage.references import referenced_steps
 from .storage.run_dir import StepInfo, delete_step, list_steps
 
 MODES = ("min", "max")
@@ -119,6 +120,23 @@ def kept_reasons(
 _keep_last, _keep_best, _keep_every = keep_last, keep_best, keep_every
 
 
+def with_referenced(
+    steps: Sequence[StepInfo], reasons: dict[int, list[str]]
+) -> dict[int, list[str]]:
+    """``reasons`` plus every step whose bytes a kept step uses (incremental steps refer to
+    an earlier step's file; that step is kept, reason "referenced by N", until nothing kept
+    refers to it). References point at the step holding the bytes, so one pass suffices."""
+    out = {step: list(why) for step, why in reasons.items()}
+    present = {s.step for s in steps}
+    for info in steps:
+        if info.step not in reasons:
+            continue
+        for target in sorted(referenced_steps(info.path)):
+            if target in present and target != info.step:
+                out.setdefault(target, []).append(f"referenced by {info.step}")
+    return dict(sorted(out.items()))
+
+
 def prune(
     directory: str | os.PathLike[str],
     *,
@@ -155,6 +173,7 @@ def prune(
             mode=mode,
             keep_every=keep_every,
         )
+        reasons = with_referenced(steps, reasons)
         doomed = [s.step for s in steps if s.step not in reasons and s.step not in protect]
         if not dry_run:
             for step in doomed:

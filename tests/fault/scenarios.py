@@ -16,10 +16,30 @@ import torchkeep
 from torchkeep.manager import CheckpointManager
 from torchkeep.storage.run_dir import STATE_FILE, list_steps
 
-KINDS = ("file", "step", "bare_step", "async")
-#: Kinds whose target is a manager run directory: ``step`` applies retention (keep_last=2),
+KINDS = ("file", "step", "bare_step", "async", "incremental")
+#: Kinds whose target is a run directory: ``step`` applies retention (keep_last=2),
 #: ``bare_step`` none, so only the commit's own parent-directory fsync makes a step durable.
-STEP_KINDS = ("step", "bare_step")
+#: "incremental" saves every version through one manager
+#: per target with ``incremental=True``, with a frozen module whose bytes later steps take from
+#: the first step that wrote them (references; retention must keep that step).
+STEP_KINDS = ("step", "bare_step", "incremental")
+_MANAGERS: dict[str, tuple[CheckpointManager, torch.nn.Module]] = {}
+
+
+def frozen_module() -> torch.nn.Module:
+    """The frozen part of an incremental state: the same bytes in every version."""
+    torch.manual_seed(5)
+    module = torch.nn.Linear(64, 40)
+    module.requires_grad_(False)
+    return module
+
+
+def _incremental_save(target: str, version: int, obj: dict) -> None:
+    if target not in _MANAGERS:
+        manager = CheckpointManager(target, rng=False, keep_last=2, incremental=True)
+        _MANAGERS[target] = (manager, frozen_module())
+    manager, frozen = _MANAGERS[target]
+    manager.save(version, {"weights": obj, "frozen": frozen})
 
 
 def is_step(kind: str) -> bool:
@@ -59,6 +79,8 @@ def save_version(kind: str, target: str, version: int, scale: int = 1) -> None:
         torchkeep.save(obj, target)
     elif kind == "async":
         torchkeep.save_async(obj, target).wait()
+    elif kind == "incremental":
+        _incremental_save(target, version, obj)
     elif is_step(kind):
         keep_last = 2 if kind == "step" else None
         with CheckpointManager(target, rng=False, keep_last=keep_last) as manager:
@@ -85,6 +107,9 @@ def step_versions(run_dir: str, scale: int = 1) -> list[int]:
         loaded = torchkeep.load(os.path.join(info.path, STATE_FILE))
         if not same(loaded["values"]["weights"], make_state(info.step, scale)):
             raise AssertionError(f"{info.path}: step content is not version {info.step}")
+        frozen = loaded["objects"].get("frozen")
+        if frozen is not None and not same(frozen, frozen_module().state_dict()):
+            raise AssertionError(f"{info.path}: the frozen module's bytes are not the saved ones")
         found.append(info.step)
     return found
 

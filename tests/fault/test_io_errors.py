@@ -15,7 +15,7 @@ import os
 
 import pytest
 from faultlib import FaultOps, temps_in
-from scenarios import KINDS, check_after_fault, committed, is_step, save_version
+from scenarios import KINDS, STEP_KINDS, check_after_fault, committed, is_step, save_version
 
 import torchkeep
 from torchkeep.storage.io import use_ops
@@ -67,7 +67,7 @@ def test_error_at_every_operation(kind: str, err: int, write_mode: str, tmp_path
         seen = check_after_fault(kind, target, old, new)
         # A failed directory fsync while retention deletes an old step (after the new step
         # committed) leaves that step's trash for the next open's sweep, on purpose.
-        trash_left = kind == "step" and new in seen and injector.fired_kind == "fsync_dir"
+        trash_left = kind in STEP_KINDS and new in seen and injector.fired_kind == "fsync_dir"
         if injector.fired_kind not in CLEANUP and not trash_left:
             assert temps_in(os.path.dirname(target) if not is_step(kind) else target) == [], where
         if new in seen:  # committed anyway: reset so the next case saves over `old` again

@@ -42,7 +42,7 @@ def listing(run_dir: str, **policy: Any) -> dict[str, Any]:
     steps = list_steps(run_dir, backend)
     if not any(v is not None for k, v in policy.items() if k != "mode"):
         policy = recorded_policy(steps) or policy
-    reasons = retention.kept_reasons(steps, **policy)
+    reasons = retention.with_referenced(steps, retention.kept_reasons(steps, **policy))
     rows = [
         {
             "step": s.step,

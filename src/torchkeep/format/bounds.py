@@ -99,3 +99,35 @@ def check_hash_spread(keys: list, where: str) -> None:
             f"{where}: {longest} of its {len(keys)} keys have the same hash (duplicates or hash "
             f"flooding), over the limit of {limit} (TORCHKEEP_MAX_HASH_COLLISIONS)"
         )
+
+
+class HashTally:
+    """A running count of one container's key hashes, for keys inserted one batch at a time.
+
+    The streaming counterpart of :func:`check_hash_spread` (the pickle scan sees keys as
+    opcodes add them): counting is O(1) a key, because the counter's own keys are hash values,
+    which never collide with each other (``hash(h) == h`` for every hash value ``h``).
+    """
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] | None = None  # created on the first key: most have none
+
+    def add(self, hashes: Iterable[int]) -> int:
+        """Count ``hashes``; the most keys any one of them is now shared by (0 for none)."""
+        counts = self.counts
+        if counts is None:
+            counts = self.counts = {}
+        worst, get = 0, counts.get
+        for h in hashes:
+            n = get(h, 0) + 1
+            counts[h] = n
+            if n > worst:
+                worst = n
+        return worst
+
+
+def flooded(shared: int) -> bool:
+    """Whether ``shared`` keys with one hash value are over ``MAX_HASH_COLLISIONS``."""
+    return shared > knobs.MAX_HASH_COLLISIONS

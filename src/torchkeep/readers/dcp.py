@@ -73,6 +73,7 @@ def read_metadata(folder: str, trusted: bool = False) -> Any:
         else:
             import torch.distributed.checkpoint  # noqa: F401 - registers the dataclasses
 
+            _scan_metadata(data, path)
             meta = _MetadataUnpickler(data, path).load()
     except UnsafeFileError:
         raise
@@ -82,6 +83,24 @@ def read_metadata(folder: str, trusted: bool = False) -> Any:
         raise FormatError(f"{path}: not DCP metadata (got {type(meta).__name__})")
     check_metadata(meta, folder, len(data))
     return meta
+
+
+def _scan_metadata(data: bytes, path: str) -> None:
+    """The unpickler builds the metadata's dicts itself: prove first that none is a hash flood.
+
+    Globals are checked by :class:`_MetadataUnpickler` as it goes. The scan (linear time)
+    refuses colliding keys, a pickle too large for it to see whole, and anything it cannot
+    resolve: past such a point it cannot say what the unpickler would build.
+    """
+    result = ScanResult()
+    scan_stream(data, result, METADATA_NAME)
+    if result.problems:
+        raise UnsafeFileError(
+            f"{path}: refused to unpickle DCP metadata: the scan cannot prove it harmless "
+            f"({'; '.join(result.problems[:4])}); nothing was executed. Pass trusted=True "
+            "(CLI: --trusted) only if you trust this checkpoint",
+            globals=[],
+        )
 
 
 def scan_blob(data: bytes) -> ScanResult:
@@ -95,6 +114,17 @@ def scan_blob(data: bytes) -> ScanResult:
     except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
         scan_stream(data, result, "pickle")
     return result
+
+
+def _refuse_unsafe_blob(data: bytes, where: str) -> None:
+    """Refuse a DCP item whose pickles import disallowed globals or cannot be resolved."""
+    bad = unsafe_globals(scan_blob(data))
+    if bad:
+        raise UnsafeFileError(
+            f"{where}: refused to unpickle a DCP value ({'; '.join(bad[:4])}); nothing was "
+            "executed. Pass trusted=True (CLI: --trusted) only if you trust this checkpoint",
+            globals=[g for g in bad if not g.startswith("unresolved: ")],
+        )
 
 
 def read_blob(folder: str, info: Any) -> bytes:
@@ -134,9 +164,12 @@ class DcpView(CheckpointView):
         try:
             if self.trusted:
                 return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+            _refuse_unsafe_blob(data, where)  # before torch's unpickler builds anything
             with safe_globals.allowed():  # NumPy values through checked stand-ins
                 value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             return safe_globals.resolve(value)
+        except UnsafeFileError:
+            raise
         except pickle.UnpicklingError as exc:
             bad = unsafe_globals(scan_blob(data))
             raise UnsafeFileError(

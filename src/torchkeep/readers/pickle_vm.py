@@ -10,7 +10,9 @@ resolve - a non-string ``STACK_GLOBAL`` operand, a call of a computed value, sta
 unknown opcode, a truncated stream, an unregistered extension code - is recorded as a problem,
 and a pickle with a problem is unsafe. Sizes are bounded (:mod:`torchkeep.knobs`): the caller
 hands over at most ``SCAN_MAX_PICKLE_BYTES`` (:mod:`.containers`), and the stack, marks and memo
-together hold at most ``SCAN_MAX_PICKLE_OBJECTS`` entries.
+together hold at most ``SCAN_MAX_PICKLE_OBJECTS`` entries. Every dict, set, list and tuple is its
+own symbol (:mod:`.pickle_keys`), so the keys each dict or set receives can be counted by hash:
+more than ``MAX_HASH_COLLISIONS`` alike (hash flooding, a quadratic load) is a problem too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .. import knobs
+from .pickle_keys import Box, FloodError, Keys, Tup
 
 
 class ScanLimitError(Exception):
@@ -53,16 +56,16 @@ class _Opaque:
         return f"<{self.kind}>"
 
 
-LIST, DICT, TUPLE, SET, FROZENSET = map(_Opaque, ("list", "dict", "tuple", "set", "frozenset"))
-SCALAR, BYTES, BUFFER, PERSISTENT = map(_Opaque, ("scalar", "bytes", "buffer", "persistent"))
-_MUTABLE = (LIST, DICT, SET)
+BYTES, BUFFER, PERSISTENT = map(_Opaque, ("bytes", "buffer", "persistent"))
+_MUTABLE = ("list", "dict", "set")
 _STR_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE",
             "BINUNICODE", "BINUNICODE8"}  # fmt: skip
 _INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
-_SCALAR_OPS = {"FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE"}
-_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
-_EMPTY = {"EMPTY_LIST": LIST, "EMPTY_DICT": DICT, "EMPTY_TUPLE": TUPLE, "EMPTY_SET": SET}
-_FROM_MARK = {"LIST": LIST, "DICT": DICT, "TUPLE": TUPLE, "FROZENSET": FROZENSET}
+_CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
+_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}  # pushed as is: they can be keys
+_EMPTY = {"EMPTY_LIST": "list", "EMPTY_DICT": "dict", "EMPTY_SET": "set"}
+_FROM_MARK = {"LIST": "list", "DICT": "dict", "FROZENSET": "frozenset"}
+_MEMO_INDEX_LIMIT = 2**32  # what LONG_BINPUT can spell; text PUT indices beyond it are refused
 _TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 
 
@@ -103,6 +106,7 @@ class Machine:
         self.stack: list[Any] = []
         self.marks: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
+        self.keys = Keys()  # what dicts and sets the pickle builds hold, as hashes
         self.proto = 0
         self.size = 0
         self.max_size = knobs.SCAN_MAX_PICKLE_OBJECTS
@@ -168,7 +172,8 @@ def _describe(value: Any) -> str:
         return "an int"
     if isinstance(value, Global):
         return f"the global {value.ref} itself"
-    return f"a {value.kind}" if isinstance(value, _Opaque) else repr(type(value).__name__)
+    kind = getattr(value, "kind", None)
+    return f"a {kind}" if type(kind) is str else repr(type(value).__name__)
 
 
 def _ext(m: Machine, code: Any) -> None:
@@ -180,23 +185,35 @@ def _ext(m: Machine, code: Any) -> None:
 
 
 def _build(m: Machine) -> None:
-    m.pop()  # the state
+    state = m.pop()
     target = m.top()
     if not isinstance(target, Instance):
         raise PickleError(f"BUILD sets state on {_describe(target)}, not an object a global made")
+    m.keys.built(target, state)
 
 
 def _fill(m: Machine, op: str) -> None:
     """APPEND(S)/SETITEM(S)/ADDITEMS: the target must be a container, never a global."""
     if op in ("APPENDS", "SETITEMS", "ADDITEMS"):
-        m.pop_mark()
+        items = m.pop_mark()
     else:
-        m.pop()
+        items = [m.pop()]
         if op == "SETITEM":
-            m.pop()
+            items.insert(0, m.pop())
     target = m.top()
-    if not (target in _MUTABLE or isinstance(target, Instance)):
+    mutable = type(target) is Box and target.kind in _MUTABLE
+    if not (mutable or isinstance(target, Instance)):
         raise PickleError(f"{op} on {_describe(target)}")
+    if op.startswith("APPEND"):
+        if mutable and target.elems is not None:
+            target.elems.extend(items)
+        return
+    if op.startswith("SETITEM"):
+        if mutable:
+            target.record(items)
+        m.keys.tally(target, items[0::2])
+    else:
+        m.keys.tally(target, items)
 
 
 def _push_arg(m: Machine, arg: Any) -> None:
@@ -217,8 +234,8 @@ def _pop(m: Machine, arg: Any) -> None:
 
 
 def _put(m: Machine, index: Any) -> None:
-    if index < 0:
-        raise PickleError("negative memo index")
+    if not 0 <= index < _MEMO_INDEX_LIMIT:  # a huge text PUT index could flood the memo dict
+        raise PickleError(f"memo index {index} out of range")
     m.grow(index not in m.memo)
     m.memo[index] = m.top()
 
@@ -255,6 +272,15 @@ def _call_popping(n_args: int, how: str):
     return handler
 
 
+def _reduce(m: Machine, arg: Any) -> None:
+    """REDUCE: ``set(list)``, ``OrderedDict(pairs)`` and the like insert keys; count them."""
+    args = m.pop()
+    func = m.pop()
+    result = m.call(func, "REDUCE")
+    m.grow(m.keys.called(func.ref, result, args))  # set(memoized list) again and again: memory
+    m.push(result)
+
+
 def _obj(m: Machine, arg: Any) -> None:
     items = m.pop_mark()
     if not items:
@@ -281,19 +307,32 @@ def _const(value: Any):
     return lambda m, arg: m.push(value)
 
 
-def _from_mark(value: Any):
+def _empty(kind: str):
+    return lambda m, arg: m.push(Box(kind, []))
+
+
+def _from_mark(kind: str):
     def handler(m: Machine, arg: Any) -> None:
-        m.pop_mark()
-        m.push(value)
+        items = m.pop_mark()
+        box = Box(kind, items)
+        if kind == "dict":
+            box.record(items)
+        if kind != "list":
+            m.keys.tally(box, items[0::2] if kind == "dict" else items)
+        m.push(box)
 
     return handler
 
 
+def _tuple(m: Machine, arg: Any) -> None:
+    m.push(Tup(m.pop_mark()))
+
+
 def _tuple_n(n: int):
     def handler(m: Machine, arg: Any) -> None:
-        for _ in range(n):
-            m.pop()
-        m.push(TUPLE)
+        items = [m.pop() for _ in range(n)]
+        items.reverse()
+        m.push(Tup(items))
 
     return handler
 
@@ -303,11 +342,10 @@ def _nothing(m: Machine, arg: Any) -> None:
 
 
 HANDLERS: dict[str, Any] = {
-    **{op: _push_arg for op in _STR_OPS | _INT_OPS},
-    **{op: _const(SCALAR) for op in _SCALAR_OPS},
-    **{op: _const(BYTES) for op in _BYTES_OPS},
-    **{op: _const(value) for op, value in _EMPTY.items()},
-    **{op: _from_mark(value) for op, value in _FROM_MARK.items()},
+    **{op: _push_arg for op in _STR_OPS | _INT_OPS | _BYTES_OPS | {"FLOAT", "BINFLOAT"}},
+    **{op: _const(value) for op, value in _CONSTANTS.items()},
+    **{op: _empty(kind) for op, kind in _EMPTY.items()},
+    **{op: _from_mark(kind) for op, kind in _FROM_MARK.items()},
     **{op: _tuple_n(n) for op, n in _TUPLE_N.items()},
     **{op: _put for op in ("PUT", "BINPUT", "LONG_BINPUT")},
     **{op: _get for op in ("GET", "BINGET", "LONG_BINGET")},
@@ -316,6 +354,9 @@ HANDLERS: dict[str, Any] = {
         for op in ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS")
     },
     **{op: _ext for op in ("EXT1", "EXT2", "EXT4")},
+    "BYTEARRAY8": _const(BYTES),
+    "EMPTY_TUPLE": lambda m, arg: m.push(Tup([])),
+    "TUPLE": _tuple,
     "MARK": _mark,
     "POP": _pop,
     "POP_MARK": lambda m, arg: m.pop_mark(),
@@ -324,7 +365,7 @@ HANDLERS: dict[str, Any] = {
     "GLOBAL": _global,
     "INST": _inst,
     "STACK_GLOBAL": _stack_global,
-    "REDUCE": _call_popping(1, "REDUCE"),  # pops the arguments, then the callable
+    "REDUCE": _reduce,  # pops the arguments, then the callable
     "NEWOBJ": _call_popping(1, "NEWOBJ"),
     "NEWOBJ_EX": _call_popping(2, "NEWOBJ_EX"),  # keyword and positional arguments
     "OBJ": _obj,
@@ -374,7 +415,7 @@ def _simulate(stream: IO[bytes], out: Outcome) -> Outcome:
         out.problems.append("the stream ends before the pickle's STOP opcode")
     except ScanLimitError as exc:
         out.problems.append(str(exc))
-    except PickleError as exc:
+    except (PickleError, FloodError) as exc:
         out.problems.append(f"{exc} (opcode at byte {at})")
         _names_after(stream, out)
     except Exception as exc:  # noqa: BLE001 - genops reports malformed streams many ways

@@ -85,9 +85,12 @@ class FileView(CheckpointView):
         return decode(reader.tree, resolve, reader.path)
 
     def check(self, progress: Any = None) -> list[str]:
-        """Checksum of every entry (torchkeep) or a full structural read (safetensors)."""
+        """Checksum of every entry (torchkeep) or a full structural read (safetensors).
+
+        Tensors an incremental step takes from an earlier step are verified in that file."""
         problems = []
-        for key in self.reader.header.entries:
+        names = self.reader.keys()  # this file's entries, then those of earlier steps
+        for key in names:
             try:
                 if self.reader.checksums:
                     self.reader.verify_entry(key)

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 
 from .. import knobs
+from ..format.layout import Entry
 from ..storage.aligned import align_up
 from ..storage.io import ops
 from ..storage.local import atomic_file
 from ..storage.urls import backend_for, is_url, normalize
 from .direct_writer import direct_alignment
+from .overlap import DeferredCopy, cancel, register
 from .pool import exiting, parallel_copy
 from .writer import PreparedFile, PreparedPayload, prepare, write_prepared
 
@@ -112,7 +114,17 @@ class Stager:
         return self.buffer
 
     def stage(self, prepared: PreparedFile) -> PreparedFile:
-        """Copy every entry's bytes into the buffer and point the entries at the copies.
+        """Copy every entry's bytes into the buffer and point the entries at the copies."""
+        self.stage_deferred(prepared, None)
+        return prepared
+
+    def stage_deferred(
+        self, prepared: PreparedFile, defer: Callable[[Entry], bool] | None
+    ) -> DeferredCopy | None:
+        """:meth:`stage`, except for the entries ``defer`` selects (returned, to copy later).
+
+        Entries for which ``defer(entry)`` is true are not copied now: they are returned as a
+        :class:`DeferredCopy` (the overlapped snapshot, ``overlap.py``) for a background thread.
 
         The copies are laid out as an image of the file: page-aligned, each entry at its file
         offset, the header's room left blank. A direct-I/O write then goes straight from the
@@ -127,11 +139,15 @@ class Stager:
         skip = -buf.data_ptr() % align
         image = buf[skip : skip + size]
         shared = []
+        later = DeferredCopy(f"entries of {len(prepared.entries)}", self.pinned) if defer else None
         for entry in prepared.entries:
             src = entry.source.detach().reshape(-1)
             if src.dtype != torch.uint8:
                 src = src.view(torch.uint8)
             dst = image[data_start + entry.begin : data_start + entry.end]
+            if later is not None and defer is not None and defer(entry):
+                later.add(entry, src, dst)
+                continue
             if src.device.type != "cpu":
                 dst.copy_(src, non_blocking=self.pinned)
             elif src.numel() < _SHARED_COPY_BYTES:
@@ -143,7 +159,7 @@ class Stager:
         if on_cuda:
             torch.cuda.synchronize()
         prepared.image = image
-        return prepared
+        return later if later is not None and later.items else None
 
     def release(self) -> None:
         """Free the staging memory (it is re-allocated by the next async save)."""
@@ -180,23 +196,50 @@ class AsyncSaver:
         description: str,
         *,
         background: bool,
+        defer: Callable[[Entry], bool] | None = None,
     ) -> SaveHandle:
-        """Run ``job`` after the previous save finished; snapshot ``prepared`` if in background."""
+        """Run ``job`` after the previous save finished; snapshot ``prepared`` if in background.
+
+        With ``defer``, the entries it selects are copied by the background thread before
+        ``job`` runs (an overlapped snapshot); optimizer steps wait for that copy.
+        """
         with self._lock:
             self.wait_previous()
             background = background and not exiting()  # a save from an atexit handler
+            later = None
             if background:
-                self.stager.stage(prepared)  # may raise: then no save is in flight
+                later = self.stager.stage_deferred(prepared, defer)  # raises: none in flight
             handle = SaveHandle(description)
             self._current = handle
             if not background:
                 handle._run(job)
                 return handle
+            run = job
+            if later is not None:
+                later.description = description
+                register(later)
+                run = _after(later, job)
             thread = threading.Thread(
-                target=handle._run, args=(job,), name="torchkeep-save", daemon=False
+                target=handle._run, args=(run,), name="torchkeep-save", daemon=False
             )
-            thread.start()
+            try:
+                thread.start()
+            except BaseException:
+                if later is not None:
+                    cancel(later)
+                self._current = None
+                raise
             return handle
+
+
+def _after(copy: DeferredCopy, job: Callable[[], Any]) -> Callable[[], Any]:
+    """``job`` preceded by the deferred snapshot copy (whose failure fails the save)."""
+
+    def run() -> Any:
+        copy.run()
+        return job()
+
+    return run
 
 
 _SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()

@@ -25,8 +25,10 @@ from ..format.memory import byte_view
 from ..format.tree import TAG
 from ..format.tree_decode import decode, iter_tensor_nodes
 from ..storage.paths import open_regular
+from ..storage.references import parse_refs
 from ..storage.urls import backend_for, is_url
 from .gcpause import paused_gc
+from .links import Links
 from .parallel_read import plan_reads, run_reads
 from .pool import drain, io_pool
 
@@ -42,10 +44,13 @@ class FileReader:
         storage_options: dict[str, Any] | None = None,
         *,
         follow_symlinks: bool = True,
+        links: bool = True,
     ) -> None:
         """Open ``path`` (a local file or an fsspec URL); ``follow_symlinks=False`` for files
         found in a directory (a link there could lead outside it). Anything but a regular file
-        is refused."""
+        is refused. A step of an incremental run takes some tensors from earlier steps
+        (``storage/references.py``): those files are opened and checked too, unless
+        ``links=False`` (then those tensors cannot be read)."""
         self.path = os.fspath(path)
         #: The object store of a URL (ranged reads through fsspec), None for a local file.
         self.remote: Any = None
@@ -54,12 +59,22 @@ class FileReader:
             self._fd = -1
         else:
             self._fd = open_regular(self.path, follow_symlinks=follow_symlinks)
+        self.links = Links(self.path, {})
         try:
             self.size = self.remote.size(self.path) if self.remote else os.fstat(self._fd).st_size
             with paused_gc():  # a header can hold tens of thousands of small dicts
                 self.header = self._read_header()
                 self.checksums = self._read_checksums()
+                refs = parse_refs(self.header.metadata, self.path) if self.is_torchkeep else {}
+                if refs and self.remote is not None:
+                    raise FormatError(
+                        f"{self.path}: refers to tensors of other steps (an incremental step); "
+                        "such references are only followed inside a local run directory"
+                    )
+                self.links = Links(self.path, refs)
                 self.tree = self._read_tree()
+            if links and refs:
+                self.links.open(FileReader, self.header.entries)
         except BaseException:
             self.close()
             raise
@@ -147,7 +162,9 @@ class FileReader:
         nodes = iter_tensor_nodes(tree, self.path)
         for path, node in nodes:
             key = node.get("key")
-            if not isinstance(key, str) or key not in self.header.entries:
+            if not isinstance(key, str) or (
+                key not in self.header.entries and key not in self.links.refs
+            ):
                 raise FormatError(
                     f"{self.path}: value {path or '<root>'} refers to tensor {key!r}, "
                     "which is not in the file"
@@ -158,8 +175,8 @@ class FileReader:
 
     # -- reading tensors ----------------------------------------------------------------------
     def keys(self) -> list[str]:
-        """The stored tensor entries' names, in file order (flattened paths for torchkeep)."""
-        return list(self.header.entries)
+        """Every tensor key: this file's entries, then those held by earlier steps."""
+        return [*self.header.entries, *self.links.refs]
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -167,8 +184,11 @@ class FileReader:
         return dict(self.header.metadata)
 
     def entry(self, key: str) -> EntryInfo:
-        """The header's record of entry ``key`` (dtype, shape, byte range); KeyError names the
-        file when there is none."""
+        """The header's record of entry ``key`` (dtype, shape, byte range), following a link
+        to an earlier step; KeyError names the file when there is none."""
+        if key in self.links.refs:
+            reader, target = self.links.target(key)
+            return reader.entry(target)
         try:
             return self.header.entries[key]
         except KeyError:
@@ -186,6 +206,8 @@ class FileReader:
         Neighbouring small entries are read with one call. Raises :class:`CorruptionError`
         naming the first entry whose checksum does not match.
         """
+        if self.links.refs:
+            items = self.links.read_linked(items, verify)
         with paused_gc():
             jobs = plan_reads(self, items)
         if not jobs:
@@ -228,6 +250,9 @@ class FileReader:
 
         An object has no memory map: a URL's entry is read (verified when asked) instead.
         """
+        if key in self.links.refs:
+            reader, target = self.links.target(key)
+            return reader.map_entry(target, verify)
         if self.remote is not None:
             return self.read_entry(key, verify)
         info = self.entry(key)
@@ -255,6 +280,9 @@ class FileReader:
         the CPU cache), so verifying a whole file holds no copy of it. Threads pass their own
         ``scratch``.
         """
+        if key in self.links.refs:
+            reader, target = self.links.target(key)
+            return reader.verify_entry(target)
         info = self.entry(key)
         hasher = checksum.new_hasher()
         start = self.header.data_start + info.begin
@@ -301,7 +329,7 @@ class FileReader:
     def corrupt_entries(self) -> list[str]:
         """Keys of every entry whose checksum does not match (empty for plain safetensors)."""
         bad = []
-        for key in self.checksums:
+        for key in [*self.checksums, *self.links.refs]:
             try:
                 self.verify_entry(key)
             except CorruptionError:
@@ -358,6 +386,7 @@ class FileReader:
 
     def close(self) -> None:
         """Close the file (idempotent); tensors from :meth:`map_entry` stay valid."""
+        self.links.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -283,17 +283,23 @@ class PreparedPayload:
     entries' bytes straight from tensor memory: no copy of the checkpoint is made.
     """
 
-    def __init__(self, prepared: PreparedFile) -> None:
+    def __init__(self, prepared: PreparedFile, sums: dict[str, str] | None = None) -> None:
+        """``sums``, when given, receives each entry's checksum once the bytes are written
+        (an incremental manager records them)."""
         self.prepared = prepared
         self.size = prepared.total_bytes
+        self.sums = sums if sums is not None else {}
 
     def fill(self, fd: int, file_ops: FileOps) -> None:
-        write_prepared(self.prepared, fd, file_ops)
+        self.sums.clear()
+        self.sums.update(write_prepared(self.prepared, fd, file_ops))
 
     def chunks(self) -> Iterator[memoryview]:
         with paused_gc():
             sums = {e.key: checksum.digest(_entry_bytes(e)) for e in self.prepared.entries}
             head = self.prepared.header_bytes(sums)
+        self.sums.clear()
+        self.sums.update(sums)
         yield memoryview(head)
         at = 0
         for entry in self.prepared.entries:
