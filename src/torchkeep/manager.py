@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+import torch.distributed as dist
+
 from . import retention
 from .checkpoint import load_checkpoint
 from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
@@ -81,6 +83,11 @@ class CheckpointManager:
     tiers: each step commits to the local ``directory`` and is then uploaded in the background
     and committed remotely; ``replica_policy`` (``keep_last=`` etc.; default keep all) is the
     remote retention. ``restore`` uses the newest step committed in either tier.
+
+    Inside an initialized ``torch.distributed`` process group every rank must make the same
+    calls: steps are sharded (:mod:`torchkeep.distributed`, each rank writes its own file) and
+    the coordinator (rank 0) lists, locks, prunes and broadcasts, so every rank agrees on the
+    latest step. ``distributed=False`` keeps the single-process behaviour (e.g. rank 0 alone).
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class CheckpointManager:
         storage_options: dict | None = None,
         replicate_to: str | None = None,
         replica_policy: dict | None = None,
+        distributed: bool | None = None,
     ) -> None:
         retention.validate_policy(keep_last, keep_best, monitor, mode, keep_every)
         self.directory = normalize(directory)
@@ -111,6 +119,7 @@ class CheckpointManager:
         )
         self.async_save = async_save
         self.rng = rng
+        self.distributed = distributed
         self.last_restore_note: str | None = None
         self._lock = DirLock(self.directory) if self.backend is LOCAL else None
         if self.backend is LOCAL:
@@ -124,6 +133,7 @@ class CheckpointManager:
         self._closed = False
         self.replica: Replicator | None = None
         self._prune_lock = threading.Lock()
+        self._group_engine: Any = None  # distributed.managed.DistributedSteps, made on demand
         if replicate_to is not None:
             self._start_replica(replicate_to, replica_policy or {})
 
@@ -177,6 +187,9 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise TorchkeepError(f"step={step!r}: steps are non-negative ints")
+        group = self._group()
+        if group is not None:
+            return group.save(step, state, clean_metrics(metrics))
         self._saver.wait_previous()
         self._raise_background()
         if self._lock is not None:
@@ -224,12 +237,17 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the in-flight save committed; raise its error if it failed."""
+        if self._group_engine is not None:
+            self._group_engine.wait()
         self._saver.wait_previous()
         self._raise_background()
 
     # -- reading -----------------------------------------------------------------------------
     def steps(self) -> list[StepInfo]:
-        """Committed steps, oldest first."""
+        """Committed steps, oldest first (in a process group: the coordinator's list)."""
+        group = self._group()
+        if group is not None:
+            return group.steps()
         return list_steps(self.directory, self.backend)
 
     def replica_steps(self) -> list[StepInfo]:
@@ -271,6 +289,12 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         self.last_restore_note = None
+        group = self._group()
+        if group is not None:
+            number, self.last_restore_note = group.restore(state, step, fallback)
+            if self.last_restore_note is not None:
+                warnings.warn(self.last_restore_note, stacklevel=2)
+            return number
         steps = self._restorable()
         if step is not None:
             chosen = [s for s in steps if s[0] == step]
@@ -323,6 +347,29 @@ class CheckpointManager:
             except (CorruptionError, FormatError, OSError) as exc:
                 error = exc
         return error
+
+    # -- process groups ------------------------------------------------------------------------
+    def _group(self) -> Any:
+        """The sharded-step engine when a process group is initialized, else None."""
+        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            return None
+        if self._group_engine is None:
+            if self.replica is not None:
+                raise TorchkeepError(
+                    f"{self.directory}: replicate_to is not supported inside a process group"
+                )
+            # Imported here, not at the top: torch.distributed.checkpoint adds about a second
+            # to `import torchkeep`, and only runs inside a process group need it.
+            from .distributed.managed import DistributedSteps
+
+            self._group_engine = DistributedSteps(
+                self.directory,
+                self.policy,
+                async_save=self.async_save,
+                rng=self.rng,
+                lock=self._lock,
+            )
+        return self._group_engine
 
     # -- lifetime ------------------------------------------------------------------------------
     def _check_open(self) -> None:

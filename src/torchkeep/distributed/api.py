@@ -65,6 +65,8 @@ def save(
     rng: bool = True,
     timeout: float | None = None,
     async_save: bool = False,
+    before_commit: Callable[[str], None] | None = None,
+    after_commit: Callable[[], None] | None = None,
 ) -> SaveHandle | None:
     """Save a training state from every rank of the process group into the directory ``path``.
 
@@ -76,6 +78,10 @@ def save(
     ``async_save=True``: the caller blocks only while this rank's state is copied; the write
     and the commit run in the background. Returns a handle (``wait()`` raises the save's error);
     the next save or load waits for it.
+
+    ``before_commit(tmp_dir)`` (coordinator) adds files to the step before its rename;
+    ``after_commit()`` runs on every rank after the commit, in the save's thread (the manager's
+    retention). Both are for :class:`torchkeep.CheckpointManager`.
     """
     background.wait_in_flight()
     path = os.fspath(path)
@@ -83,15 +89,27 @@ def save(
     own_state = training.rank_state(parts, rng)
     dcp_state = training.dcp_state(parts)
     group = checkpoint_group(timeout)  # a collective: made here, in every rank's main thread
+
+    def job(dcp_part: dict, own_part: dict) -> None:
+        _save(dcp_part, own_part, path, group, before_commit)
+        if after_commit is not None:
+            after_commit()
+
     if not async_save:
-        _save(dcp_state, own_state, path, group)
+        job(dcp_state, own_state)
         return None
     frozen, frozen_own = background.snapshot((dcp_state, own_state))
-    return background.start(lambda: _save(frozen, frozen_own, path, group), f"save {path}")
+    return background.start(lambda: job(frozen, frozen_own), f"save {path}")
 
 
-def _save(dcp_state: dict, own_state: dict, path: str, group: Any) -> None:
-    writer = TorchkeepWriter(path, rank_state=own_state)
+def _save(
+    dcp_state: dict,
+    own_state: dict,
+    path: str,
+    group: Any,
+    before_commit: Callable[[str], None] | None = None,
+) -> None:
+    writer = TorchkeepWriter(path, rank_state=own_state, before_commit=before_commit)
     try:
         _collective(
             "save",

@@ -16,6 +16,7 @@ import dataclasses
 import io
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,13 +64,20 @@ class TorchkeepWriter(StorageWriter):
 
     ``path`` must not exist yet: committed checkpoints are immutable. ``rank_state`` (set by
     :func:`torchkeep.distributed.save`) is this rank's own state (RNG, data loader), stored in
-    its file and restored to the same rank.
+    its file and restored to the same rank. ``before_commit(tmp_dir)`` runs on the coordinator
+    after ``checkpoint.json`` is durable and before the rename (the manager's ``meta.json``).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, rank_state: Any = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        rank_state: Any = None,
+        before_commit: Callable[[str], None] | None = None,
+    ) -> None:
         super().__init__()
         self.path = os.path.abspath(os.fspath(path)) if path is not None else None
         self.rank_state = rank_state
+        self.before_commit = before_commit  # coordinator: adds files (meta.json) to the step
         self.is_coordinator = False
         self.rank = 0
         self.world_size = 1
@@ -159,6 +167,8 @@ class TorchkeepWriter(StorageWriter):
         body = meta.encode(metadata, stored, len(results), rank_state)
         with atomic_file(os.path.join(self.tmp_dir, meta.METADATA_FILE), len(body)) as fd:
             write_all(ops(), fd, memoryview(body), 0)
+        if self.before_commit is not None:
+            self.before_commit(self.tmp_dir)
         commit_dir(self.tmp_dir, self.path)
         self.tmp_dir = None
 
