@@ -83,6 +83,15 @@ def test_sharded_steps_are_run_directory_steps(world2):
         "rank-00000.safetensors",
         "rank-00001.safetensors",
     }
+    step11 = os.path.join(run, "step-0000000011")  # rank 1's file was damaged by _fallback
+    shown = CliRunner().invoke(cli, ["inspect", step11, "--json"])
+    shards = json.loads(shown.output)["shards"]
+    assert [(s["rank"], s["status"]) for s in shards] == [(0, "ok"), (1, "corrupt")]
+    assert all(s["chunks"] > 0 and s["tensor_bytes"] > 0 for s in shards)  # FSDP: both wrote
+    assert "rank-00001.safetensors" in shards[1]["problems"][0]
+    assert [s["rank_state"] for s in shards] == [True, True]
+    text = CliRunner().invoke(cli, ["inspect", step11])
+    assert "shards" in text.output and "corrupt" in text.output
     out = CliRunner().invoke(cli, ["ls", run, "--json"])
     assert out.exit_code == 0, out.output
     assert "11" in out.output

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from ..format import checksum
 from ..readers.view import CheckpointView, Ref
 from . import metadata as meta
-from .check import verify
+from .check import describe, shard_table, verify_ranks
 from .reader import ShardFile
 
 FORMAT = "torchkeep-sharded"
@@ -41,6 +41,7 @@ class ShardedView(CheckpointView):
         self.path = path
         self.parsed = meta.read(path)
         self._shards: dict[int, ShardFile] = {}
+        self.rank_problems: dict[int, list[str]] | None = None  # set by check()
         try:
             skeleton = self._skeleton(path)
         except BaseException:
@@ -87,10 +88,14 @@ class ShardedView(CheckpointView):
         return fetch
 
     def check(self, progress: Callable[[int], None] | None = None) -> list[str]:
-        problems = verify(self.path)
+        general, self.rank_problems = verify_ranks(self.path)
         if progress is not None:
             progress(self.total_bytes)
-        return problems
+        return general + [p for r in sorted(self.rank_problems) for p in self.rank_problems[r]]
+
+    def shard_table(self) -> list[dict]:
+        """Which rank wrote what, and each rank file's checksum status (after :meth:`check`)."""
+        return shard_table(describe(self.path), self.rank_problems)
 
     def close(self) -> None:
         for shard in self._shards.values():
