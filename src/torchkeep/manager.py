@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 
 from . import retention
-from .checkpoint import load_checkpoint
+from .checkpoint import SHARDED_METADATA, load_checkpoint
 from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
 from .state.capture import capture
 from .storage.backend import LOCAL
@@ -66,6 +66,14 @@ def _writer(prepared: PreparedFile) -> Callable[[int, FileOps], None]:
         write_prepared(prepared, fd, file_ops)
 
     return fill
+
+
+def _state_path(step_path: str) -> str:
+    """What ``load_checkpoint`` restores for a step: its ``state.tk``, or the step directory
+    itself when it is a sharded step (saved inside a process group; resharded on load)."""
+    if not is_url(step_path) and os.path.isfile(os.path.join(step_path, SHARDED_METADATA)):
+        return step_path
+    return join(step_path, STATE_FILE)
 
 
 class CheckpointManager:
@@ -326,9 +334,9 @@ class CheckpointManager:
         """(step, state-file paths to try in order: local tier first), oldest step first."""
         found: dict[int, list[str]] = {}
         for info in self.steps():
-            found.setdefault(info.step, []).append(join(info.path, STATE_FILE))
+            found.setdefault(info.step, []).append(_state_path(info.path))
         for info in self.replica_steps():
-            found.setdefault(info.step, []).append(join(info.path, STATE_FILE))
+            found.setdefault(info.step, []).append(_state_path(info.path))
         return sorted(found.items())
 
     def _restore_one(self, paths: list[str], state: MutableMapping[str, Any]) -> Exception | None:
