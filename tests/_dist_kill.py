@@ -1,7 +1,7 @@
 """Rank program of the randomized kill campaign (test_distributed_kill.py).
 
 Both ranks save steps 0 and 1 through the manager (keep_last=2), then start step 2 while a
-timer SIGKILLs the victim rank after a random delay between 0 and 1.5 times the measured length
+timer SIGKILLs the victim rank after a random delay between 0 and 0.8 times the measured length
 of a save (step 1's): the kill lands
 before, inside (planning, writing, the commit) or after the save. The survivor records whether
 its save raised and how long it took; the test then checks the run directory.
@@ -39,7 +39,7 @@ def kill_trial(rank: int, world: int, root: str, seed: int) -> dict:
     start = time.monotonic()
     mgr.save(1, {"model": model_at(1)})  # retention deletes step 0 here
     length = time.monotonic() - start
-    delay = rng.uniform(0.0, 1.5 * length)
+    delay = rng.uniform(0.0, 0.8 * length)
     state = {"model": model_at(2)}
     if rank == victim:
         threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()

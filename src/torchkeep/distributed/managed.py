@@ -24,7 +24,13 @@ import torch.distributed as dist
 from .. import retention
 from .._version import __version__
 from ..checkpoint import load_checkpoint
-from ..errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
+from ..errors import (
+    CheckpointNotFoundError,
+    CorruptionError,
+    DistributedCheckpointError,
+    FormatError,
+    TorchkeepError,
+)
 from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
 from ..storage.lock import DirLock
@@ -63,7 +69,7 @@ def coordinated(action: str, run: Callable[[], T], timeout: float | None = None)
                 raise
             error = exc
     if group is not None:
-        dist.broadcast_object_list(box, src=0, group=group)
+        _collective(action, lambda: dist.broadcast_object_list(box, src=0, group=group))
     kind, value = box[0]
     if kind == "error":
         if error is not None:
@@ -78,6 +84,19 @@ def coordinated(action: str, run: Callable[[], T], timeout: float | None = None)
                 raise same
         raise TorchkeepError(f"{action} failed on rank 0: {cls.__name__}: {message}")
     return value
+
+
+def _collective(action: str, run: Callable[[], Any]) -> None:
+    """A collective on the checkpoint group; a broken one (a rank died or timed out) raises
+    :class:`DistributedCheckpointError` on the ranks that are left, never a bare RuntimeError."""
+    try:
+        run()
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistributedCheckpointError(
+            f"{action}: a collective with the other ranks broke ({first}); a rank probably "
+            "died or timed out. Restart the job and restore the last committed step."
+        ) from exc
 
 
 class DistributedSteps:
@@ -236,7 +255,9 @@ def _agree_on_error(error: Exception | None, path: str) -> None:
     failed = [error is not None]
     if group is not None:
         everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, failed[0], group=group)
+        _collective(
+            f"loading {path}", lambda: dist.all_gather_object(everyone, failed[0], group=group)
+        )
         bad = [r for r, f in enumerate(everyone) if f]
     else:
         bad = [0] if failed[0] else []
