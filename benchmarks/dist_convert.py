@@ -56,7 +56,7 @@ def convert(step: str, out: str, threads: int) -> dict:
         [sys.executable, "-c", _CHILD, step, out], check=True, env=env, capture_output=True
     )
     seconds = time.perf_counter() - start
-    base, peak = (int(x) for x in done.stdout.split())
+    base, peak = (int(x) for x in done.stdout.split()[-2:])
     os.remove(out)
     return {
         "seconds": round(seconds, 2),

@@ -87,12 +87,15 @@ class ShardedView(CheckpointView):
             def fill(file: int) -> None:
                 shard = shards[file]
                 for name, chunk in by_file[file]:
-                    data = shard.chunk(name, spec, chunk.sizes)
-                    shard.cache.clear()
                     region = full
                     for dim, (lo, n) in enumerate(zip(chunk.offsets, chunk.sizes)):
                         region = region.narrow(dim, lo, n)
-                    region.copy_(data)
+                    key = shard.direct_key(name, spec, chunk.sizes)
+                    if key is not None and region.is_contiguous():
+                        shard.reader.read_into(key, region, verify=True)  # no staging copy
+                        continue
+                    region.copy_(shard.chunk(name, spec, chunk.sizes))
+                    shard.cache.clear()
 
             # The chunks of a sharded tensor lie in different rank files: those are read and
             # verified by several threads at once (disjoint regions of ``full``); peak memory
