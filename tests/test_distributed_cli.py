@@ -40,6 +40,11 @@ def test_inspect_json_shows_whole_tensors(step):
     assert info["format"] == "torchkeep-sharded"
     text = json.dumps(info)
     assert "modules.model.0.weight" in text
+    (shard,) = info["shards"]
+    assert shard["rank"] == 0 and shard["status"] == "ok" and shard["chunks"] == 4
+    assert shard["values"] and "modules.model.0.weight" in shard["tensors"]
+    unchecked = json.loads(run("inspect", step, "--json", "--no-verify"))["shards"][0]
+    assert unchecked["status"] == "not checked"
 
 
 def test_verify_ok_then_corrupt_names_the_file(step):

@@ -10,9 +10,11 @@ import os
 from collections.abc import Callable, MutableMapping
 from typing import Any, BinaryIO
 
+import torch.distributed as dist
 from torch import nn
 
 from .args import check_flag
+from .errors import TorchkeepError
 from .state.capture import capture, restore
 from .state.module import load_from_reader
 from .state.report import LoadReport
@@ -21,6 +23,8 @@ from .transfer.asyncsave import save_blocking
 from .transfer.reader import FileReader
 
 PathLike = str | os.PathLike[str]
+#: The metadata file of a sharded checkpoint directory (distributed/metadata.py).
+SHARDED_METADATA = "checkpoint.json"
 
 
 def save_checkpoint(
@@ -29,12 +33,19 @@ def save_checkpoint(
     *,
     rng: bool = True,
     metadata: dict[str, str] | None = None,
+    distributed: bool | None = None,
 ) -> None:
     """Capture ``state`` (and the RNG state unless ``rng=False``) into one atomic file.
 
     ``path`` may be a writable binary file object (written once the file is complete).
+    Inside an initialized process group (``distributed=None`` detects it) every rank must call
+    this: ``path`` becomes a sharded checkpoint directory (:func:`torchkeep.distributed.save`).
+    ``distributed=False`` saves this process's state alone (e.g. from rank 0 only).
     """
     check_flag(rng, "rng")
+    if in_group(distributed):
+        _distributed().save(state, _dir_path(path), rng=rng)
+        return
     captured = capture(state, rng=rng)
     if is_file_object(path):
         with writable_path(path) as tmp:
@@ -51,6 +62,7 @@ def load_checkpoint(
     verify: bool = True,
     follow_symlinks: bool = True,
     storage_options: dict[str, Any] | None = None,
+    distributed: bool | None = None,
 ) -> MutableMapping[str, Any]:
     """Restore ``path`` into ``state`` in place and return ``state``.
 
@@ -60,9 +72,14 @@ def load_checkpoint(
     :class:`torchkeep.CorruptionError`. Tensors are read to CPU and moved by their targets.
     ``follow_symlinks=False`` refuses a link at ``path`` (the manager's steps: a run directory
     may have been prepared by someone else). ``path`` may be a seekable binary file object.
+    A sharded checkpoint directory is loaded by every rank of the process group, resharded
+    (:func:`torchkeep.distributed.load`; ``distributed=False`` refuses it).
     """
     check_flag(rng, "rng")
     check_flag(verify, "verify")
+    if not is_file_object(path) and _is_sharded(path) and in_group(distributed, path):
+        _distributed().load(state, os.fspath(path), rng=rng)
+        return state
     if is_file_object(path):
         with readable_copy(path) as tmp:
             return load_checkpoint(tmp, state, rng=rng, verify=verify)
@@ -96,3 +113,41 @@ def _module_paths(state: MutableMapping[str, Any]) -> Callable[[str], bool]:
         return False
 
     return inside_module
+
+
+def in_group(distributed: bool | None, sharded_path: PathLike | None = None) -> bool:
+    """Whether to take the sharded path: asked for, or (None) a process group is initialized."""
+    if distributed is not None:
+        check_flag(distributed, "distributed")
+    active = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        return active or sharded_path is not None
+    if distributed and not active and sharded_path is None:
+        raise TorchkeepError(
+            "distributed=True but no torch.distributed process group is initialized; "
+            "call dist.init_process_group first"
+        )
+    return distributed
+
+
+def _is_sharded(path: PathLike | BinaryIO) -> bool:
+    """A local directory holding a sharded checkpoint's ``checkpoint.json``."""
+    path = os.fspath(path)  # type: ignore[arg-type]
+    return "://" not in path and os.path.isfile(os.path.join(path, SHARDED_METADATA))
+
+
+def _dir_path(path: PathLike | BinaryIO) -> str:
+    if is_file_object(path):
+        raise TorchkeepError(
+            "save_checkpoint inside a process group writes a directory (one file per rank); "
+            "pass a path, or distributed=False to save this process's state alone"
+        )
+    return os.fspath(path)
+
+
+def _distributed() -> Any:
+    """``torchkeep.distributed``, imported on first use: torch.distributed.checkpoint adds
+    about a second to ``import torchkeep`` and only process groups need it."""
+    import torchkeep.distributed as tkd
+
+    return tkd

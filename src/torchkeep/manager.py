@@ -12,10 +12,12 @@ import threading
 import time
 import warnings
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
 
 from . import retention
-from .checkpoint import load_checkpoint
+from .checkpoint import SHARDED_METADATA, load_checkpoint
 from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
 from .state.capture import capture
 from .state.deferrable import deferrable, skippable
@@ -40,6 +42,8 @@ from .transfer.asyncsave import AsyncSaver, SaveHandle
 from .transfer.overlap import wait_copies
 from .transfer.writer import PreparedFile, PreparedPayload, prepare
 
+if TYPE_CHECKING:  # imported on demand at run time (torch.distributed.checkpoint is slow)
+    from .distributed.managed import DistributedSteps
 #: ``snapshot=`` modes: write inline / copy then write in the background / copy parameters
 #: and optimizer state in the background too (until the next optimizer step).
 SNAPSHOT_MODES = ("sync", "copy", "overlap")
@@ -71,6 +75,14 @@ def _snapshot_mode(snapshot: str | None, async_save: bool) -> str:
     return snapshot
 
 
+def _state_path(step_path: str) -> str:
+    """What ``load_checkpoint`` restores for a step: its ``state.tk``, or the step directory
+    itself when it is a sharded step (saved inside a process group; resharded on load)."""
+    if not is_url(step_path) and os.path.isfile(os.path.join(step_path, SHARDED_METADATA)):
+        return step_path
+    return join(step_path, STATE_FILE)
+
+
 class CheckpointManager:
     """Save numbered training steps into ``directory``, restore the latest, apply retention.
 
@@ -96,6 +108,11 @@ class CheckpointManager:
     ``incremental=True`` writes only tensors whose version counter or memory changed since this
     manager's previous step; the others refer to the earlier step's bytes (retention keeps
     referenced steps). ``verify_unchanged=True`` hashes those tensors to be sure.
+
+    Inside an initialized ``torch.distributed`` process group every rank must make the same
+    calls: steps are sharded (:mod:`torchkeep.distributed`, each rank writes its own file) and
+    the coordinator (rank 0) lists, locks, prunes and broadcasts, so every rank agrees on the
+    latest step. ``distributed=False`` keeps the single-process behaviour (e.g. rank 0 alone).
     """
 
     def __init__(
@@ -115,6 +132,7 @@ class CheckpointManager:
         snapshot: str | None = None,
         incremental: bool = False,
         verify_unchanged: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         retention.validate_policy(keep_last, keep_best, monitor, mode, keep_every)
         self.snapshot = _snapshot_mode(snapshot, async_save)
@@ -139,6 +157,7 @@ class CheckpointManager:
         )
         self.async_save = self.snapshot != "sync"
         self.rng = rng
+        self.distributed = distributed
         self.last_restore_note: str | None = None
         self._lock = DirLock(self.directory) if self.backend is LOCAL else None
         if self.backend is LOCAL:
@@ -152,6 +171,7 @@ class CheckpointManager:
         self._closed = False
         self.replica: Replicator | None = None
         self._prune_lock = threading.Lock()
+        self._group_engine: DistributedSteps | None = None  # made on demand
         if replicate_to is not None:
             self._start_replica(replicate_to, replica_policy or {})
 
@@ -206,6 +226,9 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or step < 0:
             raise TorchkeepError(f"step={step!r}: steps are non-negative ints")
+        group = self._group()
+        if group is not None:
+            return group.save(step, state, clean_metrics(metrics))
         self._saver.wait_previous()
         self._raise_background()
         if self._lock is not None:
@@ -273,12 +296,17 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the in-flight save committed; raise its error if it failed."""
         wait_copies()
+        if self._group_engine is not None:
+            self._group_engine.wait()
         self._saver.wait_previous()
         self._raise_background()
 
     # -- reading -----------------------------------------------------------------------------
     def steps(self) -> list[StepInfo]:
-        """Committed steps, oldest first."""
+        """Committed steps, oldest first (in a process group: the coordinator's list)."""
+        group = self._group()
+        if group is not None:
+            return group.steps()
         return list_steps(self.directory, self.backend)
 
     def replica_steps(self) -> list[StepInfo]:
@@ -322,6 +350,12 @@ class CheckpointManager:
         self._check_open()
         self.wait()
         self.last_restore_note = None
+        group = self._group()
+        if group is not None:
+            number, self.last_restore_note = group.restore(state, step, fallback)
+            if self.last_restore_note is not None:
+                warnings.warn(self.last_restore_note, stacklevel=2)
+            return number
         steps = self._restorable()
         if step is not None:
             chosen = [s for s in steps if s[0] == step]
@@ -353,9 +387,9 @@ class CheckpointManager:
         """(step, state-file paths to try in order: local tier first), oldest step first."""
         found: dict[int, list[str]] = {}
         for info in self.steps():
-            found.setdefault(info.step, []).append(join(info.path, STATE_FILE))
+            found.setdefault(info.step, []).append(_state_path(info.path))
         for info in self.replica_steps():
-            found.setdefault(info.step, []).append(join(info.path, STATE_FILE))
+            found.setdefault(info.step, []).append(_state_path(info.path))
         return sorted(found.items())
 
     def _restore_one(self, paths: list[str], state: MutableMapping[str, Any]) -> Exception | None:
@@ -374,6 +408,30 @@ class CheckpointManager:
             except (CorruptionError, FormatError, OSError) as exc:
                 error = exc
         return error
+
+    # -- process groups ------------------------------------------------------------------------
+    def _group(self) -> DistributedSteps | None:
+        """The sharded-step engine when a process group is initialized, else None."""
+        if self.distributed is False or not (dist.is_available() and dist.is_initialized()):
+            return None
+        if self._group_engine is None:
+            if self.replica is not None or self.incremental or self.snapshot == "overlap":
+                raise TorchkeepError(
+                    f"{self.directory}: replicate_to, incremental=True and snapshot='overlap' "
+                    "are not supported inside a process group yet; use async_save=True there"
+                )
+            # Imported here, not at the top: torch.distributed.checkpoint adds about a second
+            # to `import torchkeep`, and only runs inside a process group need it.
+            from .distributed.managed import DistributedSteps
+
+            self._group_engine = DistributedSteps(
+                self.directory,
+                self.policy,
+                async_save=self.async_save,
+                rng=self.rng,
+                lock=self._lock,
+            )
+        return self._group_engine
 
     # -- lifetime ------------------------------------------------------------------------------
     def _check_open(self) -> None:

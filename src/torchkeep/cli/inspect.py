@@ -93,6 +93,9 @@ def summary(view: CheckpointView, verify: bool = True) -> dict[str, Any]:
         "checksums": checksum_status(view, verify),
         "notes": list(view.notes),
     }
+    shards = getattr(view, "shard_table", None)
+    if shards is not None:  # a sharded checkpoint: which rank wrote what, checked per file
+        info["shards"] = shards()
     steps = getattr(view, "steps", None)
     if steps:  # a run directory: what is shown is its newest step
         info["step"] = steps[-1].step
@@ -129,6 +132,8 @@ def _print(info: dict[str, Any], limit: int) -> None:
     for opt_info in info["optimizers"]:
         hyper = ", ".join(f"{k}={v}" for k, v in opt_info["hyper_parameters"].items())
         console.print(f"optimizer at {opt_info['path']}: {opt_info['type']} ({hyper})")
+    if info.get("shards"):
+        _print_shards(info["shards"])
     if info["metadata"]:
         values = key_table("key", "value", title="values")
         for key, value in info["metadata"].items():
@@ -137,6 +142,22 @@ def _print(info: dict[str, Any], limit: int) -> None:
         console.print(values)
     for note in info["notes"]:
         err().print(f"note: {note}")
+
+
+def _print_shards(rows: list[dict]) -> None:
+    table = key_table("rank", "file", "size", "chunks", "tensor bytes", "checksums", title="shards")
+    for row in rows:
+        status = row["status"]
+        shown = {"ok": "[green]ok[/green]", "corrupt": "[red]corrupt[/red]"}.get(status, status)
+        table.add_row(
+            str(row["rank"]),
+            row["file"],
+            human(row["bytes"]),
+            str(row["chunks"]),
+            human(row["tensor_bytes"]),
+            shown,
+        )
+    out().print(table)
 
 
 @click.command("inspect")

@@ -65,33 +65,56 @@ def save(
     rng: bool = True,
     timeout: float | None = None,
     async_save: bool = False,
+    storage_options: dict | None = None,
+    before_commit: Callable[[str], None] | None = None,
+    after_commit: Callable[[], None] | None = None,
 ) -> SaveHandle | None:
     """Save a training state from every rank of the process group into the directory ``path``.
 
     Each rank writes its own file (its shards, its share of the replicated tensors, its RNG and
     data-loader state); the step is committed by one rename once every file is durable. On any
     rank's failure every rank raises :class:`DistributedCheckpointError` and nothing is
-    committed. ``path`` must not exist.
+    committed. ``path`` must not exist. ``path`` may be an fsspec URL (``storage_options``
+    configure it): every rank uploads its object, the coordinator commits with the marker.
 
     ``async_save=True``: the caller blocks only while this rank's state is copied; the write
     and the commit run in the background. Returns a handle (``wait()`` raises the save's error);
     the next save or load waits for it.
+
+    ``before_commit(tmp_dir)`` (coordinator) adds files to the step before its rename;
+    ``after_commit()`` runs on every rank after the commit, in the save's thread (the manager's
+    retention). Both are for :class:`torchkeep.CheckpointManager`.
     """
     background.wait_in_flight()
-    path = os.fspath(path)
+    path = meta.target_path(path)
     parts = training.split(state)
     own_state = training.rank_state(parts, rng)
     dcp_state = training.dcp_state(parts)
     group = checkpoint_group(timeout)  # a collective: made here, in every rank's main thread
+
+    def job(dcp_part: dict, own_part: dict) -> None:
+        _save(dcp_part, own_part, path, group, before_commit, storage_options)
+        if after_commit is not None:
+            after_commit()
+
     if not async_save:
-        _save(dcp_state, own_state, path, group)
+        job(dcp_state, own_state)
         return None
     frozen, frozen_own = background.snapshot((dcp_state, own_state))
-    return background.start(lambda: _save(frozen, frozen_own, path, group), f"save {path}")
+    return background.start(lambda: job(frozen, frozen_own), f"save {path}")
 
 
-def _save(dcp_state: dict, own_state: dict, path: str, group: Any) -> None:
-    writer = TorchkeepWriter(path, rank_state=own_state)
+def _save(
+    dcp_state: dict,
+    own_state: dict,
+    path: str,
+    group: Any,
+    before_commit: Callable[[str], None] | None = None,
+    storage_options: dict | None = None,
+) -> None:
+    writer = TorchkeepWriter(
+        path, rank_state=own_state, before_commit=before_commit, storage_options=storage_options
+    )
     try:
         _collective(
             "save",
@@ -114,6 +137,7 @@ def load(
     *,
     rng: bool = True,
     timeout: float | None = None,
+    storage_options: dict | None = None,
 ) -> MutableMapping[str, Any]:
     """Restore what :func:`save` wrote into ``state`` in place, at any world size.
 
@@ -122,12 +146,12 @@ def load(
     skipped with a :class:`RankStateSkipped` warning (they cannot be split or merged).
     """
     background.wait_in_flight()
-    path = os.path.abspath(os.fspath(path))
-    parsed = meta.read(path)  # a hostile or missing file fails here, as FormatError
+    path = meta.target_path(path)
+    parsed = meta.read(path, storage_options)  # hostile or missing: FormatError here
     parts = training.split(state)
     target = training.dcp_state(parts)
     group = checkpoint_group(timeout)
-    reader = TorchkeepReader(path)
+    reader = TorchkeepReader(path, storage_options)
     _collective(
         "load",
         path,

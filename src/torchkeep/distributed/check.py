@@ -10,12 +10,14 @@ for the CLI's ``inspect`` and ``verify`` of sharded steps.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..errors import CorruptionError, FormatError, StateDictMismatchError
+from ..format.dtypes import dtype_from_name
 from . import metadata as meta
 from .reader import ShardFile
 
@@ -54,23 +56,62 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 def verify(path: str | os.PathLike) -> list[str]:
     """Every problem found in the checkpoint at ``path`` (empty when it is sound)."""
+    general, by_rank = verify_ranks(path)
+    return general + [p for rank in sorted(by_rank) for p in by_rank[rank]]
+
+
+def verify_ranks(path: str | os.PathLike) -> tuple[list[str], dict[int, list[str]]]:
+    """Problems of the metadata, and of each rank's file (rank -> problems, [] when sound)."""
     path = os.path.abspath(os.fspath(path))
     try:
         parsed = meta.read(path)
     except FormatError as exc:
-        return [str(exc)]
-    problems: list[str] = []
+        return [str(exc)], {}
+    by_rank: dict[int, list[str]] = {}
     for rank, name in enumerate(parsed.files):
         try:
             shard = ShardFile(os.path.join(path, name))
         except (FormatError, CorruptionError, OSError) as exc:
-            problems.append(str(exc))
+            by_rank[rank] = [str(exc)]
             continue
         try:
-            problems.extend(_check_shard(shard, rank, parsed))
+            by_rank[rank] = _check_shard(shard, rank, parsed)
         finally:
             shard.close()
-    return problems
+    return [], by_rank
+
+
+def shard_table(described: dict[str, Any], by_rank: dict[int, list[str]] | None) -> list[dict]:
+    """Per rank file: what it holds (chunks, values, bytes) and its checksum status."""
+    rows = []
+    for entry in described["files"]:
+        rank = entry["rank"]
+        chunks = [
+            (fqn, c["sizes"], spec["dtype"])
+            for fqn, spec in described["tensors"].items()
+            for c in spec["chunks"]
+            if c["rank"] == rank
+        ]
+        problems = None if by_rank is None else by_rank.get(rank, [])
+        rows.append(
+            {
+                "rank": rank,
+                "file": entry["name"],
+                "bytes": entry["bytes"],
+                "chunks": len(chunks),
+                "tensors": sorted({fqn for fqn, _s, _d in chunks}),
+                "tensor_bytes": sum(_nbytes(sizes, dtype) for _f, sizes, dtype in chunks),
+                "values": sorted(k for k, r in described["values"].items() if r == rank),
+                "rank_state": rank in described["rank_state"],
+                "status": "not checked" if problems is None else "corrupt" if problems else "ok",
+                "problems": problems or [],
+            }
+        )
+    return rows
+
+
+def _nbytes(sizes: list[int], dtype: str) -> int:
+    return math.prod(sizes) * dtype_from_name(dtype).itemsize
 
 
 def _check_shard(shard: ShardFile, rank: int, parsed: meta.Parsed) -> list[str]:

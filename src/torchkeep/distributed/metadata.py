@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import stat
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from .. import knobs
 from ..errors import FormatError
 from ..format.dtypes import dtype_from_name, dtype_name
 from ..storage.paths import open_regular
+from ..storage.urls import is_url, normalize, remote_backend_for
 from .chunks import check_chunks
 
 METADATA_FILE = "checkpoint.json"
@@ -52,6 +54,17 @@ MAX_METADATA_BYTES = 1 << 30
 MAX_WORLD_SIZE = 1 << 20
 _FILE_RE = re.compile(r"^rank-[0-9]{5,7}\.safetensors$")
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol 2+, torch.save zip archive
+
+
+def target_path(path: str | os.PathLike) -> str:
+    """A checkpoint's location: an absolute local path, or a normalized fsspec URL."""
+    path = os.fspath(path)
+    return normalize(path) if is_url(path) else os.path.abspath(path)
+
+
+def join(directory: str, name: str) -> str:
+    """``directory/name`` for local paths and URLs alike."""
+    return posixpath.join(directory, name) if is_url(directory) else os.path.join(directory, name)
 
 
 def rank_file(rank: int) -> str:
@@ -126,10 +139,18 @@ def _mappings_json(planner_data: Any) -> dict[str, list] | None:
 
 
 # -- reading ---------------------------------------------------------------------------------
-def read(directory: str) -> Parsed:
-    """Read and validate ``directory/checkpoint.json``; every problem is a FormatError."""
-    path = os.path.join(directory, METADATA_FILE)
-    raw = _read_bounded(path, directory)
+def read(directory: str, storage_options: dict | None = None) -> Parsed:
+    """Read and validate ``directory/checkpoint.json``; every problem is a FormatError.
+
+    ``directory`` may be an fsspec URL: the step counts only when its commit marker is valid
+    (every listed object present with its size), which also stands for the shard-file checks.
+    """
+    if is_url(directory):
+        path = posixpath.join(directory, METADATA_FILE)
+        raw = _read_remote(path, directory, storage_options)
+    else:
+        path = os.path.join(directory, METADATA_FILE)
+        raw = _read_bounded(path, directory)
     if raw.startswith(_PICKLE_MAGIC):
         raise FormatError(
             f"{path}: holds a pickle (or torch.save archive), not JSON; torchkeep never "
@@ -147,6 +168,22 @@ def read(directory: str) -> Parsed:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+def _read_remote(path: str, directory: str, storage_options: dict[str, Any] | None) -> bytes:
+    store = remote_backend_for(directory, storage_options)
+    try:
+        entries = store.list(directory)
+    except FileNotFoundError:
+        entries = []
+    if not entries or not store.committed(directory, entries):
+        raise FormatError(f"{directory}: no committed torchkeep checkpoint (no valid marker)")
+    size = next((e.size for e in entries if e.name == METADATA_FILE and e.kind == "file"), None)
+    if size is None:
+        raise FormatError(f"{path}: missing; not a torchkeep sharded checkpoint")
+    if size > MAX_METADATA_BYTES:
+        raise FormatError(f"{path}: larger than {MAX_METADATA_BYTES} bytes; refused")
+    return store.read_range(path, 0, size)
 
 
 def _read_bounded(path: str, directory: str) -> bytes:
@@ -207,6 +244,8 @@ def _parse(doc: Any, directory: str) -> Parsed:
 
 
 def _require_shard(directory: str, name: str) -> None:
+    if is_url(directory):
+        return  # the commit marker lists every object with its size (checked in read)
     if not _FILE_RE.match(name):
         raise ValueError(f"shard file name {name!r} is not allowed")
     path = os.path.join(directory, name)

@@ -37,9 +37,10 @@ _PLAIN_NODE_KEYS = frozenset({TAG, "key", "param", "requires_grad"})
 class ShardFile:
     """One opened rank file: its reader and the three subtrees of its typed tree."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage_options: dict | None = None) -> None:
         self.path = path
-        self.reader = FileReader(path, follow_symlinks=False)  # a link could leave the dir
+        # no symlink: a link could leave the directory
+        self.reader = FileReader(path, storage_options, follow_symlinks=False)
         tree = self.reader.tree
         top = tree.get("v") if isinstance(tree, dict) and tree.get(TAG) == "dict" else None
         if not isinstance(top, dict):
@@ -126,9 +127,12 @@ def _check_chunk(
 class TorchkeepReader(StorageReader):
     """Read a checkpoint written by :class:`TorchkeepWriter`, at any world size."""
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike | None = None, storage_options: dict | None = None
+    ) -> None:
         super().__init__()
-        self.path = os.path.abspath(os.fspath(path)) if path is not None else None
+        self.storage_options = storage_options
+        self.path = meta.target_path(path) if path is not None else None
         self.parsed: meta.Parsed | None = None
 
     @property
@@ -137,13 +141,13 @@ class TorchkeepReader(StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
-            self.path = os.path.abspath(os.fspath(checkpoint_id))
+            self.path = meta.target_path(checkpoint_id)
         self.parsed = None
 
     def read_metadata(self) -> Metadata:
         if self.path is None:
             raise FormatError("TorchkeepReader needs a path (or dcp.load(checkpoint_id=...))")
-        self.parsed = meta.read(self.path)
+        self.parsed = meta.read(self.path, self.storage_options)
         return self.parsed.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *a: Any, **k: Any):
@@ -163,7 +167,7 @@ class TorchkeepReader(StorageReader):
     def open_shard(self, file: int) -> ShardFile:
         """Open shard file number ``file`` of the checkpoint (one per saving rank)."""
         assert self.path is not None
-        return ShardFile(os.path.join(self.path, meta.rank_file(file)))
+        return ShardFile(meta.join(self.path, meta.rank_file(file)), self.storage_options)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Serve every read item of ``plan``, one shard file at a time."""

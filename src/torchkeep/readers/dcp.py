@@ -19,7 +19,7 @@ import torch
 from .. import knobs
 from ..errors import FormatError, UnsafeFileError
 from . import safe_globals
-from .dcp_check import check_metadata, check_relative, read_range, read_regular
+from .dcp_check import RANK_METADATA, check_metadata, check_relative, read_range, read_regular
 from .pickle_scan import ScanResult, scan_stream
 from .torch_file import check_object_bytes, unsafe_globals
 from .view import CheckpointView, Ref, skeleton_of
@@ -64,8 +64,32 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_metadata(folder: str, trusted: bool = False) -> Any:
-    """The DCP ``Metadata`` object of ``folder``, built by the restricted unpickler."""
+    """The DCP ``Metadata`` object of ``folder``, built by the restricted unpickler.
+
+    Without a global ``.metadata``, the per-rank ``__R.metadata`` files that
+    ``dcp.save(..., use_collectives=False)`` writes are read and merged (chunks of one tensor
+    from several ranks joined), then validated as one.
+    """
     path = os.path.join(folder, METADATA_NAME)
+    if not os.path.lexists(path):
+        ranks = sorted(n for n in os.listdir(folder) if RANK_METADATA.match(n))
+        if ranks:
+            parts = [_read_one(os.path.join(folder, n), trusted) for n in ranks[:MAX_RANK_FILES]]
+            if len(ranks) > MAX_RANK_FILES:
+                raise FormatError(f"{folder}: more than {MAX_RANK_FILES} per-rank metadata files")
+            meta = _merge([m for m, _n in parts], folder)
+            check_metadata(meta, folder, sum(n for _m, n in parts))
+            return meta
+    meta, size = _read_one(path, trusted)
+    check_metadata(meta, folder, size)
+    return meta
+
+
+#: Most per-rank metadata files merged (one per rank).
+MAX_RANK_FILES = 1 << 16
+
+
+def _read_one(path: str, trusted: bool) -> tuple[Any, int]:
     data = read_regular(path, knobs.MAX_HEADER_BYTES, "DCP metadata")
     try:
         if trusted:
@@ -81,8 +105,34 @@ def read_metadata(folder: str, trusted: bool = False) -> Any:
         raise FormatError(f"{path}: not a readable DCP metadata file ({exc})") from exc
     if not hasattr(meta, "state_dict_metadata") or not hasattr(meta, "storage_data"):
         raise FormatError(f"{path}: not DCP metadata (got {type(meta).__name__})")
-    check_metadata(meta, folder, len(data))
-    return meta
+    return meta, len(data)
+
+
+def _merge(metas: list[Any], folder: str) -> Any:
+    """One metadata from the per-rank ones: every tensor's chunks, every storage location."""
+    merged = metas[0]
+    items: dict = {}
+    storage: dict = {}
+    planner: dict = {}
+    for meta in metas:
+        if not isinstance(meta.state_dict_metadata, dict) or not isinstance(
+            meta.storage_data, dict
+        ):
+            raise FormatError(f"{folder}: per-rank DCP metadata without its tables")
+        for fqn, item in meta.state_dict_metadata.items():
+            known = items.get(fqn)
+            if known is None or not hasattr(item, "chunks"):
+                items.setdefault(fqn, item)
+                continue
+            if not hasattr(known, "chunks") or list(known.size) != list(item.size):
+                raise FormatError(f"{folder}: ranks disagree on the shape of {fqn!r}")
+            known.chunks = list(known.chunks) + list(item.chunks)
+        storage.update(meta.storage_data)
+        if isinstance(getattr(meta, "planner_data", None), dict):
+            planner.update(meta.planner_data)
+    merged.state_dict_metadata, merged.storage_data = items, storage
+    merged.planner_data = planner or getattr(merged, "planner_data", None)
+    return merged
 
 
 def _scan_metadata(data: bytes, path: str) -> None:

@@ -11,6 +11,7 @@ folder and the item.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from typing import Any
 
@@ -22,6 +23,10 @@ from ..format import bounds
 from ..format.dtypes import dtype_name, override_dtype
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+#: Per-rank metadata files of ``dcp.save(..., use_collectives=False)`` (no global .metadata).
+RANK_METADATA = re.compile(r"^__([0-9]{1,7})\.metadata$")
 
 
 def read_regular(path: str, cap: int, what: str) -> bytes:

@@ -8,12 +8,15 @@ import re
 from ..errors import CheckpointNotFoundError, FormatError, TorchkeepError
 from ..storage.run_dir import META_FILE, STATE_FILE, list_steps
 from ..storage.urls import backend_for, is_url, remote_backend_for
+from .dcp_check import RANK_METADATA
+from .dcp_safetensors import sharded_files
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
 TORCH_LEGACY = "torch-legacy"
 HF_SHARDED = "hf-sharded"
 DCP = "dcp"
+DCP_SAFETENSORS = "dcp-safetensors"
 ACCELERATE = "accelerate"
 HF_TRAINER = "hf-trainer"
 RUN_DIR = "run-dir"
@@ -115,9 +118,13 @@ def sniff_dir(path: str) -> str:
     names = os.listdir(path)
     if is_trainer_folder(names):  # before HF_SHARDED: a Trainer folder may hold a sharded model
         return HF_TRAINER
+    if sharded_files(path):  # stock DCP's safetensors layouts (chunk offsets in each header)
+        return DCP_SAFETENSORS
     if "model.safetensors.index.json" in names:
         return HF_SHARDED
-    if ".metadata" in names and any(n.endswith(".distcp") for n in names):
+    if any(n.endswith(".distcp") for n in names) and (
+        ".metadata" in names or any(RANK_METADATA.match(n) for n in names)
+    ):
         return DCP
     if is_accelerate_folder(names):
         return ACCELERATE

@@ -11,6 +11,7 @@ import torch
 from ..errors import FormatError
 from . import detect
 from .dcp import DcpView
+from .dcp_safetensors import DcpSafetensorsView
 from .file_view import open_file_view
 from .folders import AccelerateView, TrainerView
 from .run_dir import RunView, open_step
@@ -28,6 +29,8 @@ def open_view(path: str | os.PathLike, trusted: bool = False) -> CheckpointView:
         return ShardedView(path)
     if kind == detect.DCP:
         return DcpView(path, trusted)
+    if kind == detect.DCP_SAFETENSORS:
+        return DcpSafetensorsView(path)
     if kind == detect.ACCELERATE:
         return AccelerateView(path, trusted)
     if kind == detect.HF_TRAINER:

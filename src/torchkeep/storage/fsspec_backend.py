@@ -144,6 +144,14 @@ class FsspecBackend:
     def commit(self, staged: str, target: str) -> None:
         with self._lock:
             written = self._written.pop(staged, [])
+        self.commit_files(target, written)
+
+    def commit_files(self, target: str, written: builtins.list[dict[str, Any]]) -> None:
+        """Write the marker listing ``written`` ({name, size}) once the store holds each whole
+        (also for objects other processes uploaded: the ranks of a sharded save)."""
+        staged = target
+        with self._lock:
+            self._written.pop(target, None)
         for record in written:  # confirmed complete: the store reports each object whole
             url = posixpath.join(staged, record["name"])
             if self.size(url) != record["size"]:
