@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import retention
 from .checkpoint import SHARDED_METADATA, load_checkpoint
-from .errors import CheckpointNotFoundError, CorruptionError, FormatError, TorchkeepError
+from .errors import CorruptionError, FormatError, TorchkeepError
 from .state.capture import capture
 from .state.deferrable import deferrable, skippable
 from .state.versions import Baseline, Plan
@@ -29,6 +29,7 @@ from .storage.replicate import Replicator
 from .storage.run_dir import (
     STATE_FILE,
     StepInfo,
+    candidates,
     delete_step,
     join,
     list_leftovers,
@@ -356,15 +357,7 @@ class CheckpointManager:
             if self.last_restore_note is not None:
                 warnings.warn(self.last_restore_note, stacklevel=2)
             return number
-        steps = self._restorable()
-        if step is not None:
-            chosen = [s for s in steps if s[0] == step]
-            if not chosen:
-                have = ", ".join(str(s[0]) for s in steps[-10:]) or "none"
-                raise CheckpointNotFoundError(
-                    f"{self.directory}: no committed step {step} (latest steps: {have})"
-                )
-            steps = chosen
+        steps = candidates(self._restorable(), step, self.directory)
         if not steps:
             return None
         skipped: list[str] = []

@@ -25,7 +25,6 @@ from .. import retention
 from .._version import __version__
 from ..checkpoint import load_checkpoint
 from ..errors import (
-    CheckpointNotFoundError,
     CorruptionError,
     DistributedCheckpointError,
     FormatError,
@@ -34,7 +33,15 @@ from ..errors import (
 from ..storage.io import ops, write_all
 from ..storage.local import atomic_file
 from ..storage.lock import DirLock
-from ..storage.run_dir import META_FILE, STATE_FILE, StepInfo, join, list_steps, step_exists
+from ..storage.run_dir import (
+    META_FILE,
+    STATE_FILE,
+    StepInfo,
+    candidates,
+    join,
+    list_steps,
+    step_exists,
+)
 from ..transfer.asyncsave import SaveHandle
 from . import api, background
 from . import metadata as meta
@@ -209,15 +216,7 @@ class DistributedSteps:
         self, state: MutableMapping[str, Any], step: int | None, fallback: bool
     ) -> tuple[int | None, str | None]:
         """Load the latest (or ``step``) into ``state`` on every rank: (step, fallback note)."""
-        found = [(s.step, s.path) for s in self.steps()]
-        if step is not None:
-            chosen = [s for s in found if s[0] == step]
-            if not chosen:
-                have = ", ".join(str(s[0]) for s in found[-10:]) or "none"
-                raise CheckpointNotFoundError(
-                    f"{self.directory}: no committed step {step} (latest steps: {have})"
-                )
-            found = chosen
+        found = candidates([(s.step, s.path) for s in self.steps()], step, self.directory)
         if not found:
             return None, None
         skipped: list[str] = []

@@ -20,10 +20,10 @@ import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .._version import __version__
-from ..errors import UnsafePathError
+from ..errors import CheckpointNotFoundError, UnsafePathError
 from .backend import LOCAL, Backend, BytesPayload, Listed, Payload
 from .local import is_temp
 from .upload import TEMP_PREFIX
@@ -32,6 +32,7 @@ STATE_FILE = "state.tk"
 META_FILE = "meta.json"
 #: meta.json files larger than this are not read (the size comes from the directory listing).
 META_MAX_BYTES = 16 << 20
+T = TypeVar("T", bound=tuple)
 _STEP_RE = re.compile(r"^step-(\d{10})$")
 
 
@@ -212,6 +213,20 @@ def list_leftovers(directory: str | os.PathLike, backend: Backend = LOCAL) -> li
             except FileNotFoundError:
                 continue
     return out
+
+
+def candidates(steps: list[T], step: int | None, directory: str) -> list[T]:
+    """The ``(number, ...)`` entries a restore tries: all of them (newest last), or only
+    ``step``, which must be among them."""
+    if step is None:
+        return steps
+    chosen = [s for s in steps if s[0] == step]
+    if not chosen:
+        have = ", ".join(str(s[0]) for s in steps[-10:]) or "none"
+        raise CheckpointNotFoundError(
+            f"{directory}: no committed step {step} (latest steps: {have})"
+        )
+    return chosen
 
 
 def step_exists(directory: str, step: int, backend: Backend = LOCAL) -> bool:
