@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.metadata import (
 from .. import knobs
 from ..errors import FormatError
 from ..format.dtypes import dtype_from_name, dtype_name
-from ..storage.paths import open_regular
+from ..storage.paths import read_capped
 from ..storage.urls import is_url, normalize, remote_backend_for
 from .chunks import check_chunks
 
@@ -189,19 +189,14 @@ def _read_remote(path: str, directory: str, storage_options: dict[str, Any] | No
 def _read_bounded(path: str, directory: str) -> bytes:
     if not os.path.isdir(directory):
         raise FormatError(f"{directory}: not a directory (a torchkeep sharded checkpoint is one)")
-    try:
-        fd = open_regular(path)  # no symlink, no FIFO or device: a plain file or nothing
+    try:  # no symlink, no FIFO or device: a plain file or nothing
+        return read_capped(path, MAX_METADATA_BYTES, "refused")
     except FileNotFoundError:
         stock = os.path.exists(os.path.join(directory, ".metadata"))
         hint = " (it looks like a stock DCP checkpoint; its .metadata is a pickle)" if stock else ""
         raise FormatError(f"{path}: missing; not a committed torchkeep checkpoint{hint}") from None
     except OSError as exc:
         raise FormatError(f"{path}: cannot open ({exc.strerror})") from exc
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(MAX_METADATA_BYTES + 1)
-    if len(raw) > MAX_METADATA_BYTES:
-        raise FormatError(f"{path}: larger than {MAX_METADATA_BYTES} bytes; refused")
-    return raw
 
 
 def _parse(doc: Any, directory: str) -> Parsed:

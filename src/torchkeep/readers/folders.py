@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from ..errors import FormatError, UnsafeFileError, UnsafePathError
-from ..storage.paths import inside, open_regular
+from ..storage.paths import inside, open_regular, read_capped
 from . import detect
 from .detect import ACCELERATE_MODEL, ACCELERATE_STATE
 from .safetensors_view import INDEX_NAME, FileView, ShardedView
@@ -98,13 +98,9 @@ def _pickle_note(name: str, exc: UnsafeFileError) -> str:
 def read_json(path: str) -> Any:
     """A small JSON file of the folder, opened without following symlinks, size-capped."""
     try:
-        fd = open_regular(path)
+        raw = read_capped(path, MAX_JSON_BYTES, "not a state file")
     except OSError as exc:
         raise FormatError(f"{path}: cannot open ({exc.strerror})") from exc
-    with os.fdopen(fd, "rb") as handle:
-        raw = handle.read(MAX_JSON_BYTES + 1)
-    if len(raw) > MAX_JSON_BYTES:
-        raise FormatError(f"{path}: larger than {MAX_JSON_BYTES} bytes; not a state file")
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:

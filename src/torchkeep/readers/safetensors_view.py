@@ -14,7 +14,7 @@ from ..format import checksum, header
 from ..format.dtypes import SAFETENSORS_TO_TORCH
 from ..format.tree import TAG
 from ..format.tree_decode import decode
-from ..storage.paths import inside, open_regular, plain_name
+from ..storage.paths import inside, plain_name, read_capped
 from ..transfer.reader import FileReader, materialize, restore_flags
 from .view import CheckpointView, Ref
 
@@ -109,13 +109,10 @@ class FileView(CheckpointView):
 def _read_index(folder: str) -> dict[str, str]:
     path = os.path.join(folder, INDEX_NAME)
     try:
-        fd = open_regular(inside(folder, INDEX_NAME, folder))
+        where = inside(folder, INDEX_NAME, folder)
+        raw = read_capped(where, knobs.MAX_HEADER_BYTES, "not a sharded-model index")
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such file") from None
-    with os.fdopen(fd, "rb") as handle:
-        raw = handle.read(knobs.MAX_HEADER_BYTES + 1)
-    if len(raw) > knobs.MAX_HEADER_BYTES:
-        raise FormatError(f"{path}: index is larger than {knobs.MAX_HEADER_BYTES} bytes")
     obj = header.decode_json(raw, path)
     weight_map = obj.get("weight_map")
     if not isinstance(weight_map, dict) or not all(

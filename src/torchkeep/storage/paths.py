@@ -20,7 +20,7 @@ import errno
 import os
 import stat
 
-from ..errors import UnsafePathError
+from ..errors import FormatError, UnsafePathError
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -56,6 +56,17 @@ def open_regular(path: str, flags: int = os.O_RDONLY, *, follow_symlinks: bool =
         os.close(fd)
         raise
     return fd
+
+
+def read_capped(path: str, limit: int, refusal: str) -> bytes:
+    """The whole regular file ``path`` (a link or special file is refused), when it holds at
+    most ``limit`` bytes; a larger one raises :class:`FormatError` ending in ``refusal``, after
+    reading only ``limit + 1`` bytes of it. Errors opening it are the caller's to word."""
+    with os.fdopen(open_regular(path), "rb") as handle:
+        raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise FormatError(f"{path}: larger than {limit} bytes; {refusal}")
+    return raw
 
 
 def _kind(mode: int) -> str:
