@@ -27,6 +27,9 @@ class Entry:
     align: int = 1  # element size of the real dtype; entries are ordered by it
     begin: int = 0
     end: int = 0
+    #: Checksum of the bytes at ``source``, when whoever put them there computed it on the way
+    #: (an overlapped snapshot hashes while it copies); writers then skip their own pass.
+    checksum: str | None = None
 
     @property
     def nbytes(self) -> int:

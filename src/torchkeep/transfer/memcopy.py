@@ -15,6 +15,7 @@ from types import ModuleType
 import numpy as np
 
 from .. import knobs
+from ..format import checksum
 
 _streamcopy: ModuleType | None
 try:
@@ -44,3 +45,23 @@ def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
         ext.copy(dst, src)
     else:
         np.copyto(dst, src)
+
+
+def copy_and_hash(dst: np.ndarray, src: np.ndarray) -> str:
+    """:func:`copy_bytes`, also returning the checksum (``format.checksum``) of the bytes.
+
+    Each piece of ``SNAPSHOT_HASH_PIECE_BYTES`` is hashed right after it was copied, from the
+    source, which the copy has just brought into the cache: the checksum costs no second read
+    from memory. The bytes hashed are those the copy read unless the source changes between
+    the two (a few microseconds); a tensor written in place during a snapshot is what the
+    overlapped snapshot's version guard reports, and a write the guard cannot see leaves a
+    checksum that does not match the copy, so the file fails verification rather than load a
+    silently mixed state.
+    """
+    hasher = checksum.new_hasher()
+    step = max(1, knobs.SNAPSHOT_HASH_PIECE_BYTES)
+    for lo in range(0, src.nbytes, step):
+        piece = src[lo : lo + step]
+        copy_bytes(dst[lo : lo + step], piece)
+        hasher.update(piece.data)  # the array's buffer, no copy
+    return hasher.hexdigest()

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .. import knobs
 from ..errors import SnapshotRaceError
 from ..format.layout import Entry
-from .pool import parallel_copy
+from .memcopy import copy_and_hash
+from .pool import parallel_copy_hash
 
 
 @dataclass
@@ -90,7 +90,7 @@ class DeferredCopy:
 
     def _copy(self) -> None:
         hook = _copy_hook
-        shared = []
+        shared: list[_Pending] = []
         stream = None
         for item in self.items:
             if hook is not None:
@@ -103,10 +103,14 @@ class DeferredCopy:
                 with torch.cuda.stream(stream):
                     item.dst.copy_(item.src, non_blocking=self.pinned)
             elif hook is not None:
-                item.dst.numpy()[:] = item.src.numpy()
+                item.entry.checksum = copy_and_hash(item.dst.numpy(), item.src.numpy())
             else:
-                shared.append((item.dst.numpy(), item.src.numpy()))
-        parallel_copy(shared, knobs.SNAPSHOT_PIECE_BYTES)
+                shared.append(item)
+        # CPU tensors are hashed as they are copied (the source still cached), so the
+        # background write has no hashing pass left; the GPU's copies are hashed by the writer
+        pairs = [(item.dst.numpy(), item.src.numpy()) for item in shared]
+        for item, digest in zip(shared, parallel_copy_hash(pairs), strict=True):
+            item.entry.checksum = digest
         if stream is not None:
             stream.synchronize()
         for item in self.items:

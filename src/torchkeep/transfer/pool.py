@@ -9,22 +9,24 @@ Callers must not leave work running when they return: :func:`drain` cancels what
 started and waits for what has, so no worker writes to a closed descriptor or into a tensor
 after an error was raised. :class:`Pipeline` is the writers' way in: bounded look-ahead,
 errors re-raised in order, and a drain on abandon. :func:`parallel_copy` is the async
-snapshot's: many memory copies shared out in pieces.
+snapshot's: many memory copies shared out in pieces (:func:`parallel_copy_hash` also checksums
+each copy).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 
 from .. import knobs
-from .memcopy import copy_bytes
+from .memcopy import copy_and_hash, copy_bytes
 
 _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -108,36 +110,60 @@ def parallel_copy(pairs: Iterable[tuple[np.ndarray, np.ndarray]], piece: int) ->
     lost its core.
     """
     step = max(1, piece)
-    pieces = [
-        (dst[lo : lo + step], src[lo : lo + step])
+    tasks = [
+        functools.partial(copy_bytes, dst[lo : lo + step], src[lo : lo + step])
         for dst, src in pairs
         for lo in range(0, src.nbytes, step)
     ]
+    share_out(tasks)
+
+
+def parallel_copy_hash(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[str]:
+    """Copy each ``(dst, src)`` pair and return the checksum of each copy, in order.
+
+    A checksum is one sequential pass, so the pairs (not pieces of them) are shared out, the
+    largest first so that no thread is left with a big one at the end
+    (``memcopy.copy_and_hash``).
+    """
+    sums = [""] * len(pairs)
+
+    def one(index: int) -> None:
+        sums[index] = copy_and_hash(*pairs[index])
+
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i][1].nbytes)
+    share_out([functools.partial(one, i) for i in order])
+    return sums
+
+
+def share_out(tasks: Sequence[Callable[[], None]]) -> None:
+    """Run ``tasks`` on the pool's workers and the calling thread, each taking the next task
+    from one shared list; returns when all are done. After a task's error the others take no
+    new task, and the error is raised once no helper is still running."""
     lock = threading.Lock()
     position = [0]
 
     def stop() -> None:
         with lock:
-            position[0] = len(pieces)
+            position[0] = len(tasks)
 
     def work() -> None:
         while True:
             with lock:
                 index = position[0]
                 position[0] = index + 1
-            if index >= len(pieces):
+            if index >= len(tasks):
                 return
             try:
-                copy_bytes(*pieces[index])
+                tasks[index]()
             except BaseException:
                 stop()  # the snapshot failed: the others need not finish it
                 raise
 
-    helpers = min(max(1, knobs.IO_THREADS), len(pieces) - 1)
+    helpers = min(max(1, knobs.IO_THREADS), len(tasks) - 1)
     futures = [io_pool().submit(work) for _ in range(max(0, helpers))]
     try:
         work()
-    finally:  # after an error too, no helper is still copying once we return
+    finally:  # after an error too, no helper is still working once we return
         stop()
         drain(futures)  # helpers that never started are cancelled: nothing left for them
     for future in futures:

@@ -194,28 +194,33 @@ class _DataWriter:
             self.batch, self.used = [], 0
 
     def write_entry(self, entry: Entry) -> str:
-        """Schedule ``entry``'s bytes for writing and return their checksum."""
+        """Schedule ``entry``'s bytes for writing and return their checksum (hashed here
+        unless the entry came with it)."""
         source = host_source(entry)
         size = entry.end - entry.begin
         if size <= knobs.SMALL_TENSOR_BYTES:
             buffer = small_buffer(source)
-            if size:
-                if self.used + size > knobs.BATCH_BYTES or len(self.batch) >= IOV_MAX:
-                    self._flush()
-                if not self.batch:
-                    self.batch_at = entry.begin
-                self.batch.append(buffer)
-                self.used += size
-            return checksum.digest(buffer)
+            self._add_small(buffer, entry.begin, size)
+            return entry.checksum or checksum.digest(buffer)
         self._flush()
         view = byte_view(source)
-        hasher = checksum.new_hasher()
+        hasher = checksum.new_hasher() if entry.checksum is None else None
         step = max(1, knobs.CHUNK_BYTES)
         for lo in range(0, view.nbytes, step):
             chunk = view[lo : lo + step]
             self._submit(chunk, entry.begin + lo)
-            hasher.update(chunk)  # overlaps with the pool writing this same chunk
-        return hasher.hexdigest()
+            if hasher is not None:
+                hasher.update(chunk)  # overlaps with the pool writing this same chunk
+        return hasher.hexdigest() if hasher is not None else str(entry.checksum)
+
+    def _add_small(self, buffer: Any, begin: int, size: int) -> None:
+        if size:
+            if self.used + size > knobs.BATCH_BYTES or len(self.batch) >= IOV_MAX:
+                self._flush()
+            if not self.batch:
+                self.batch_at = begin
+            self.batch.append(buffer)
+            self.used += size
 
     def finish(self) -> None:
         """Write the last batch and wait for every write; re-raises a worker's error."""
@@ -296,7 +301,9 @@ class PreparedPayload:
 
     def chunks(self) -> Iterator[memoryview]:
         with paused_gc():
-            sums = {e.key: checksum.digest(_entry_bytes(e)) for e in self.prepared.entries}
+            sums = {
+                e.key: e.checksum or checksum.digest(_entry_bytes(e)) for e in self.prepared.entries
+            }
             head = self.prepared.header_bytes(sums)
         self.sums.clear()
         self.sums.update(sums)
