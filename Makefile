@@ -61,7 +61,7 @@ bench-remote: $(STAMP)
 # Training-loop overhead of checkpointing every 10 steps (docs/performance.md, issue 23).
 bench-training: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
-	$(PY) benchmarks/training_overhead.py --plot docs/training_overhead.png
+	$(PY) benchmarks/training_overhead.py --reps 21 --plot docs/training_overhead.png
 
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_campaign.py --seconds $${FUZZ_SECONDS:-300}
