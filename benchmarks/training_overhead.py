@@ -153,64 +153,70 @@ def _saver(name: str, model: Any, opt: Any, workdir: str) -> tuple[Callable, Cal
 
 def _floor(model: Any, opt: Any) -> tuple[Callable, Callable, Callable]:
     """The FLOOR contender: copy + checksum of every tensor in a background thread."""
-    import threading
-
     import torch
 
     from torchkeep.transfer.pool import parallel_copy_hash
 
     pairs: list = []
-    running: list[threading.Thread] = []
 
-    def save(n: int) -> None:
-        if not pairs:  # on the first save: the optimizer has state only after its first step
-            for t in _state_tensors(model, opt):
-                src = t.detach().reshape(-1).view(torch.uint8).numpy()
-                pairs.append((src.copy(), src))
-        running.append(threading.Thread(target=parallel_copy_hash, args=(pairs,)))
-        running[-1].start()
+    def prepare() -> None:
+        for t in _state_tensors(model, opt):
+            src = t.detach().reshape(-1).view(torch.uint8).numpy()
+            pairs.append((src.copy(), src))
 
-    def finish() -> None:
-        while running:
-            running.pop().join()
-
+    save, finish = _in_background(prepare, lambda: parallel_copy_hash(pairs))
     return save, finish, lambda: sum(src.nbytes for _, src in pairs)
 
 
 def _write_floor(model: Any, opt: Any, workdir: str) -> tuple[Callable, Callable, Callable]:
     """The WRITE_FLOOR contender: an O_DIRECT write + fsync of the state's bytes."""
     import mmap
-    import threading
 
     path = os.path.join(workdir, "state.bin")
-    running: list[threading.Thread] = []
     images: list[mmap.mmap] = []
 
+    def prepare() -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in _state_tensors(model, opt))
+        images.append(mmap.mmap(-1, -(-nbytes // 4096) * 4096))
+        images[0][:] = b"\x01" * len(images[0])  # touched once, as a reused buffer is
+
     def write() -> None:
-        image = images[0]
-        size = len(image)
+        view = memoryview(images[0])
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT)
         try:
-            view = memoryview(image)
-            for offset in range(0, size, 8 << 20):
+            for offset in range(0, len(view), 8 << 20):
                 os.pwrite(fd, view[offset : offset + (8 << 20)], offset)
             os.fsync(fd)
         finally:
             os.close(fd)
 
+    save, finish = _in_background(prepare, write)
+    return save, finish, lambda: len(images[0])
+
+
+def _in_background(
+    prepare: Callable[[], None], job: Callable[[], Any]
+) -> tuple[Callable, Callable]:
+    """save(n) and finish() of a floor: ``prepare`` runs at the first save (the optimizer has
+    state only after its first step), then each save runs ``job`` in a thread of its own and
+    finish() joins them."""
+    import threading
+
+    running: list[threading.Thread] = []
+    prepared: list[bool] = []
+
     def save(n: int) -> None:
-        if not images:  # on the first save: the optimizer has state only after its first step
-            nbytes = sum(t.numel() * t.element_size() for t in _state_tensors(model, opt))
-            images.append(mmap.mmap(-1, -(-nbytes // 4096) * 4096))
-            images[0][:] = b"\x01" * len(images[0])  # touched once, as a reused buffer is
-        running.append(threading.Thread(target=write))
+        if not prepared:
+            prepare()
+            prepared.append(True)
+        running.append(threading.Thread(target=job))
         running[-1].start()
 
     def finish() -> None:
         while running:
             running.pop().join()
 
-    return save, finish, lambda: len(images[0])
+    return save, finish
 
 
 def _state_tensors(model: Any, opt: Any) -> list[Any]:

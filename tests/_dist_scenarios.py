@@ -133,6 +133,23 @@ def ddp_roundtrip(rank: int, world: int, root: str, name: str) -> dict:
     return {"writers": writers}
 
 
+def _save_that_fails(
+    state: dict, path: str, method: str, replacement, what: str, **kwargs
+) -> tuple[DistributedCheckpointError, float]:
+    """Save with ``TorchkeepWriter.<method>`` replaced; returns the error this rank raised and
+    the seconds until it did. A save that succeeds fails the scenario (``what`` says why)."""
+    original = getattr(TorchkeepWriter, method)
+    setattr(TorchkeepWriter, method, replacement)
+    start = time.monotonic()
+    try:
+        save(state, path, **kwargs)
+    except DistributedCheckpointError as exc:
+        return exc, time.monotonic() - start
+    finally:
+        setattr(TorchkeepWriter, method, original)
+    raise AssertionError(what)
+
+
 def failing_save(rank: int, world: int, root: str, state: dict) -> dict:
     original = TorchkeepWriter.write_data
 
@@ -141,14 +158,9 @@ def failing_save(rank: int, world: int, root: str, state: dict) -> dict:
             raise RuntimeError("injected disk failure")
         return original(self, plan, planner)
 
-    TorchkeepWriter.write_data = broken
-    try:
-        save(state, os.path.join(root, "raised"))
-    except DistributedCheckpointError as exc:
-        return {"failures": sorted(exc.failures), "message": str(exc)}
-    finally:
-        TorchkeepWriter.write_data = original
-    raise AssertionError("the save did not raise")
+    path = os.path.join(root, "raised")
+    exc, _ = _save_that_fails(state, path, "write_data", broken, "the save did not raise")
+    return {"failures": sorted(exc.failures), "message": str(exc)}
 
 
 def killed_save(rank: int, world: int, root: str, state: dict) -> dict:
@@ -161,15 +173,10 @@ def killed_save(rank: int, world: int, root: str, state: dict) -> dict:
         return original(self, plan, planner)
 
     save(state, os.path.join(root, "warmup"), timeout=20)  # creates the 20 s group on both
-    TorchkeepWriter.write_data = dying
-    start = time.monotonic()
-    try:
-        save(state, os.path.join(root, "killed"), timeout=20)
-    except DistributedCheckpointError as exc:
-        return {"seconds": time.monotonic() - start, "message": str(exc)}
-    finally:
-        TorchkeepWriter.write_data = original
-    raise AssertionError("the save survived the death of rank 1")
+    path = os.path.join(root, "killed")
+    what = "the save survived the death of rank 1"
+    exc, seconds = _save_that_fails(state, path, "write_data", dying, what, timeout=20)
+    return {"seconds": seconds, "message": str(exc)}
 
 
 # -- exact resume at an unchanged world size ----------------------------------------------
@@ -247,20 +254,14 @@ def coordinator_killed(rank: int, world: int, root: str) -> dict:
     raise (no hang) and no step appears."""
     state = {"model": mlp(0), "step": 1}
     save(state, os.path.join(root, "warmup4"), timeout=20)  # the 20 s group, made on all ranks
-    original = TorchkeepWriter.finish
 
     def dying(self, metadata, results):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    TorchkeepWriter.finish = dying
-    start = time.monotonic()
-    try:
-        save(state, os.path.join(root, "coordinator-killed"), timeout=20)
-    except DistributedCheckpointError as exc:
-        return {"seconds": time.monotonic() - start, "message": str(exc)}
-    finally:
-        TorchkeepWriter.finish = original
-    raise AssertionError("the save survived the death of the coordinator")
+    path = os.path.join(root, "coordinator-killed")
+    what = "the save survived the death of the coordinator"
+    exc, seconds = _save_that_fails(state, path, "finish", dying, what, timeout=20)
+    return {"seconds": seconds, "message": str(exc)}
 
 
 def phase_d(rank: int, world: int, root: str) -> dict:
