@@ -8,6 +8,7 @@ import http.client
 import http.server
 import os
 import threading
+import time
 import uuid
 
 CREDENTIALS = {
@@ -18,6 +19,36 @@ CREDENTIALS = {
 }
 
 
+class _Counting:
+    """WSGI wrapper that counts requests in progress and stamps the last one's start, so a
+    test can wait until the server has finished what a killed client had already sent."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+        self.busy = 0
+        self.last_start = time.monotonic()
+
+    def __call__(self, environ, start_response):
+        with self.lock:
+            self.busy += 1
+            self.last_start = time.monotonic()
+        try:
+            result = self.app(environ, start_response)
+            try:
+                return list(result)  # the body is produced here, inside the count
+            finally:
+                getattr(result, "close", lambda: None)()
+        finally:
+            with self.lock:
+                self.busy -= 1
+
+    def idle_for(self) -> float:
+        """Seconds since the last request started, or 0 while one is in progress."""
+        with self.lock:
+            return 0.0 if self.busy else time.monotonic() - self.last_start
+
+
 class S3Server:
     """moto's ThreadedMotoServer on 127.0.0.1; ``endpoint`` is its URL."""
 
@@ -26,8 +57,23 @@ class S3Server:
 
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
+        wsgi = self.server._server  # werkzeug's server; its handlers call ``wsgi.app``
+        self.counter = _Counting(wsgi.app)
+        wsgi.app = self.counter
         host, port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{port}"
+
+    def quiesce(self, quiet: float = 0.5, timeout: float = 60.0) -> None:
+        """Wait until no request is in progress and none started for ``quiet`` seconds.
+
+        A killed client's last request may already sit in the server's socket; the server
+        still completes it (as S3 does), so a test that checks the bucket right after a kill
+        waits here first, or it races the dead writer's final PUT."""
+        deadline = time.monotonic() + timeout
+        while self.counter.idle_for() < quiet:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"S3 server at {self.endpoint} still busy after {timeout} s")
+            time.sleep(0.05)
 
     def env(self) -> dict[str, str]:
         """Environment that points boto/s3fs (in this or a child process) at the server."""
