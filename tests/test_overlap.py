@@ -166,6 +166,42 @@ def test_incremental_steps_skip_frozen_and_restore_exactly(tmp_path, snapshot: s
         assert torch.equal(f.get_tensor("objects.model.0.weight"), expected["0.weight"])
 
 
+@pytest.mark.parametrize("entry", ["load_state_dict", "restore", "load", "verify"])
+def test_corrupt_bytes_held_for_a_later_step_are_caught_there(tmp_path, entry: str) -> None:
+    """A step's referenced tensor is verified in the earlier step's file by every reader, and a
+    verified load_state_dict refuses it before changing the model."""
+    model = _model()
+    opt = _opt(model)
+    with CheckpointManager(tmp_path, incremental=True) as mgr:
+        for step in range(2):
+            _train(model, opt)
+            mgr.save(step, {"model": model, "opt": opt})
+    first = os.path.join(tmp_path, "step-0000000000", "state.tk")
+    with FileReader(first) as reader:
+        info = reader.entry("objects.model.0.weight")
+        at = reader.header.data_start + info.begin + info.nbytes // 3
+    with open(first, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x08]))
+    second = os.path.join(tmp_path, "step-0000000001", "state.tk")
+    target = _model()
+    before = _clone(target)
+    if entry == "verify":
+        assert torchkeep.verify(second) == ["objects.model.0.weight"]
+        return
+    calls = {
+        "load_state_dict": lambda: torchkeep.load_state_dict(target, second, key="objects.model"),
+        "restore": lambda: CheckpointManager(tmp_path).restore({"model": target}, step=1),
+        "load": lambda: torchkeep.load(second),
+    }
+    with pytest.raises(torchkeep.CorruptionError, match="step-0000000000.*0.weight"):
+        calls[entry]()
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_changed_frozen_tensor_is_rewritten_and_old_step_released(tmp_path) -> None:
     model = _model()
     opt = _opt(model)

@@ -27,10 +27,10 @@ from ..format.tree_decode import decode, iter_tensor_nodes
 from ..storage.paths import open_regular
 from ..storage.references import parse_refs
 from ..storage.urls import backend_for, is_url
+from . import hashing
 from .gcpause import paused_gc
 from .links import Links
 from .parallel_read import plan_reads, run_reads
-from .pool import drain, io_pool
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
 
@@ -301,40 +301,46 @@ class FileReader:
     def verify_many(self, keys: list[str]) -> None:
         """Verify the checksums of ``keys`` before anything is copied anywhere.
 
-        Entries are shared out among the I/O threads, each hashing through its own small
-        buffer; raises :class:`CorruptionError` naming the first corrupt entry (in file order).
+        Keys referring to another step's file are verified in that file. Raises
+        :class:`CorruptionError` naming the first corrupt entry (in file order).
         """
-        todo = sorted(
-            (k for k in dict.fromkeys(keys) if k in self.checksums),
-            key=lambda k: self.entry(k).begin,
-        )
-        if not todo:
-            return
-        lanes = max(1, min(knobs.IO_THREADS, len(todo)))
-        groups = [todo[i::lanes] for i in range(lanes)]
-        piece = max(1, knobs.REMOTE_PART_BYTES if self.remote else knobs.READ_PIECE_BYTES)
-
-        def lane(group: list[str]) -> None:
-            scratch = bytearray(piece)
-            for key in group:
-                self.verify_entry(key, scratch)
-
-        futures = [io_pool().submit(lane, group) for group in groups]
-        try:
-            for future in futures:
-                future.result()
-        finally:
-            drain(futures)
+        local: list[str] = []
+        linked: dict[int, tuple[FileReader, list[str]]] = {}
+        for key in dict.fromkeys(keys):
+            if key in self.links.refs:
+                reader, target = self.links.target(key)
+                linked.setdefault(id(reader), (reader, []))[1].append(target)
+            elif key in self.checksums:
+                local.append(key)
+        for reader, targets in linked.values():
+            reader.verify_many(targets)
+        sums = self._digests(local)
+        for key in sorted(local, key=lambda k: self.entry(k).begin):
+            self._check(key, sums[key])
 
     def corrupt_entries(self) -> list[str]:
         """Keys of every entry whose checksum does not match (empty for plain safetensors)."""
-        bad = []
-        for key in [*self.checksums, *self.links.refs]:
+        sums = self._digests(list(self.checksums))
+        bad = [key for key, expected in self.checksums.items() if sums[key] != expected]
+        for key in self.links.refs:
             try:
                 self.verify_entry(key)
             except CorruptionError:
                 bad.append(key)
         return bad
+
+    def _digests(self, keys: list[str]) -> dict[str, str]:
+        """The actual checksums of local entries ``keys``, hashed in parallel: from a mapping
+        when the file is cached and nobody else can write it, else read with ``pread``."""
+        start = self.header.data_start
+        spans = [(k, start + self.entry(k).begin, self.entry(k).nbytes) for k in keys]
+        if self.remote is not None:
+            return hashing.buffered_digests(self._preadinto, spans, knobs.REMOTE_PART_BYTES)
+        if hashing.safe_to_map(self._fd) and hashing.looks_cached(self._fd, spans):
+            sums = hashing.mapped_digests(self._fd, self.size, spans, self.path)
+            if sums is not None:
+                return sums
+        return hashing.buffered_digests(self._preadinto, spans, knobs.READ_PIECE_BYTES)
 
     # -- the whole object ------------------------------------------------------------------------
     def load(
