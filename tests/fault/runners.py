@@ -75,6 +75,7 @@ def write(run_dir: str, steps: int, gofile: str) -> None:
 
 def read(run_dir: str, stopfile: str) -> None:
     summary = {"reads": 0, "vanished": 0, "read_after_delete": 0, "failures": []}
+    print("ready", flush=True)  # imports done: the writers may start
     while not os.path.exists(stopfile) or summary["reads"] == 0:
         steps = list_steps(run_dir)
         if not steps:

@@ -79,7 +79,9 @@ def test_writers_and_readers_share_a_run_directory(tmp_path, long_run: bool) -> 
     readers = [_start("read", run, stop) for _ in range(2)]
     go = str(tmp_path / "go")
     writers = [_start("write", run, str(steps), go) for _ in range(2)]
-    for proc in writers:
+    # Readers that were still importing torch when the writers finished would only ever see
+    # the last step, which no retention deletes (a CI run failed that way): wait for them too.
+    for proc in readers + writers:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     open(go, "w").close()
     results = []
