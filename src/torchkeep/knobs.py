@@ -42,7 +42,7 @@ BATCH_BYTES = _env_int("BATCH_BYTES", 8 * 1024 * 1024)
 #: The verification pass before a load (``transfer/hashing.py``) hashes a mapped file in pieces
 #: of this size and unmaps each piece's pages once hashed, so the process's RSS grows by about
 #: (IO_THREADS + 1) pieces, not by the file (4 MiB: +30 MB and 14 % slower than keeping the
-#: whole 1.27 GB file mapped; 8 MiB: +40 MB, 7 %; measured on the LLM-like file, 2 vCPUs).
+#: whole 1.27 GB file mapped; 8 MiB: +40 MB, 7-9 %; measured on the LLM-like file, 2 vCPUs).
 VERIFY_MAP_PIECE_BYTES = _env_int("VERIFY_MAP_PIECE_BYTES", 8 * 1024 * 1024)
 #: Piece size in which an async save's snapshot copy of large CPU tensors is shared out among
 #: the I/O threads and the caller. Under CPU contention (a 50 % busy-loop on a 2-vCPU VM) a

@@ -79,7 +79,6 @@ class FileReader:
             self.close()
             raise
         self._mapped: torch.Tensor | None = None
-        self._scratch: bytearray | None = None  # verify_entry's reusable read buffer
 
     # -- opening ---------------------------------------------------------------------------
     def _pread(self, size: int, offset: int) -> bytes:
@@ -273,30 +272,18 @@ class FileReader:
         except RuntimeError:  # misaligned entry in a foreign file: fall back to a copy
             return raw.clone().view(dtype).reshape(info.shape)
 
-    def verify_entry(self, key: str, scratch: bytearray | None = None) -> None:
+    def verify_entry(self, key: str) -> None:
         """Hash entry ``key`` from disk and raise :class:`CorruptionError` on mismatch.
 
-        Reads through one small buffer reused for every entry (``READ_PIECE_BYTES``, hot in
-        the CPU cache), so verifying a whole file holds no copy of it. Threads pass their own
-        ``scratch``.
+        Reads with ``pread`` through one small buffer (``READ_PIECE_BYTES``, hot in the CPU
+        cache), never a mapping: a lazily loaded file's pages do not become resident here.
         """
         if key in self.links.refs:
             reader, target = self.links.target(key)
             return reader.verify_entry(target)
         info = self.entry(key)
-        hasher = checksum.new_hasher()
-        start = self.header.data_start + info.begin
-        step = max(1, knobs.REMOTE_PART_BYTES if self.remote else knobs.READ_PIECE_BYTES)
-        if scratch is None:
-            if self._scratch is None or len(self._scratch) < min(info.nbytes, step):
-                self._scratch = bytearray(step)
-            scratch = self._scratch
-        step = min(step, len(scratch))
-        for lo in range(0, info.nbytes, step):
-            view = memoryview(scratch)[: min(step, info.nbytes - lo)]
-            self._preadinto(view, start + lo)
-            hasher.update(view)
-        self._check(key, hasher.hexdigest())
+        span = (key, self.header.data_start + info.begin, info.nbytes)
+        self._check(key, hashing.buffered_digests(self._preadinto, [span], self._piece)[key])
 
     def verify_many(self, keys: list[str]) -> None:
         """Verify the checksums of ``keys`` before anything is copied anywhere.
@@ -334,13 +321,17 @@ class FileReader:
         when the file is cached and nobody else can write it, else read with ``pread``."""
         start = self.header.data_start
         spans = [(k, start + self.entry(k).begin, self.entry(k).nbytes) for k in keys]
-        if self.remote is not None:
-            return hashing.buffered_digests(self._preadinto, spans, knobs.REMOTE_PART_BYTES)
-        if hashing.safe_to_map(self._fd) and hashing.looks_cached(self._fd, spans):
+        local = self.remote is None
+        if local and hashing.safe_to_map(self._fd) and hashing.looks_cached(self._fd, spans):
             sums = hashing.mapped_digests(self._fd, self.size, spans, self.path)
             if sums is not None:
                 return sums
-        return hashing.buffered_digests(self._preadinto, spans, knobs.READ_PIECE_BYTES)
+        return hashing.buffered_digests(self._preadinto, spans, self._piece)
+
+    @property
+    def _piece(self) -> int:
+        """The read size of a verification through a buffer: a part for an object."""
+        return knobs.REMOTE_PART_BYTES if self.remote is not None else knobs.READ_PIECE_BYTES
 
     # -- the whole object ------------------------------------------------------------------------
     def load(
