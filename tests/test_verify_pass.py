@@ -13,7 +13,7 @@ import torchkeep
 from torchkeep import knobs
 from torchkeep.errors import CorruptionError, FormatError
 from torchkeep.format import checksum
-from torchkeep.transfer import hashing, mapping, pool
+from torchkeep.transfer import hashing, pool
 from torchkeep.transfer.reader import FileReader
 
 
@@ -26,12 +26,12 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
             for i, n in enumerate(sizes)}  # fmt: skip
 
 
-def _spans(reader: FileReader) -> list[mapping.Span]:
+def _spans(reader: FileReader) -> list[hashing.Span]:
     start = reader.header.data_start
     return [(k, start + e.begin, e.nbytes) for k, e in reader.header.entries.items()]
 
 
-def _expected(path: str, spans: list[mapping.Span]) -> dict[str, str]:
+def _expected(path: str, spans: list[hashing.Span]) -> dict[str, str]:
     with open(path, "rb") as f:
         blob = f.read()
     return {k: checksum.digest(blob[lo : lo + n]) for k, lo, n in spans}
@@ -122,7 +122,7 @@ def test_only_empty_entries(tmp_path):
 
 
 def _fail(*args, **kwargs):
-    raise AssertionError("this path must not be taken")
+    raise AssertionError("this hashing path must not be taken")
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o600, 0o664, 0o646])
@@ -133,13 +133,10 @@ def test_only_files_nobody_else_can_write_are_mapped(tmp_path, monkeypatch, mode
     torchkeep.save({"a": torch.arange(5000.0), "b": torch.ones(300)}, path)
     os.chmod(path, mode)
     shared = bool(mode & 0o022)
-    monkeypatch.setattr(mapping, "looks_cached", lambda fd, spans: True)
-    if shared:
-        monkeypatch.setattr(mapping, "mapped", _fail)  # never mapped
-    else:
-        monkeypatch.setattr(hashing, "buffered_digests", _fail)  # always mapped
+    monkeypatch.setattr(hashing, "looks_cached", lambda fd, spans: True)
+    monkeypatch.setattr(hashing, "mapped_digests" if shared else "buffered_digests", _fail)
     with FileReader(path) as reader:
-        assert mapping.safe_to_map(reader._fd) is not shared
+        assert hashing.safe_to_map(reader._fd) is not shared
         reader.verify_many(["a", "b"])
         _corrupt(path, reader, "b")
         with pytest.raises(CorruptionError, match="'b' is corrupt"):
@@ -152,7 +149,7 @@ def test_a_file_owned_by_another_user_is_not_mapped(tmp_path, monkeypatch):
     torchkeep.save({"a": torch.ones(10)}, path)
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(path).st_uid + 1)
     with FileReader(path) as reader:
-        assert not mapping.safe_to_map(reader._fd)
+        assert not hashing.safe_to_map(reader._fd)
 
 
 def test_a_small_file_is_verified_without_starting_threads(tmp_path, monkeypatch):
@@ -167,18 +164,10 @@ def test_a_small_file_is_verified_without_starting_threads(tmp_path, monkeypatch
             reader.verify_many(list(reader.header.entries))
             assert reader.corrupt_entries() == []
     spans = [(f"k{i}", i * 1000, 1000) for i in range(50)]
-    assert len(mapping.batches(spans, 1 << 20)) == 1
+    assert len(hashing._batches(spans, 1 << 20)) == 1
     big = [(f"k{i}", i << 20, 1 << 20) for i in range(6)]
-    assert [len(g) for g in mapping.batches(big, 2 << 20)] == [2, 2, 2]
-    assert [len(g) for g in mapping.batches(big, 0)] == [1] * 6
-
-
-def _landed_mapped(real):
-    def landed(self, items):
-        assert real(self, items), "the landing pass did not copy from the mapping"
-        return True
-
-    return landed
+    assert [len(g) for g in hashing._batches(big, 2 << 20)] == [2, 2, 2]
+    assert [len(g) for g in hashing._batches(big, 0)] == [1] * 6
 
 
 def _peak_rss() -> int:
@@ -196,23 +185,14 @@ def test_the_mapped_pass_does_not_grow_rss_by_the_file(tmp_path, monkeypatch):
             f.write("5")  # reset VmHWM to the current RSS
     except OSError:
         pytest.skip("cannot reset the peak-RSS counter here")
-    monkeypatch.setattr(hashing, "buffered_digests", _fail)  # the mapped passes are measured
-    monkeypatch.setattr(mapping, "looks_cached", lambda fd, spans: True)
-    monkeypatch.setattr(FileReader, "_copy_mapped", _landed_mapped(FileReader._copy_mapped))
-    pieces = (knobs.IO_THREADS + 1) * knobs.VERIFY_MAP_PIECE_BYTES
+    monkeypatch.setattr(hashing, "buffered_digests", _fail)  # the mapped pass is measured
+    monkeypatch.setattr(hashing, "looks_cached", lambda fd, spans: True)
     with FileReader(path) as reader:
         start = _peak_rss()
         reader.verify_many(list(reader.header.entries))
         grown = _peak_rss() - start
-        assert grown <= pieces + (16 << 20), f"hashing: RSS grew by {grown >> 20} MiB (192 MiB)"
-        outs = [(key, torch.zeros(8 << 20, dtype=torch.uint8)) for key in reader.header.entries]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        start = _peak_rss()
-        reader.read_many(outs, verify=False)  # the landing pass, from the mapping
-        grown = _peak_rss() - start
-        assert grown <= pieces + (16 << 20), f"landing: RSS grew by {grown >> 20} MiB (192 MiB)"
-    assert all(torch.equal(out, torch.full_like(out, int(key[1:]))) for key, out in outs)
+    pieces = (knobs.IO_THREADS + 1) * knobs.VERIFY_MAP_PIECE_BYTES
+    assert grown <= pieces + (16 << 20), f"RSS grew by {grown >> 20} MiB for a 192 MiB file"
 
 
 def _on_tmpfs(path: str) -> bool:
@@ -234,15 +214,15 @@ def test_a_file_is_mapped_only_once_it_is_in_the_page_cache(tmp_path, monkeypatc
         f.read()  # cached now
     with FileReader(path) as reader:
         spans = _spans(reader)
-        assert mapping.looks_cached(reader._fd, spans)
-        assert not mapping.looks_cached(reader._fd, [])
+        assert hashing.looks_cached(reader._fd, spans)
+        assert not hashing.looks_cached(reader._fd, [])
         if _on_tmpfs(path):
             pytest.skip("tmpfs files are always in memory")
         os.fsync(reader._fd)
         os.posix_fadvise(reader._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        assert not mapping.looks_cached(reader._fd, spans)
-        monkeypatch.setattr(mapping, "looks_cached", lambda fd, spans: False)
-        monkeypatch.setattr(mapping, "mapped", _fail)
+        assert not hashing.looks_cached(reader._fd, spans)
+        monkeypatch.setattr(hashing, "looks_cached", lambda fd, spans: False)
+        monkeypatch.setattr(hashing, "mapped_digests", _fail)
         reader.verify_many(list(reader.header.entries))  # not cached: through pread
 
 
@@ -254,52 +234,10 @@ def test_a_file_that_cannot_be_mapped_is_read_instead(tmp_path, monkeypatch):
     def no_room(*args, **kwargs):
         raise OSError(12, "Cannot allocate memory")
 
-    monkeypatch.setattr(mapping.mmap, "mmap", no_room)
-    monkeypatch.setattr(mapping, "looks_cached", lambda fd, spans: True)
+    monkeypatch.setattr(hashing.mmap, "mmap", no_room)
+    monkeypatch.setattr(hashing, "looks_cached", lambda fd, spans: True)
     with FileReader(path) as reader:
         assert hashing.mapped_digests(reader._fd, reader.size, _spans(reader), path) is None
         reader.verify_many(["a", "b"])
         _corrupt(path, reader, "a")
         assert reader.corrupt_entries() == ["a"]
-
-
-# ----------------------------------------------------------------------- the landing pass
-@pytest.mark.parametrize("mode", [0o644, 0o664])
-@pytest.mark.parametrize("map_piece", [4096, 8 << 20])
-def test_verified_entries_land_from_the_mapping_exactly(tmp_path, monkeypatch, mode, map_piece):
-    """After the verification pass, a cached file that only this user can write is copied into
-    the model from the mapping; any other file is read with pread. Same bytes either way."""
-    monkeypatch.setattr(knobs, "VERIFY_MAP_PIECE_BYTES", map_piece)
-    torch.manual_seed(0)
-    source = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
-    path = str(tmp_path / "m.tk")
-    torchkeep.save(source.state_dict(), path)
-    os.chmod(path, mode)
-    monkeypatch.setattr(mapping, "looks_cached", lambda fd, spans: True)
-    copies = []
-    real_copy = mapping.copy_into
-
-    def counting(*args):
-        copies.append(real_copy(*args))
-        return copies[-1]
-
-    monkeypatch.setattr(mapping, "copy_into", counting)
-    target = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
-    for verify in (True, False):
-        torch.nn.init.zeros_(target[0].weight)
-        torchkeep.load_state_dict(target, path, verify=verify)
-        for key, value in source.state_dict().items():
-            assert torch.equal(target.state_dict()[key], value), key
-    assert copies == [not mode & 0o022] * 2
-
-
-def test_an_uncached_file_lands_through_pread(tmp_path, monkeypatch):
-    path = str(tmp_path / "m.tk")
-    torchkeep.save({"w": torch.arange(10000.0)}, path)
-    monkeypatch.setattr(mapping, "looks_cached", lambda fd, spans: False)
-    monkeypatch.setattr(mapping, "mapped", _fail)
-    out = {"w": torch.zeros(10000)}
-    model = torch.nn.Module()
-    model.register_buffer("w", out["w"])
-    torchkeep.load_state_dict(model, path)
-    assert torch.equal(model.w, torch.arange(10000.0))

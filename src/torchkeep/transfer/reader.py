@@ -27,10 +27,10 @@ from ..format.tree_decode import decode, iter_tensor_nodes
 from ..storage.paths import open_regular
 from ..storage.references import parse_refs
 from ..storage.urls import backend_for, is_url
-from . import hashing, mapping
+from . import hashing
 from .gcpause import paused_gc
 from .links import Links
-from .parallel_read import dest_view, plan_reads, run_reads
+from .parallel_read import plan_reads, run_reads
 
 MapLocation = Any  # None | str | torch.device | dict[str, str]
 
@@ -207,28 +207,13 @@ class FileReader:
         """
         if self.links.refs:
             items = self.links.read_linked(items, verify)
-        verify = bool(verify and self.checksums)
-        if not verify and self._copy_mapped(items):
-            return
         with paused_gc():
             jobs = plan_reads(self, items)
         if not jobs:
             return
         with contextlib.suppress(OSError, AttributeError):
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        run_reads(self, jobs, verify)
-
-    def _copy_mapped(self, items: list[tuple[str, torch.Tensor]]) -> bool:
-        """Copy entries that need no checksum (verified already, or asked not to be) from a
-        mapping of a cached local file (``mapping.py`` says when); False when not done."""
-        if self.remote is not None:
-            return False
-        start = self.header.data_start
-        placed = []
-        for key, out in items:
-            info = self.entry(key)
-            placed.append((start + info.begin, dest_view(out, info.nbytes, key)))
-        return mapping.copy_into(self._fd, self.size, placed, self.path)
+        run_reads(self, jobs, bool(verify and self.checksums))
 
     def _preadinto(self, buf: memoryview, offset: int) -> None:
         if self.remote is not None:
@@ -333,10 +318,11 @@ class FileReader:
 
     def _digests(self, keys: list[str]) -> dict[str, str]:
         """The actual checksums of local entries ``keys``, hashed in parallel: from a mapping
-        of a cached local file (``mapping.py`` says when), else read through buffers."""
+        when the file is cached and nobody else can write it, else read with ``pread``."""
         start = self.header.data_start
         spans = [(k, start + self.entry(k).begin, self.entry(k).nbytes) for k in keys]
-        if self.remote is None:
+        local = self.remote is None
+        if local and hashing.safe_to_map(self._fd) and hashing.looks_cached(self._fd, spans):
             sums = hashing.mapped_digests(self._fd, self.size, spans, self.path)
             if sums is not None:
                 return sums
