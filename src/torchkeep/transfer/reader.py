@@ -291,30 +291,36 @@ class FileReader:
         Keys referring to another step's file are verified in that file. Raises
         :class:`CorruptionError` naming the first corrupt entry (in file order).
         """
-        local: list[str] = []
-        linked: dict[int, tuple[FileReader, list[str]]] = {}
-        for key in dict.fromkeys(keys):
-            if key in self.links.refs:
-                reader, target = self.links.target(key)
-                linked.setdefault(id(reader), (reader, []))[1].append(target)
-            elif key in self.checksums:
-                local.append(key)
-        for reader, targets in linked.values():
-            reader.verify_many(targets)
+        local, linked = self._by_file(keys)
+        for reader, pairs in linked:
+            reader.verify_many([target for target, _ in pairs])
         sums = self._digests(local)
         for key in sorted(local, key=lambda k: self.entry(k).begin):
             self._check(key, sums[key])
 
     def corrupt_entries(self) -> list[str]:
-        """Keys of every entry whose checksum does not match (empty for plain safetensors)."""
-        sums = self._digests(list(self.checksums))
-        bad = [key for key, expected in self.checksums.items() if sums[key] != expected]
-        for key in self.links.refs:
-            try:
-                self.verify_entry(key)
-            except CorruptionError:
-                bad.append(key)
+        """Keys of every entry whose checksum does not match (empty for plain safetensors);
+        a referenced tensor is checked in the file that holds it and named as it is here."""
+        local, linked = self._by_file([*self.checksums, *self.links.refs])
+        sums = self._digests(local)
+        bad = [key for key in local if sums[key] != self.checksums[key]]
+        for reader, pairs in linked:
+            there = reader._digests(list(dict.fromkeys(target for target, _ in pairs)))
+            bad.extend(key for target, key in pairs if there[target] != reader.checksums[target])
         return bad
+
+    def _by_file(self, keys: list[str]) -> tuple[list[str], list[tuple[FileReader, list]]]:
+        """``keys`` split into this file's checksummed entries and, per file of an earlier step
+        that holds some of them, that file's reader with ``(key there, key here)`` pairs."""
+        local: list[str] = []
+        linked: dict[int, tuple[FileReader, list[tuple[str, str]]]] = {}
+        for key in dict.fromkeys(keys):
+            if key in self.links.refs:
+                reader, target = self.links.target(key)
+                linked.setdefault(id(reader), (reader, []))[1].append((target, key))
+            elif key in self.checksums:
+                local.append(key)
+        return local, list(linked.values())
 
     def _digests(self, keys: list[str]) -> dict[str, str]:
         """The actual checksums of local entries ``keys``, hashed in parallel: from a mapping
